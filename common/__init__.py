@@ -1,0 +1,1 @@
+"""Shared library: GPTQ/GPTAQ layer solver, quantizers, Hadamard transforms, calibration engine."""

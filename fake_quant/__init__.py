@@ -1,0 +1,1 @@
+"""QuaRot rotation + fake quantization + GPTQ/GPTAQ for Llama-family LLMs."""

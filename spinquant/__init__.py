@@ -1,0 +1,1 @@
+"""SpinQuant learned rotations + GPTQ/GPTAQ (not built yet: see the issue tracker)."""

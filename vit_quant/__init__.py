@@ -1,0 +1,1 @@
+"""DeiT / EVA vision transformers with GPTQ/GPTAQ."""
