@@ -1,0 +1,459 @@
+"""The layer solver: GPTQ and GPTAQ ("asymmetric calibration") for one linear layer.
+
+Notation (shapes in brackets; ``m`` output rows, ``n`` input columns, ``N`` calibration tokens):
+
+* ``W`` [m, n]: the full-precision weight; ``X`` [N, n]: the layer's input in the full-precision model;
+  ``X̃`` [N, n]: its input in the partially quantized model.
+* ``H = 2/N · X̃ᵀX̃`` [n, n] and, for GPTAQ, ``D = 2/N · (X − X̃)ᵀX̃`` [n, n] (row ``i`` holds the drift of input
+  channel ``i``; this is the paper's ``ΔX X̃ᵀ`` with samples as columns).
+* ``U`` [n, n]: the upper Cholesky factor of the damped ``H⁻¹`` (``H⁻¹ = UᵀU``).
+
+GPTQ quantizes column ``j`` to ``q_j``, then moves its error onto the later columns:
+``W[:, k] -= e_j · U[j, k]`` with ``e_j = (w_j − q_j) / U[j, j]``, ``k > j``.
+
+GPTAQ minimises ``‖Ŵ X̃ᵀ − W Xᵀ‖²`` instead. It adds ``P = α · triu(D Uᵀ, 1) · U`` (strictly upper
+triangular) and a second term to each update: ``W[:, k] -= e_j · U[j, k] − w_j · P[j, k]``, where ``w_j`` is
+column ``j``'s value just before it was quantized. ``α`` (``alpha``) is 0.25 in the official code; the paper
+does not state it.
+
+Lazy batch updates: columns are processed in blocks of ``blocksize``; updates inside a block are applied at
+once, those to later blocks are accumulated and applied as one matrix product per block. In the default
+``lazy_update="exact"`` form the result does not depend on ``blocksize`` (up to float rounding): the
+cross-block GPTAQ term uses the pre-quantization values ``w_j``, as the in-block term does, and dynamic
+group parameters are computed from the group's current (error-updated) values. ``lazy_update="official"``
+reproduces the official GPTAQ code instead: its cross-block term multiplies ``P`` by the already quantized
+block, and (like GPTQ's reference code) it computes a group's parameters from the values the group had at
+the start of the block. Both make the result depend on ``blocksize``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from common.quant import FULL_PRECISION_BITS, WeightQuantizer, check_bits, check_groupsize, working_dtype
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("gptq", "gptaq")
+LAZY_UPDATES = ("exact", "official")
+_DAMP_RETRIES = 6
+_STRUCTURE_BLOCK = 512
+
+
+class CalibrationError(RuntimeError):
+    """Calibration statistics cannot be solved (no data, NaN/Inf, or an indefinite Hessian)."""
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """Settings of one GPTQ/GPTAQ solve (see :func:`quantize_weight` for their meaning)."""
+
+    bits: int
+    method: str = "gptaq"
+    sym: bool = False
+    groupsize: int = -1
+    act_order: bool = False
+    static_groups: bool = False
+    percdamp: float = 0.01
+    blocksize: int = 128
+    alpha: float = 0.25
+    mse: bool = False
+    lazy_update: str = "exact"
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.lazy_update not in LAZY_UPDATES:
+            raise ValueError(f"lazy_update must be one of {LAZY_UPDATES}, got {self.lazy_update!r}")
+        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1:
+            raise ValueError(f"blocksize must be a positive integer, got {self.blocksize!r}")
+        if not 0.0 <= self.percdamp:
+            raise ValueError(f"percdamp must be >= 0 (a fraction of the mean Hessian diagonal), got {self.percdamp}")
+        if not math.isfinite(self.alpha):
+            raise ValueError(f"alpha must be a finite number, got {self.alpha}")
+        if self.groupsize != -1 and (not isinstance(self.groupsize, int) or self.groupsize < 1):
+            raise ValueError(f"groupsize must be -1 or a positive integer, got {self.groupsize!r}")
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    """Outcome of one solve.
+
+    Attributes:
+        weight: fake-quantized weight [m, n], the input weight's dtype and device.
+        loss: GPTQ's proxy loss ``Σ_j ‖w_j − q_j‖² / U[j, j]² / 2`` (units of ``H``-weighted squared weight).
+        percdamp: the damping actually used, as a fraction of the mean Hessian diagonal (grows on retries).
+        seconds: wall time of the solve.
+    """
+
+    weight: torch.Tensor
+    loss: float
+    percdamp: float
+    seconds: float
+
+
+class CalibrationStatistics:
+    """Streams calibration inputs of one linear layer into ``H`` (and ``D`` for GPTAQ).
+
+    Inputs may have any leading shape ``[..., n]``; every row counts as one sample, so ``N`` is the
+    number of rows seen and does not depend on how the data were split into batches. Raw sums are kept in
+    ``dtype`` (float32 by default, float64 for references) and scaled by ``2/N`` on read.
+
+    Args:
+        columns: ``n``, the layer's input features.
+        asymmetric: also accumulate ``D`` (GPTAQ); then :meth:`add` needs the full-precision input too.
+        name: the layer's name, used in error messages.
+    """
+
+    def __init__(
+        self,
+        columns: int,
+        *,
+        asymmetric: bool,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        name: str = "layer",
+    ) -> None:
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.columns = columns
+        self.name = name
+        self.rows = 0
+        self._xtx = torch.zeros(columns, columns, dtype=dtype, device=device)
+        self._dxtx = torch.zeros_like(self._xtx) if asymmetric else None
+
+    @property
+    def asymmetric(self) -> bool:
+        return self._dxtx is not None
+
+    def add(self, x_quant: torch.Tensor, x_full: torch.Tensor | None = None) -> None:
+        """Add a batch: ``x_quant`` [..., n] from the quantized stream, ``x_full`` the matching FP input."""
+        if x_quant.shape[-1] != self.columns:
+            raise ValueError(
+                f"{self.name}: expected inputs with last dimension {self.columns}, got {tuple(x_quant.shape)}"
+            )
+        xq = x_quant.reshape(-1, self.columns).to(self._xtx)
+        self._xtx.addmm_(xq.T, xq)
+        if self._dxtx is not None:
+            if x_full is None or x_full.shape != x_quant.shape:
+                raise ValueError(
+                    f"{self.name}: GPTAQ statistics need x_full with the shape of x_quant {tuple(x_quant.shape)}"
+                )
+            drift = x_full.reshape(-1, self.columns).to(self._xtx) - xq
+            self._dxtx.addmm_(drift.T, xq)
+        self.rows += xq.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        """``H = 2/N Σ x̃ x̃ᵀ`` [n, n]."""
+        self._check_rows()
+        return self._xtx * (2.0 / self.rows)
+
+    def drift(self) -> torch.Tensor | None:
+        """``D = 2/N Σ (x − x̃) x̃ᵀ`` [n, n], or ``None`` for GPTQ statistics."""
+        if self._dxtx is None:
+            return None
+        self._check_rows()
+        return self._dxtx * (2.0 / self.rows)
+
+    def _check_rows(self) -> None:
+        if self.rows == 0:
+            raise CalibrationError(f"{self.name}: no calibration data reached this layer")
+
+
+def quantize_weight(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    D: torch.Tensor | None = None,
+    *,
+    bits: int,
+    sym: bool = False,
+    groupsize: int = -1,
+    act_order: bool = False,
+    static_groups: bool = False,
+    percdamp: float = 0.01,
+    blocksize: int = 128,
+    alpha: float = 0.25,
+    mse: bool = False,
+    lazy_update: str = "exact",
+) -> torch.Tensor:
+    """Fake-quantize ``W`` [m, n] with GPTQ (``D is None``) or GPTAQ (``D`` given).
+
+    Args:
+        W: weight [m, n] (rows = outputs). Not modified.
+        H: ``2/N Σ x̃ x̃ᵀ`` [n, n] of the quantized-stream input. Not modified.
+        D: ``2/N Σ (x − x̃) x̃ᵀ`` [n, n] (full-precision minus quantized input), or ``None`` for GPTQ.
+        bits: weight bit width, 1..16 (16 returns ``W`` unchanged).
+        sym: symmetric grid (no zero point) instead of asymmetric.
+        groupsize: -1 for one grid per output row, else one per ``groupsize`` consecutive input columns.
+        act_order: quantize columns in order of decreasing ``H`` diagonal.
+        static_groups: with groups, compute every group's grid from the original ``W`` up front.
+        percdamp: damping added to ``H``'s diagonal, as a fraction of its mean.
+        blocksize: columns per lazy-update block.
+        alpha: GPTAQ's scale of the drift correction ``P``.
+        mse: per-grid MSE clip search.
+        lazy_update: ``"exact"`` (blocksize-independent) or ``"official"`` (the official code's form).
+
+    Returns:
+        The fake-quantized weight, same shape, dtype and device as ``W``.
+    """
+    config = SolverConfig(
+        bits=bits,
+        method="gptq" if D is None else "gptaq",
+        sym=sym,
+        groupsize=groupsize,
+        act_order=act_order,
+        static_groups=static_groups,
+        percdamp=percdamp,
+        blocksize=blocksize,
+        alpha=alpha,
+        mse=mse,
+        lazy_update=lazy_update,
+    )
+    return solve(W, H, D, config).weight
+
+
+def solve(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    D: torch.Tensor | None,
+    config: SolverConfig,
+    *,
+    name: str = "layer",
+) -> SolveResult:
+    """Run GPTQ or GPTAQ (``config.method``) on one layer; see the module docstring for the algorithm.
+
+    Computation runs in float64 when ``W`` is float64, else in float32, on ``W``'s device.
+    ``D`` is required for ``method="gptaq"`` and ignored for ``"gptq"``.
+    """
+    start = time.perf_counter()
+    columns = W.shape[1]
+    _check_statistics(H, D if config.method == "gptaq" else None, columns, name)
+    groupsize = check_groupsize(config.groupsize, columns)
+    if config.bits >= FULL_PRECISION_BITS:
+        return SolveResult(W.clone(), 0.0, 0.0, time.perf_counter() - start)
+
+    dtype = working_dtype(W)
+    work = W.detach().to(dtype=dtype, copy=True)
+    hessian = H.detach().to(device=W.device, dtype=dtype, copy=True)
+    drift = None
+    if config.method == "gptaq":
+        drift = D.detach().to(device=W.device, dtype=dtype, copy=True)
+
+    if not torch.any(hessian):
+        raise CalibrationError(f"{name}: the Hessian is all zeros (no calibration data reached this layer)")
+    dead = torch.diagonal(hessian) == 0
+    hessian[dead, dead] = 1
+    work[:, dead] = 0
+    if drift is not None:
+        drift[:, dead] = 0
+
+    quantizer = WeightQuantizer(config.bits, sym=config.sym, mse=config.mse)
+    static_params = None
+    if groupsize > 0 and config.static_groups:
+        static_params = [quantizer.params(work[:, g : g + groupsize]) for g in range(0, columns, groupsize)]
+
+    perm = None
+    if config.act_order:
+        perm = torch.argsort(torch.diagonal(hessian), descending=True)
+        work = work[:, perm]
+        hessian = hessian[perm][:, perm]
+        if drift is not None:
+            drift = drift[perm][:, perm]
+
+    upper, used_damp = _inverse_cholesky_upper(hessian, config.percdamp, name)
+    del hessian
+    correction = None if drift is None else _drift_correction(drift, upper, config.alpha)
+
+    group_of_column = None
+    if static_params is not None:
+        order = perm if perm is not None else torch.arange(columns, device=W.device)
+        group_of_column = (order // groupsize).tolist()
+
+    solver = _BlockSolver(
+        work=work,
+        upper=upper,
+        correction=correction,
+        quantizer=quantizer,
+        groupsize=groupsize,
+        static_params=static_params,
+        group_of_column=group_of_column,
+        official=config.lazy_update == "official",
+    )
+    quantized, loss = solver.run(config.blocksize)
+    if perm is not None:
+        quantized = quantized[:, torch.argsort(perm)]
+    return SolveResult(quantized.to(W.dtype), loss, used_damp, time.perf_counter() - start)
+
+
+def _check_statistics(H: torch.Tensor, D: torch.Tensor | None, columns: int, name: str) -> None:
+    for label, stat in (("H", H), ("D", D)):
+        if stat is None:
+            continue
+        if stat.shape != (columns, columns):
+            raise ValueError(f"{name}: {label} must have shape ({columns}, {columns}), got {tuple(stat.shape)}")
+        if not torch.isfinite(stat).all():
+            raise CalibrationError(f"{name}: calibration statistic {label} contains NaN or Inf")
+
+
+def _inverse_cholesky_upper(hessian: torch.Tensor, percdamp: float, name: str) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` with ``λ = percdamp · mean(diag H)``.
+
+    Uses one Cholesky and one triangular inverse: with ``J`` the reversal permutation and
+    ``J H J = L Lᵀ``, ``R = J L J`` is upper triangular with ``H = R Rᵀ``, so ``H⁻¹ = R⁻ᵀ R⁻¹`` and
+    ``U = R⁻¹``. If ``H + λI`` is not positive definite, ``percdamp`` grows tenfold (with a warning).
+    """
+    n = hessian.shape[0]
+    mean_diag = torch.diagonal(hessian).mean()
+    identity = torch.eye(n, dtype=hessian.dtype, device=hessian.device)
+    damp = percdamp
+    for attempt in range(_DAMP_RETRIES):
+        damped = hessian + (damp * mean_diag) * identity
+        lower, info = torch.linalg.cholesky_ex(damped.flip(0, 1))
+        if info.item() == 0:
+            upper = torch.linalg.solve_triangular(lower.flip(0, 1), identity, upper=True)
+            if torch.isfinite(upper).all():
+                return upper, damp
+        next_damp = max(damp * 10, 1e-6)
+        if attempt + 1 < _DAMP_RETRIES:
+            warnings.warn(
+                f"{name}: Hessian not positive definite with percdamp={damp:g}; retrying with {next_damp:g}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        damp = next_damp
+    raise CalibrationError(f"{name}: Hessian is not positive definite even with percdamp={damp / 10:g}")
+
+
+def _drift_correction(drift: torch.Tensor, upper: torch.Tensor, alpha: float) -> torch.Tensor:
+    """GPTAQ's ``P = α · triu(D Uᵀ, 1) · U`` [n, n], strictly upper triangular.
+
+    Exploits the triangles: ``T = triu(D Uᵀ, 1)`` needs, for the columns ``[a, b)``, only rows ``< b``
+    and only ``U``'s columns ``≥ a``; ``P = T U`` needs, for rows ``[a, b)``, only ``T``'s and ``U``'s rows
+    ``≥ a``. This costs about ``2n³/3`` flops instead of ``4n³``.
+    """
+    n = upper.shape[0]
+    step = _STRUCTURE_BLOCK
+    t = torch.zeros_like(drift)
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        torch.mm(drift[:b, a:], upper[a:b, a:].T, out=t[:b, a:b])
+    t = torch.triu(t, diagonal=1)
+    p = torch.zeros_like(drift)
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        torch.mm(t[a:b, a:], upper[a:, a:], out=p[a:b, a:])
+    return p.mul_(alpha)
+
+
+class _BlockSolver:
+    """Column-by-column quantization with lazy block updates (state of one solve).
+
+    ``work`` [m, n] is updated in place; ``correction`` is GPTAQ's ``P`` or ``None`` for GPTQ.
+    """
+
+    def __init__(
+        self,
+        *,
+        work: torch.Tensor,
+        upper: torch.Tensor,
+        correction: torch.Tensor | None,
+        quantizer: WeightQuantizer,
+        groupsize: int,
+        static_params: list[tuple[torch.Tensor, torch.Tensor]] | None,
+        group_of_column: list[int] | None,
+        official: bool,
+    ) -> None:
+        self.work = work
+        self.upper = upper
+        self.correction = correction
+        self.quantizer = quantizer
+        self.groupsize = groupsize
+        self.static_params = static_params
+        self.group_of_column = group_of_column
+        self.official = official
+        self.scale, self.zero = (None, None) if groupsize > 0 else quantizer.params(work)
+
+    def run(self, blocksize: int) -> tuple[torch.Tensor, float]:
+        """Quantize every column; returns the quantized weight [m, n] and the proxy loss."""
+        work, upper, correction = self.work, self.upper, self.correction
+        columns = work.shape[1]
+        quantized = torch.empty_like(work)
+        loss = torch.zeros((), dtype=work.dtype, device=work.device)
+        for i1 in range(0, columns, blocksize):
+            i2 = min(i1 + blocksize, columns)
+            block = work[:, i1:i2].clone()
+            errors = torch.empty_like(block)
+            originals = torch.empty_like(block) if correction is not None else None
+            u_block = upper[i1:i2, i1:i2]
+            p_block = None if correction is None else correction[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                column = i1 + i
+                w = block[:, i].clone()
+                self._update_params(column, i1, i2, i, block, errors, originals)
+                q = self.quantizer.quantize(w.unsqueeze(1), self.scale, self.zero).squeeze(1)
+                quantized[:, column] = q
+                err = (w - q) / u_block[i, i]
+                errors[:, i] = err
+                loss += torch.dot(err, err)
+                block[:, i + 1 :].addr_(err, u_block[i, i + 1 :], alpha=-1)
+                if p_block is not None:
+                    originals[:, i] = w
+                    block[:, i + 1 :].addr_(w, p_block[i, i + 1 :])
+            if i2 < columns:
+                work[:, i2:].addmm_(errors, upper[i1:i2, i2:], alpha=-1)
+                if correction is not None:
+                    lhs = quantized[:, i1:i2] if self.official else originals
+                    work[:, i2:].addmm_(lhs, correction[i1:i2, i2:])
+        return quantized, float(loss) / 2
+
+    def _update_params(
+        self,
+        column: int,
+        i1: int,
+        i2: int,
+        i: int,
+        block: torch.Tensor,
+        errors: torch.Tensor,
+        originals: torch.Tensor | None,
+    ) -> None:
+        """Set the grid for ``column`` when a group starts there (or for every column, static groups)."""
+        if self.groupsize <= 0:
+            return
+        if self.static_params is not None:
+            self.scale, self.zero = self.static_params[self.group_of_column[column]]
+            return
+        if column % self.groupsize != 0:
+            return
+        end = column + self.groupsize
+        if self.official:
+            values = self.work[:, column:end]
+        else:
+            values = self._current_values(column, end, i1, i2, i, block, errors, originals)
+        self.scale, self.zero = self.quantizer.params(values)
+
+    def _current_values(
+        self,
+        start: int,
+        end: int,
+        i1: int,
+        i2: int,
+        i: int,
+        block: torch.Tensor,
+        errors: torch.Tensor,
+        originals: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Values of columns ``[start, end)`` with every update from the columns quantized so far applied."""
+        inside = block[:, i : min(end, i2) - i1]
+        if end <= i2:
+            return inside
+        beyond = self.work[:, i2:end] - errors[:, :i] @ self.upper[i1 : i1 + i, i2:end]
+        if self.correction is not None:
+            beyond = beyond + originals[:, :i] @ self.correction[i1 : i1 + i, i2:end]
+        return torch.cat((inside, beyond), dim=1)

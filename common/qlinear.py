@@ -1,0 +1,82 @@
+"""A linear layer with an optional online input rotation and an activation fake quantizer.
+
+``y = W · quant(R(x)) + b`` where ``R`` is an online transform of the input (e.g. a Hadamard fused into W's
+columns, QuaRot's down_proj trick) and ``quant`` a dynamic activation quantizer. The weight itself is fake
+quantized in place by the calibration engine (GPTQ / GPTAQ / RTN), so this module stores it in full
+precision dtype, already rounded onto its grid.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from common.quant import ActivationQuantizer
+
+
+class QuantLinear(nn.Module):
+    """Wraps an ``nn.Linear``'s parameters (shared, not copied).
+
+    Args:
+        linear: the layer to wrap; its ``weight`` [out, in] and ``bias`` [out] become this module's.
+        input_transform: optional module applied to the input before quantization (shape-preserving).
+        act_quantizer: optional activation quantizer; ``None`` or 16 bits means full precision input.
+    """
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        *,
+        input_transform: nn.Module | None = None,
+        act_quantizer: ActivationQuantizer | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.input_transform = input_transform
+        self.act_quantizer = act_quantizer if act_quantizer is not None else ActivationQuantizer()
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input the weight multiplies, after the online transform and activation quantization."""
+        if self.input_transform is not None:
+            x = self.input_transform(x)
+        return self.act_quantizer(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantized_input(x), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def wrap_linears(module: nn.Module, names: list[str] | None = None) -> dict[str, QuantLinear]:
+    """Replace ``nn.Linear`` children of ``module`` by :class:`QuantLinear` (in place).
+
+    Args:
+        module: the container to edit (e.g. one transformer block).
+        names: dotted names relative to ``module`` to wrap; ``None`` wraps every ``nn.Linear`` found.
+            Layers that already are ``QuantLinear`` are kept as they are.
+
+    Returns:
+        ``{name: QuantLinear}`` for every wrapped (or already wrapped) layer, in module order.
+    """
+    wanted = None if names is None else set(names)
+    wrapped: dict[str, QuantLinear] = {}
+    for name, child in list(module.named_modules()):
+        if wanted is not None and name not in wanted:
+            continue
+        if isinstance(child, QuantLinear):
+            wrapped[name] = child
+        elif isinstance(child, nn.Linear):
+            parent_name, _, attr = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            qlinear = QuantLinear(child)
+            setattr(parent, attr, qlinear)
+            wrapped[name] = qlinear
+    if wanted is not None and wanted - wrapped.keys():
+        missing = sorted(wanted - wrapped.keys())
+        raise ValueError(f"names not found as nn.Linear in the module: {missing}")
+    return wrapped

@@ -1,0 +1,237 @@
+"""Uniform fake quantizers for weights and activations.
+
+Weights use GPTQ's reference grid: an unsigned integer grid ``0..maxq`` (``maxq = 2**bits - 1``) with a
+per-row scale and zero point, ``dequant(q) = scale * (q - zero)``.
+
+* asymmetric: the range ``[min(x, 0), max(x, 0)]`` is mapped onto the grid (the range always holds 0),
+  ``zero = round(-xmin / scale)``;
+* symmetric: signed, no zero point to store: ``zero`` is fixed at the grid's midpoint ``(maxq + 1) / 2`` and
+  ``scale = 2 * max|x| / maxq``, i.e. the values are ``scale * {-2**(bits-1), ..., 2**(bits-1) - 1}``.
+
+The optional MSE clip search shrinks the range by ``1 - i / grid`` for ``i < maxshrink * grid`` and keeps,
+per row, the shrink with the smallest ``sum |x - dequant(quant(x))| ** norm`` (``norm = 2.4``), as GPTQ's
+reference code does.
+
+Activations are quantized dynamically per token (per row of the last dimension, optionally per group of
+``groupsize`` channels) with QuaRot's grids: asymmetric ``0..2**bits - 1`` with a zero point, or symmetric
+signed ``-2**(bits-1)..2**(bits-1) - 1``; the range is shrunk by ``clip_ratio`` before the scale is set.
+``bits = 16`` means "not quantized" everywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FULL_PRECISION_BITS = 16
+"""Bit width that disables quantization (the tensor passes through unchanged)."""
+
+
+def check_bits(bits: int, name: str = "bits") -> int:
+    """Return ``bits`` if it is an int in 1..16, else raise ``ValueError`` naming the parameter."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= FULL_PRECISION_BITS:
+        raise ValueError(f"{name} must be an integer in 1..{FULL_PRECISION_BITS} (16 = no quantization), got {bits!r}")
+    return bits
+
+
+def check_groupsize(groupsize: int, columns: int, name: str = "groupsize") -> int:
+    """Return ``groupsize`` if it is -1 (one group per row) or a positive divisor of ``columns``."""
+    if isinstance(groupsize, bool) or not isinstance(groupsize, int):
+        raise ValueError(f"{name} must be -1 or a positive divisor of {columns}, got {groupsize!r}")
+    if groupsize == -1:
+        return groupsize
+    if groupsize <= 0 or columns % groupsize != 0:
+        raise ValueError(f"{name} must be -1 or a positive divisor of {columns}, got {groupsize}")
+    return groupsize
+
+
+def check_clip_ratio(clip_ratio: float, name: str = "clip_ratio") -> float:
+    """Return ``clip_ratio`` if it lies in (0, 1], else raise ``ValueError``."""
+    if not 0.0 < float(clip_ratio) <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {clip_ratio!r}")
+    return float(clip_ratio)
+
+
+def working_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype quantization math runs in: float64 for float64 tensors, float32 otherwise."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Round ``x`` onto the grid ``scale * (q - zero)``, ``q`` in ``0..maxq`` (shapes broadcast)."""
+    q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+    return scale * (q - zero)
+
+
+class WeightQuantizer:
+    """Per-row grid parameters and rounding for weights on GPTQ's reference grid.
+
+    Args:
+        bits: bit width in 1..16.
+        sym: symmetric (signed, zero point fixed at the grid's midpoint) instead of asymmetric.
+        mse: search a per-row clipping of the range minimising the ``norm``-error (GPTQ's reference search).
+        grid, maxshrink, norm: the MSE search's resolution, deepest shrink and error exponent.
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        *,
+        sym: bool = False,
+        mse: bool = False,
+        grid: int = 100,
+        maxshrink: float = 0.8,
+        norm: float = 2.4,
+    ) -> None:
+        self.bits = check_bits(bits)
+        self.sym = bool(sym)
+        self.mse = bool(mse)
+        self.grid = grid
+        self.maxshrink = maxshrink
+        self.norm = norm
+        self.maxq = 2**self.bits - 1
+
+    def params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Grid parameters for each row of ``w`` [rows, cols]: ``(scale, zero)``, each [rows, 1]."""
+        xmin = torch.clamp(w.amin(dim=1), max=0)
+        xmax = torch.clamp(w.amax(dim=1), min=0)
+        if self.sym:
+            xmax = torch.maximum(xmin.abs(), xmax)
+            xmin = -xmax
+        empty = (xmin == 0) & (xmax == 0)
+        xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
+        xmax = torch.where(empty, torch.ones_like(xmax), xmax)
+        scale, zero = self._grid(xmin, xmax)
+        if self.mse:
+            scale, zero = self._mse_search(w, xmin, xmax, scale, zero)
+        return scale.unsqueeze(1), zero.unsqueeze(1)
+
+    def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize ``w`` with parameters from :meth:`params` (broadcast over columns)."""
+        return fake_quantize(w, scale, zero, self.maxq)
+
+    def _grid(self, xmin: torch.Tensor, xmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = (xmax - xmin) / self.maxq
+        if self.sym:
+            zero = torch.full_like(scale, (self.maxq + 1) / 2)
+        else:
+            zero = torch.round(-xmin / scale)
+        return scale, zero
+
+    def _mse_search(
+        self,
+        w: torch.Tensor,
+        xmin: torch.Tensor,
+        xmax: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        best = torch.full_like(xmin, float("inf"))
+        for i in range(int(self.maxshrink * self.grid)):
+            shrink = 1 - i / self.grid
+            scale_i, zero_i = self._grid(shrink * xmin, shrink * xmax)
+            err = (fake_quantize(w, scale_i.unsqueeze(1), zero_i.unsqueeze(1), self.maxq) - w).abs_()
+            err = err.pow_(self.norm).sum(dim=1)
+            better = err < best
+            best = torch.where(better, err, best)
+            scale = torch.where(better, scale_i, scale)
+            zero = torch.where(better, zero_i, zero)
+        return scale, zero
+
+
+def rtn_quantize_weight(
+    weight: torch.Tensor,
+    *,
+    bits: int,
+    sym: bool = False,
+    groupsize: int = -1,
+    mse: bool = False,
+) -> torch.Tensor:
+    """Round-to-nearest baseline: fake-quantize ``weight`` [out, in] per row (or per group of columns).
+
+    Returns a tensor with ``weight``'s shape and dtype.
+    """
+    rows, cols = weight.shape
+    groupsize = check_groupsize(groupsize, cols)
+    quantizer = WeightQuantizer(bits, sym=sym, mse=mse)
+    if bits >= FULL_PRECISION_BITS:
+        return weight.clone()
+    w = weight.to(working_dtype(weight))
+    if groupsize > 0:
+        w = w.reshape(rows * cols // groupsize, groupsize)
+    scale, zero = quantizer.params(w)
+    return quantizer.quantize(w, scale, zero).reshape(rows, cols).to(weight.dtype)
+
+
+class ActivationQuantizer(nn.Module):
+    """Dynamic per-token fake quantizer for activations ``x`` [..., channels].
+
+    Args:
+        bits: 1..16; 16 disables quantization.
+        sym: symmetric signed grid instead of asymmetric with a zero point.
+        clip_ratio: the per-token range is multiplied by this factor in (0, 1] before rounding.
+        groupsize: -1 for one scale per token, else one per group of ``groupsize`` channels.
+        straight_through: pass gradients straight through the rounding (for rotation training).
+    """
+
+    def __init__(
+        self,
+        bits: int = FULL_PRECISION_BITS,
+        *,
+        sym: bool = False,
+        clip_ratio: float = 1.0,
+        groupsize: int = -1,
+        straight_through: bool = False,
+    ) -> None:
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.sym = bool(sym)
+        self.clip_ratio = check_clip_ratio(clip_ratio)
+        if isinstance(groupsize, bool) or not isinstance(groupsize, int) or (groupsize <= 0 and groupsize != -1):
+            raise ValueError(f"groupsize must be -1 or a positive integer, got {groupsize!r}")
+        self.groupsize = groupsize
+        self.straight_through = bool(straight_through)
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits < FULL_PRECISION_BITS
+
+    def extra_repr(self) -> str:
+        return (
+            f"bits={self.bits}, sym={self.sym}, clip_ratio={self.clip_ratio}, groupsize={self.groupsize}, "
+            f"straight_through={self.straight_through}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        quantized = self._fake_quantize(x.detach() if self.straight_through else x)
+        if self.straight_through:
+            return x + (quantized - x).detach()
+        return quantized
+
+    def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        channels = shape[-1]
+        xf = x.to(working_dtype(x))
+        if self.groupsize > 0:
+            if channels % self.groupsize != 0:
+                raise ValueError(
+                    f"groupsize must divide the activation's last dimension {channels}, got {self.groupsize}"
+                )
+            xf = xf.reshape(*shape[:-1], channels // self.groupsize, self.groupsize)
+        xmin = torch.clamp(xf.amin(dim=-1, keepdim=True), max=0) * self.clip_ratio
+        xmax = torch.clamp(xf.amax(dim=-1, keepdim=True), min=0) * self.clip_ratio
+        if self.sym:
+            half = 2 ** (self.bits - 1)
+            amax = torch.maximum(xmin.abs(), xmax)
+            scale = torch.where(amax == 0, torch.ones_like(amax), amax / max(half - 1, 1))
+            q = torch.clamp(torch.round(xf / scale), -half, half - 1) * scale
+        else:
+            maxq = 2**self.bits - 1
+            empty = (xmin == 0) & (xmax == 0)
+            xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
+            xmax = torch.where(empty, torch.ones_like(xmax), xmax)
+            scale = (xmax - xmin) / maxq
+            q = fake_quantize(xf, scale, torch.round(-xmin / scale), maxq)
+        return q.reshape(shape).to(x.dtype)

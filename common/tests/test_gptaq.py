@@ -1,0 +1,353 @@
+"""The layer solver against float64 naive references and the invariants GPTQ/GPTAQ must satisfy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.gptaq import (
+    CalibrationError,
+    CalibrationStatistics,
+    SolverConfig,
+    quantize_weight,
+    solve,
+)
+from common.quant import ActivationQuantizer, WeightQuantizer, rtn_quantize_weight
+
+
+def _layer(m: int = 24, n: int = 40, tokens: int = 300, drift: float = 0.2, seed: int = 0):
+    """A random layer with correlated inputs ``x`` [tokens, n] and a drifted copy ``x̃``."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(m, n, generator=g, dtype=torch.float64)
+    mixing = torch.randn(n, n, generator=g, dtype=torch.float64) / n**0.5
+    x_full = torch.randn(tokens, n, generator=g, dtype=torch.float64) @ mixing
+    x_quant = x_full + drift * torch.randn(tokens, n, generator=g, dtype=torch.float64)
+    return weight, x_full, x_quant
+
+
+def _stats(x_full: torch.Tensor, x_quant: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = x_quant.shape[0]
+    return 2 / tokens * x_quant.T @ x_quant, 2 / tokens * (x_full - x_quant).T @ x_quant
+
+
+def _naive_solve(weight, hessian, drift, *, bits, sym=False, groupsize=-1, act_order=False, static_groups=False,
+                 percdamp=0.01, alpha=0.25, mse=False):
+    """Float64 column-by-column reference: no blocks, grids from the current values, textbook inverse."""
+    w = weight.clone().double()
+    h = hessian.clone().double()
+    d = None if drift is None else drift.clone().double()
+    n = w.shape[1]
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    if d is not None:
+        d[:, dead] = 0
+    quantizer = WeightQuantizer(bits, sym=sym, mse=mse)
+    static = None
+    if groupsize > 0 and static_groups:
+        static = [quantizer.params(w[:, g:g + groupsize]) for g in range(0, n, groupsize)]
+    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(n)
+    w, h = w[:, perm], h[perm][:, perm]
+    h = h + percdamp * torch.diagonal(h).mean() * torch.eye(n, dtype=h.dtype)
+    u = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+    p = None
+    if d is not None:
+        d = d[perm][:, perm]
+        p = alpha * torch.triu(d @ u.T, diagonal=1) @ u
+    q_all = torch.zeros_like(w)
+    scale, zero = quantizer.params(w) if groupsize <= 0 else (None, None)
+    for j in range(n):
+        if static is not None:
+            scale, zero = static[int(perm[j]) // groupsize]
+        elif groupsize > 0 and j % groupsize == 0:
+            scale, zero = quantizer.params(w[:, j:j + groupsize])
+        col = w[:, j].clone()
+        q = quantizer.quantize(col[:, None], scale, zero)[:, 0]
+        q_all[:, j] = q
+        err = (col - q) / u[j, j]
+        w[:, j + 1:] -= torch.outer(err, u[j, j + 1:])
+        if p is not None:
+            w[:, j + 1:] += torch.outer(col, p[j, j + 1:])
+    return q_all[:, torch.argsort(perm)]
+
+
+def _naive_official(weight, hessian, drift, *, bits, blocksize, percdamp=0.01, alpha=0.25, groupsize=-1):
+    """Float64 transcription of the official GPTAQ block loop (cross-block term uses the quantized block)."""
+    w = weight.clone().double()
+    n = w.shape[1]
+    h = hessian.double() + percdamp * torch.diagonal(hessian).mean() * torch.eye(n, dtype=torch.float64)
+    u = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+    p = alpha * torch.triu(drift.double() @ u.T, diagonal=1) @ u
+    quantizer = WeightQuantizer(bits)
+    scale, zero = quantizer.params(w)
+    q_all = torch.zeros_like(w)
+    for i1 in range(0, n, blocksize):
+        i2 = min(i1 + blocksize, n)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            if groupsize > 0 and (i1 + i) % groupsize == 0:
+                scale, zero = quantizer.params(w[:, i1 + i:i1 + i + groupsize])
+            col = w1[:, i].clone()
+            q = quantizer.quantize(col[:, None], scale, zero)[:, 0]
+            q_all[:, i1 + i] = q
+            err = (col - q) / u[i1 + i, i1 + i]
+            w1[:, i:] -= torch.outer(err, u[i1 + i, i1:i2][i:]) - torch.outer(col, p[i1 + i, i1:i2][i:])
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ u[i1:i2, i2:] - w1 @ p[i1:i2, i2:]
+    return q_all
+
+
+def _output_error(q_weight, weight, x_full, x_quant) -> float:
+    return float(torch.linalg.norm(x_quant @ q_weight.T - x_full @ weight.T))
+
+
+OPTIONS = [
+    {},
+    {"act_order": True},
+    {"groupsize": 8},
+    {"groupsize": 8, "act_order": True},
+    {"groupsize": 8, "act_order": True, "static_groups": True},
+    {"sym": True},
+    {"mse": True, "groupsize": 20},
+]
+
+
+class TestStatistics:
+    def test_match_definition_and_any_leading_shape(self):
+        _, x_full, x_quant = _layer(tokens=60)
+        stats = CalibrationStatistics(40, asymmetric=True, dtype=torch.float64)
+        stats.add(x_quant.reshape(3, 4, 5, 40), x_full.reshape(3, 4, 5, 40))
+        hessian, drift = _stats(x_full, x_quant)
+        torch.testing.assert_close(stats.hessian(), hessian, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(stats.drift(), drift, rtol=1e-12, atol=1e-12)
+        assert stats.rows == 60
+
+    @pytest.mark.parametrize("splits", [[60], [1, 59], [7, 13, 40], [20, 20, 20]])
+    def test_sample_count_independent_of_batching(self, splits):
+        _, x_full, x_quant = _layer(tokens=60)
+        stats = CalibrationStatistics(40, asymmetric=True, dtype=torch.float64)
+        for xf, xq in zip(x_full.split(splits), x_quant.split(splits), strict=True):
+            stats.add(xq, xf)
+        hessian, drift = _stats(x_full, x_quant)
+        torch.testing.assert_close(stats.hessian(), hessian, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(stats.drift(), drift, rtol=1e-12, atol=1e-12)
+
+    def test_float32_accumulation_close_to_float64(self):
+        _, x_full, x_quant = _layer(tokens=500)
+        stats = CalibrationStatistics(40, asymmetric=True)
+        for xf, xq in zip(x_full.float().split(64), x_quant.float().split(64), strict=True):
+            stats.add(xq, xf)
+        hessian, drift = _stats(x_full, x_quant)
+        torch.testing.assert_close(stats.hessian().double(), hessian, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stats.drift().double(), drift, rtol=1e-5, atol=1e-5)
+
+    def test_gptq_statistics_have_no_drift(self):
+        stats = CalibrationStatistics(4, asymmetric=False)
+        stats.add(torch.randn(5, 4))
+        assert stats.drift() is None
+
+    def test_errors(self):
+        stats = CalibrationStatistics(4, asymmetric=True, name="blk.0.q_proj")
+        with pytest.raises(CalibrationError, match=r"blk\.0\.q_proj"):
+            stats.hessian()
+        with pytest.raises(ValueError, match="last dimension 4"):
+            stats.add(torch.randn(3, 5), torch.randn(3, 5))
+        with pytest.raises(ValueError, match="x_full"):
+            stats.add(torch.randn(3, 4))
+        with pytest.raises(ValueError, match="dtype"):
+            CalibrationStatistics(4, asymmetric=False, dtype=torch.float16)
+
+
+class TestAgainstNaiveReference:
+    @pytest.mark.parametrize("options", OPTIONS)
+    @pytest.mark.parametrize("method", ["gptq", "gptaq"])
+    def test_matches_reference(self, options, method):
+        weight, x_full, x_quant = _layer()
+        hessian, drift = _stats(x_full, x_quant)
+        d = drift if method == "gptaq" else None
+        expected = _naive_solve(weight, hessian, d, bits=3, **options)
+        got = quantize_weight(weight, hessian, d, bits=3, blocksize=16, **options)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
+
+    @pytest.mark.parametrize("blocksize", [1, 5, 16, 40, 128])
+    @pytest.mark.parametrize("options", OPTIONS)
+    def test_blocked_equals_unblocked(self, blocksize, options):
+        weight, x_full, x_quant = _layer(seed=1)
+        hessian, drift = _stats(x_full, x_quant)
+        unblocked = quantize_weight(weight, hessian, drift, bits=3, blocksize=40, **options)
+        blocked = quantize_weight(weight, hessian, drift, bits=3, blocksize=blocksize, **options)
+        torch.testing.assert_close(blocked, unblocked, rtol=0, atol=1e-9)
+
+    @pytest.mark.parametrize("groupsize", [-1, 8, 20])
+    def test_official_form(self, groupsize):
+        weight, x_full, x_quant = _layer(seed=2)
+        hessian, drift = _stats(x_full, x_quant)
+        for blocksize in (7, 16):
+            expected = _naive_official(weight, hessian, drift, bits=3, blocksize=blocksize, groupsize=groupsize)
+            got = quantize_weight(weight, hessian, drift, bits=3, blocksize=blocksize, groupsize=groupsize,
+                                  lazy_update="official")
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
+
+    def test_official_form_depends_on_blocksize_exact_does_not(self):
+        weight, x_full, x_quant = _layer(seed=3, drift=0.5)
+        hessian, drift = _stats(x_full, x_quant)
+        official = [
+            quantize_weight(weight, hessian, drift, bits=3, blocksize=b, lazy_update="official") for b in (4, 40)
+        ]
+        exact = [quantize_weight(weight, hessian, drift, bits=3, blocksize=b) for b in (4, 40)]
+        assert not torch.allclose(official[0], official[1])
+        torch.testing.assert_close(exact[0], exact[1], rtol=0, atol=1e-9)
+        torch.testing.assert_close(official[1], exact[1], rtol=0, atol=1e-9)  # one block: the forms agree
+
+
+class TestInvariants:
+    @pytest.mark.parametrize("options", OPTIONS)
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_gptaq_equals_gptq_without_drift(self, options, dtype):
+        weight, x_full, _ = _layer(seed=4)
+        stats = CalibrationStatistics(40, asymmetric=True, dtype=dtype)
+        stats.add(x_full.to(dtype), x_full.to(dtype))
+        w = weight.to(dtype)
+        gptaq = quantize_weight(w, stats.hessian(), stats.drift(), bits=3, blocksize=16, **options)
+        gptq = quantize_weight(w, stats.hessian(), bits=3, blocksize=16, **options)
+        assert torch.equal(gptaq, gptq)
+
+    def test_gptaq_reduces_output_error_under_drift(self):
+        """Inputs drift the way activation quantization makes them drift; GPTAQ matches the FP output better."""
+        act_quant = ActivationQuantizer(4, clip_ratio=0.9)
+        wins = 0
+        for seed in range(5):
+            weight, x_full, _ = _layer(m=48, n=64, tokens=512, seed=seed)
+            x_quant = act_quant(x_full)
+            hessian, drift = _stats(x_full, x_quant)
+            gptq = quantize_weight(weight, hessian, bits=4)
+            gptaq = quantize_weight(weight, hessian, drift, bits=4)
+            wins += _output_error(gptaq, weight, x_full, x_quant) < _output_error(gptq, weight, x_full, x_quant)
+        assert wins == 5
+
+    def test_diagonal_hessian_reduces_to_rtn(self):
+        """Uncorrelated inputs: no error is propagated, so GPTQ is round-to-nearest, in any column order."""
+        weight = torch.randn(16, 32, dtype=torch.float64)
+        hessian = torch.diag(torch.rand(32, dtype=torch.float64) + 0.5)
+        for options in ({}, {"act_order": True}):
+            torch.testing.assert_close(quantize_weight(weight, hessian, bits=3, **options),
+                                       rtn_quantize_weight(weight, bits=3), rtol=0, atol=1e-12)
+        got = quantize_weight(weight, hessian, bits=3, groupsize=8, act_order=True, static_groups=True)
+        torch.testing.assert_close(got, rtn_quantize_weight(weight, bits=3, groupsize=8), rtol=0, atol=1e-12)
+
+    def test_act_order_round_trips_the_permutation(self):
+        """At high precision the result is W itself, column for column, whatever the processing order."""
+        weight, x_full, x_quant = _layer(seed=5)
+        hessian, _ = _stats(x_full, x_quant)
+        got = quantize_weight(weight, hessian, bits=14, act_order=True)
+        torch.testing.assert_close(got, weight, rtol=0, atol=1e-3)
+
+    def test_dead_columns_are_zeroed(self):
+        weight, x_full, x_quant = _layer()
+        x_full[:, 3] = 0
+        x_quant[:, 3] = 0
+        hessian, drift = _stats(x_full, x_quant)
+        for d in (None, drift):
+            got = quantize_weight(weight, hessian, d, bits=4)
+            assert torch.all(got[:, 3] == 0)
+            assert torch.isfinite(got).all()
+
+    def test_inputs_not_modified(self):
+        weight, x_full, x_quant = _layer()
+        hessian, drift = _stats(x_full, x_quant)
+        hessian[:, 5] = 0
+        hessian[5, :] = 0
+        copies = [t.clone() for t in (weight, hessian, drift)]
+        quantize_weight(weight, hessian, drift, bits=3, act_order=True, groupsize=8)
+        for original, copy in zip((weight, hessian, drift), copies, strict=True):
+            assert torch.equal(original, copy)
+
+    def test_shared_hessian_gets_the_same_damping_each_time(self):
+        weight, x_full, x_quant = _layer()
+        hessian, _ = _stats(x_full, x_quant)
+        first = quantize_weight(weight, hessian, bits=3)
+        for _ in range(2):
+            assert torch.equal(quantize_weight(weight, hessian, bits=3), first)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+    def test_shape_dtype_device_preserved(self, dtype):
+        weight, x_full, x_quant = _layer()
+        hessian, drift = _stats(x_full, x_quant)
+        got = quantize_weight(weight.to(dtype), hessian.float(), drift.float(), bits=4)
+        assert got.dtype == dtype and got.shape == weight.shape and got.device == weight.device
+
+    def test_sixteen_bits_returns_the_weight(self):
+        weight, x_full, x_quant = _layer()
+        hessian, drift = _stats(x_full, x_quant)
+        assert torch.equal(quantize_weight(weight, hessian, drift, bits=16), weight)
+
+    def test_result_lies_on_the_grid(self):
+        weight, x_full, x_quant = _layer()
+        hessian, drift = _stats(x_full, x_quant)
+        got = quantize_weight(weight, hessian, drift, bits=2, groupsize=8)
+        for row in got.reshape(-1, 8):
+            assert row.unique().numel() <= 4
+
+    def test_solve_reports_loss_and_damping(self):
+        weight, x_full, x_quant = _layer()
+        hessian, drift = _stats(x_full, x_quant)
+        result = solve(weight, hessian, drift, SolverConfig(bits=3, percdamp=0.05))
+        assert result.loss > 0 and result.percdamp == 0.05 and result.seconds >= 0
+
+
+class TestErrors:
+    def test_nan_statistics_name_the_layer(self):
+        weight, x_full, x_quant = _layer()
+        hessian, drift = _stats(x_full, x_quant)
+        hessian[0, 0] = float("nan")
+        with pytest.raises(CalibrationError, match=r"model.layers.3.mlp.up_proj.*H"):
+            solve(weight, hessian, None, SolverConfig(bits=4, method="gptq"), name="model.layers.3.mlp.up_proj")
+        hessian, drift = _stats(x_full, x_quant)
+        drift[1, 2] = float("inf")
+        with pytest.raises(CalibrationError, match="D contains NaN or Inf"):
+            solve(weight, hessian, drift, SolverConfig(bits=4), name="fc1")
+
+    def test_all_zero_hessian_is_an_error(self):
+        weight = torch.randn(4, 6)
+        with pytest.raises(CalibrationError, match="all zeros"):
+            quantize_weight(weight, torch.zeros(6, 6), bits=4)
+
+    def test_indefinite_hessian_retries_with_more_damping(self):
+        weight, x_full, x_quant = _layer()
+        hessian, _ = _stats(x_full, x_quant)
+        hessian = hessian - 0.05 * torch.diagonal(hessian).mean() * torch.eye(40, dtype=hessian.dtype)
+        with pytest.warns(RuntimeWarning, match=r"blk\.1\.fc2.*retrying with 0\.1"):
+            result = solve(weight, hessian, None, SolverConfig(bits=4, method="gptq"), name="blk.1.fc2")
+        assert result.percdamp == pytest.approx(0.1)
+        assert torch.isfinite(result.weight).all()
+
+    def test_hopeless_hessian_is_an_error(self):
+        with pytest.raises(CalibrationError, match="not positive definite"), pytest.warns(RuntimeWarning):
+            quantize_weight(torch.randn(3, 4), -torch.eye(4) * 1e9 + torch.ones(4, 4) * 1e3, bits=4)
+
+    @pytest.mark.parametrize(
+        ("kwargs", "match"),
+        [
+            ({"bits": 0}, "bits must be an integer in 1..16"),
+            ({"bits": 17}, "bits must be an integer in 1..16"),
+            ({"bits": 4, "groupsize": 7}, "groupsize must be -1 or a positive divisor of 40"),
+            ({"bits": 4, "groupsize": 0}, "groupsize must be -1 or a positive"),
+            ({"bits": 4, "blocksize": 0}, "blocksize must be a positive integer"),
+            ({"bits": 4, "percdamp": -1.0}, "percdamp must be >= 0"),
+            ({"bits": 4, "lazy_update": "fast"}, r"lazy_update must be one of \('exact', 'official'\)"),
+        ],
+    )
+    def test_bad_arguments(self, kwargs, match):
+        weight, x_full, x_quant = _layer()
+        hessian, drift = _stats(x_full, x_quant)
+        with pytest.raises(ValueError, match=match):
+            quantize_weight(weight, hessian, drift, **kwargs)
+
+    def test_bad_method_and_shapes(self):
+        with pytest.raises(ValueError, match=r"method must be one of \('gptq', 'gptaq'\)"):
+            SolverConfig(bits=4, method="awq")
+        with pytest.raises(ValueError, match=r"H must have shape \(6, 6\)"):
+            quantize_weight(torch.randn(4, 6), torch.eye(5), bits=4)
+        with pytest.raises(ValueError, match=r"D must have shape \(6, 6\)"):
+            quantize_weight(torch.randn(4, 6), torch.eye(6), torch.eye(5), bits=4)
