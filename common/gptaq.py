@@ -128,6 +128,7 @@ class CalibrationStatistics:
         self.rows = 0
         self._xtx = torch.zeros(columns, columns, dtype=dtype, device=device)
         self._dxtx = torch.zeros_like(self._xtx) if asymmetric else None
+        self._fxf = torch.zeros_like(self._xtx) if asymmetric else None
 
     @property
     def asymmetric(self) -> bool:
@@ -146,8 +147,9 @@ class CalibrationStatistics:
                 raise ValueError(
                     f"{self.name}: GPTAQ statistics need x_full with the shape of x_quant {tuple(x_quant.shape)}"
                 )
-            drift = x_full.reshape(-1, self.columns).to(self._xtx) - xq
-            self._dxtx.addmm_(drift.T, xq)
+            xf = x_full.reshape(-1, self.columns).to(self._xtx)
+            self._dxtx.addmm_((xf - xq).T, xq)
+            self._fxf.addmm_(xf.T, xf)
         self.rows += xq.shape[0]
 
     def hessian(self) -> torch.Tensor:
@@ -161,6 +163,24 @@ class CalibrationStatistics:
             return None
         self._check_rows()
         return self._dxtx * (2.0 / self.rows)
+
+    def output_error(self, weight: torch.Tensor, quantized: torch.Tensor) -> float:
+        """Relative output error over the calibration tokens, from the statistics alone (float64).
+
+        Asymmetric statistics: ``‖x̃ Ŵᵀ − x Wᵀ‖² / ‖x Wᵀ‖²`` (GPTAQ's objective); otherwise
+        ``‖x̃ (Ŵ − W)ᵀ‖² / ‖x̃ Wᵀ‖²`` (GPTQ's). ``weight``, ``quantized``: [m, n].
+        """
+        self._check_rows()
+        w = weight.detach().to(self._xtx.device, torch.float64)
+        w_hat = quantized.detach().to(self._xtx.device, torch.float64)
+        xtx = self._xtx.double()
+        if self._dxtx is None:
+            delta = w_hat - w
+            return float(((delta @ xtx) * delta).sum() / ((w @ xtx) * w).sum())
+        cross = xtx + self._dxtx.double().T
+        reference = ((w @ self._fxf.double()) * w).sum()
+        error = ((w_hat @ xtx) * w_hat).sum() - 2 * ((w_hat @ cross) * w).sum() + reference
+        return float(error.clamp(min=0) / reference)
 
     def _check_rows(self) -> None:
         if self.rows == 0:

@@ -2,11 +2,17 @@
 
 ``y = W · quant(R(x)) + b`` where ``R`` is an online transform of the input (e.g. a Hadamard fused into W's
 columns, QuaRot's down_proj trick) and ``quant`` a dynamic activation quantizer. The weight itself is fake
-quantized in place by the calibration engine (GPTQ / GPTAQ / RTN), so this module stores it in full
+quantized in place by the calibration engine (GPTQ / GPTAQ / RTN), so this module stores it in its full
 precision dtype, already rounded onto its grid.
+
+Two switches serve calibration: ``quantize_input`` turns the activation quantizer off (GPTQ's protocol
+quantizes weights before activations), and ``observer``, when set, is called with the input the weight
+multiplies (after ``R`` and ``quant``) on every forward, which is how the engine collects statistics.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -38,15 +44,22 @@ class QuantLinear(nn.Module):
         self.bias = linear.bias
         self.input_transform = input_transform
         self.act_quantizer = act_quantizer if act_quantizer is not None else ActivationQuantizer()
+        self.quantize_input = True
+        self.observer: Callable[[torch.Tensor], None] | None = None
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The input the weight multiplies, after the online transform and activation quantization."""
+        """The input the weight multiplies: ``x`` [..., in] after the online transform and quantization."""
         if self.input_transform is not None:
             x = self.input_transform(x)
-        return self.act_quantizer(x)
+        if self.quantize_input:
+            x = self.act_quantizer(x)
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quantized_input(x), self.weight, self.bias)
+        x = self.quantized_input(x)
+        if self.observer is not None:
+            self.observer(x)
+        return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

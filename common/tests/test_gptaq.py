@@ -351,3 +351,21 @@ class TestErrors:
             quantize_weight(torch.randn(4, 6), torch.eye(5), bits=4)
         with pytest.raises(ValueError, match=r"D must have shape \(6, 6\)"):
             quantize_weight(torch.randn(4, 6), torch.eye(6), torch.eye(5), bits=4)
+
+
+class TestOutputError:
+    def test_matches_direct_computation(self):
+        weight, x_full, x_quant = _layer()
+        quantized = weight + 0.05 * torch.randn_like(weight)
+        asym = CalibrationStatistics(40, asymmetric=True, dtype=torch.float64)
+        asym.add(x_quant, x_full)
+        expected = torch.linalg.norm(x_quant @ quantized.T - x_full @ weight.T) ** 2 / torch.linalg.norm(
+            x_full @ weight.T
+        ) ** 2
+        assert asym.output_error(weight, quantized) == pytest.approx(float(expected), rel=1e-9)
+        sym = CalibrationStatistics(40, asymmetric=False, dtype=torch.float64)
+        sym.add(x_quant)
+        expected = torch.linalg.norm(x_quant @ (quantized - weight).T) ** 2 / torch.linalg.norm(
+            x_quant @ weight.T
+        ) ** 2
+        assert sym.output_error(weight, quantized) == pytest.approx(float(expected), rel=1e-9)

@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make reproduce-llama-w4a4` (the main job) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-complete
+ENV_FILES := $(wildcard envs/*.txt) pyproject.toml
+
+.PHONY: setup test test-fast lint bench-solver
+
+setup: $(STAMP)
+
+$(STAMP): $(ENV_FILES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r envs/fake_quant.txt -r envs/spinquant.txt -r envs/vit_quant.txt
+	$(PY) -m pip install --quiet --no-deps -r envs/assets.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . || $(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(PY) -m ruff check .
+
+bench-solver: setup
+	$(PY) -m common.bench_solver

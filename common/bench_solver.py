@@ -1,0 +1,152 @@
+"""Benchmark of the layer solver: ``python -m common.bench_solver`` (``make bench-solver``).
+
+Times :func:`common.gptaq.quantize_weight` for GPTQ and GPTAQ on layer shapes ``m × n`` (weight rows ×
+columns) on the current device, and compares each time with a FLOP floor: the solver's floating-point
+operations divided by the ``torch.matmul`` rate measured in the same run. Prints a table and writes
+``results/bench_solver.csv``.
+
+FLOP model (``b`` = blocksize):
+
+* inverse Cholesky factor ``U``: Cholesky ``n³/3`` + triangular inverse ``n³/3``;
+* error propagation: ``m·n·(n − b)`` across blocks plus ``m·n·b`` inside them (fused multiply-adds count 2);
+* GPTAQ also forms ``P`` (``2n³/3`` with the triangular structure) and propagates ``w·P`` (the same
+  ``m·n·n`` again), so its floor is twice GPTQ's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from common.gptaq import quantize_weight
+from common.results import REPO_ROOT, atomic_write_csv, device_description, pick_device
+
+DEFAULT_SHAPES = ((576, 576), (576, 1536), (4096, 4096), (11008, 4096))
+FIELDS = [
+    "device", "rows", "columns", "method", "seconds", "gptaq_over_gptq", "gflop", "gflops_achieved",
+    "floor_seconds", "times_floor", "matmul_gflops",
+]
+
+
+def solver_flops(rows: int, columns: int, method: str, blocksize: int = 128) -> float:
+    """Floating-point operations of one solve under the module's FLOP model."""
+    n = columns
+    per_term = 2 * n**3 / 3 + rows * n * (n + blocksize)
+    return 2 * per_term if method == "gptaq" else per_term
+
+
+def matmul_rate(device: torch.device, size: int = 4096, repeats: int = 3) -> float:
+    """Measured float32 ``torch.matmul`` rate in FLOP/s on ``size × size`` operands (best of ``repeats``)."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _problem(rows: int, columns: int, device: torch.device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, columns, generator=g)
+    x_full = torch.randn(2 * columns, columns, generator=g)
+    x_quant = x_full + 0.1 * torch.randn(2 * columns, columns, generator=g)
+    hessian = 2 / x_quant.shape[0] * x_quant.T @ x_quant
+    drift = 2 / x_quant.shape[0] * (x_full - x_quant).T @ x_quant
+    return weight.to(device), hessian.to(device), drift.to(device)
+
+
+def time_solve(weight, hessian, drift, repeats: int, **options) -> float:
+    """Median wall time in seconds of ``quantize_weight`` (after one warm-up call)."""
+    device = weight.device
+    quantize_weight(weight, hessian, drift, **options)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        quantize_weight(weight, hessian, drift, **options)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run(shapes, repeats: int, device: torch.device, bits: int = 4, blocksize: int = 128) -> list[dict]:
+    rate = matmul_rate(device)
+    name = device_description(device)
+    rows_out = []
+    for rows, columns in shapes:
+        weight, hessian, drift = _problem(rows, columns, device)
+        seconds = {}
+        for method in ("gptq", "gptaq"):
+            seconds[method] = time_solve(
+                weight, hessian, drift if method == "gptaq" else None, repeats, bits=bits, blocksize=blocksize
+            )
+        for method in ("gptq", "gptaq"):
+            flops = solver_flops(rows, columns, method, blocksize)
+            floor = flops / rate
+            rows_out.append({
+                "device": name,
+                "rows": rows,
+                "columns": columns,
+                "method": method,
+                "seconds": round(seconds[method], 4),
+                "gptaq_over_gptq": round(seconds["gptaq"] / seconds["gptq"], 3),
+                "gflop": round(flops / 1e9, 2),
+                "gflops_achieved": round(flops / seconds[method] / 1e9, 1),
+                "floor_seconds": round(floor, 4),
+                "times_floor": round(seconds[method] / floor, 2),
+                "matmul_gflops": round(rate / 1e9, 1),
+            })
+    return rows_out
+
+
+def format_table(rows: list[dict]) -> str:
+    header = f"{'shape':>12} {'method':>6} {'seconds':>9} {'aq/q':>6} {'GFLOP/s':>8} {'floor s':>8} {'x floor':>8}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(
+            f"{row['rows']:>5}x{row['columns']:<6} {row['method']:>6} {row['seconds']:>9.3f} "
+            f"{row['gptaq_over_gptq']:>6.2f} {row['gflops_achieved']:>8.1f} {row['floor_seconds']:>8.3f} "
+            f"{row['times_floor']:>8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        rows, columns = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shapes takes ROWSxCOLUMNS items such as 4096x4096, got {text!r}") from None
+    return rows, columns
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", type=_shape, default=list(DEFAULT_SHAPES), help="ROWSxCOLUMNS")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    parser.add_argument("--output", type=Path, default=REPO_ROOT / "results" / "bench_solver.csv")
+    args = parser.parse_args(argv)
+    device = pick_device(args.device)
+    rows = run(args.shapes, args.repeats, device)
+    print(f"device: {rows[0]['device']}; float32 matmul: {rows[0]['matmul_gflops']} GFLOP/s")
+    print(format_table(rows))
+    atomic_write_csv(args.output, rows, FIELDS)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
