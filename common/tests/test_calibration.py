@@ -1,0 +1,173 @@
+"""The two-stream calibration engine on a toy model, against a naive whole-model reference."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from common.calibration import CalibrationSettings, quantize_model
+from common.gptaq import CalibrationStatistics, SolverConfig, quantize_weight
+from common.qlinear import QuantLinear, wrap_linears
+from common.quant import ActivationQuantizer, rtn_quantize_weight
+
+GROUPS = [["fc1", "gate"], ["fc2"]]
+
+
+class ToyBlock(nn.Module):
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, hidden)
+        self.gate = nn.Linear(width, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor, *, scale: float) -> torch.Tensor:
+        h = self.norm(x)
+        return x + scale * self.fc2(torch.relu(self.fc1(h)) * torch.sigmoid(self.gate(h)))
+
+
+class ToyModel(nn.Module):
+    def __init__(self, width: int = 16, hidden: int = 24, depth: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, width)
+        self.blocks = nn.ModuleList(ToyBlock(width, hidden) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for block in self.blocks:
+            h = block(h, scale=0.5)
+        return h
+
+
+class ToyAdapter:
+    def blocks(self, model):
+        return model.blocks
+
+    def linear_groups(self, block):
+        return [list(group) for group in GROUPS]
+
+    def run_prologue(self, model, batch, device):
+        model(batch.to(device))
+
+    def run_block(self, block, hidden, kwargs):
+        return block(hidden, **kwargs)
+
+
+def _toy(seed: int = 0, act_bits: int = 4) -> tuple[ToyModel, list[torch.Tensor]]:
+    torch.manual_seed(seed)
+    model = ToyModel().double()
+    for block in model.blocks:
+        for linear in wrap_linears(block, ["fc1", "gate", "fc2"]).values():
+            linear.act_quantizer = ActivationQuantizer(act_bits, clip_ratio=0.9)
+    data = [torch.randn(4, 10, 8, dtype=torch.float64) for _ in range(3)]
+    return model, data
+
+
+def _settings(method: str, **overrides) -> CalibrationSettings:
+    solver = SolverConfig(bits=3, method="gptaq" if method == "rtn" else method, blocksize=8)
+    return CalibrationSettings(method=method, solver=solver, stats_dtype=torch.float64, **overrides)
+
+
+def _naive_reference(model: ToyModel, data: list[torch.Tensor], settings: CalibrationSettings) -> ToyModel:
+    """Whole-model passes for every group: no streams, no caching, no early stops."""
+    reference = copy.deepcopy(model)
+    full_precision = copy.deepcopy(model)
+    for module in full_precision.modules():
+        if isinstance(module, QuantLinear):
+            module.quantize_input = False
+    for module in reference.modules():
+        if isinstance(module, QuantLinear):
+            module.quantize_input = settings.quantize_activations
+    inputs = torch.cat(data)
+    for index, block in enumerate(reference.blocks):
+        for group in GROUPS:
+            captured: dict[tuple[str, str], torch.Tensor] = {}
+            for tag, net in (("quant", reference), ("full", full_precision)):
+                for name in group:
+                    linear = net.blocks[index].get_submodule(name)
+                    linear.observer = lambda x, key=(tag, name), sink=captured: sink.setdefault(key, x)
+                with torch.no_grad():
+                    net(inputs)
+                for name in group:
+                    net.blocks[index].get_submodule(name).observer = None
+            for name in group:
+                linear = block.get_submodule(name)
+                stats = CalibrationStatistics(linear.in_features, asymmetric=True, dtype=torch.float64)
+                stats.add(captured[("quant", name)], captured[("full", name)])
+                drift = stats.drift() if settings.method == "gptaq" else None
+                with torch.no_grad():
+                    linear.weight.copy_(quantize_weight(linear.weight, stats.hessian(), drift, bits=3, blocksize=8))
+    return reference
+
+
+def _weights(model: ToyModel) -> list[torch.Tensor]:
+    return [m.weight.detach() for m in model.modules() if isinstance(m, QuantLinear)]
+
+
+@pytest.mark.parametrize("method", ["gptq", "gptaq"])
+@pytest.mark.parametrize("act_quant", [None, True, False])
+def test_engine_matches_naive_reference(method, act_quant):
+    model, data = _toy()
+    settings = _settings(method, act_quant_during_calibration=act_quant, batch_size=5)
+    expected = _naive_reference(model, data, settings)
+    report = quantize_model(model, ToyAdapter(), settings, data, progress=False)
+    for got, want in zip(_weights(model), _weights(expected), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    assert [(r.block, r.name) for r in report.layers] == [(b, n) for b in range(3) for n in ("fc1", "gate", "fc2")]
+    assert all(r.output_error >= 0 and r.loss >= 0 for r in report.layers)
+
+
+def test_batch_size_does_not_change_the_result():
+    results = []
+    for batch_size in (1, 4, 12):
+        model, data = _toy()
+        quantize_model(model, ToyAdapter(), _settings("gptaq", batch_size=batch_size), data, progress=False)
+        results.append(_weights(model))
+    for other in results[1:]:
+        for got, want in zip(other, results[0], strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+def test_gptaq_without_drift_correction_is_gptq():
+    """alpha = 0 removes GPTAQ's correction: with the same protocol the engine must give GPTQ exactly."""
+    model_q, data = _toy()
+    model_aq = copy.deepcopy(model_q)
+    quantize_model(model_q, ToyAdapter(), _settings("gptq", act_quant_during_calibration=True), data,
+                   progress=False)
+    solver = SolverConfig(bits=3, method="gptaq", blocksize=8, alpha=0.0)
+    settings = CalibrationSettings(method="gptaq", solver=solver, stats_dtype=torch.float64,
+                                   act_quant_during_calibration=True)
+    quantize_model(model_aq, ToyAdapter(), settings, data, progress=False)
+    for got, want in zip(_weights(model_aq), _weights(model_q), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_rtn_rounds_every_linear():
+    model, _ = _toy()
+    originals = [w.clone() for w in _weights(model)]
+    report = quantize_model(model, ToyAdapter(), _settings("rtn"), progress=False)
+    for got, original in zip(_weights(model), originals, strict=True):
+        assert torch.equal(got, rtn_quantize_weight(original, bits=3))
+    assert len(report.layers) == 9
+
+
+def test_input_quantization_is_restored_for_evaluation():
+    model, data = _toy()
+    quantize_model(model, ToyAdapter(), _settings("gptq"), data, progress=False)
+    assert all(m.quantize_input and m.observer is None for m in model.modules() if isinstance(m, QuantLinear))
+
+
+def test_errors():
+    model, data = _toy()
+    with pytest.raises(ValueError, match=r"method must be one of \('rtn', 'gptq', 'gptaq'\)"):
+        CalibrationSettings(method="awq", solver=SolverConfig(bits=4))
+    with pytest.raises(ValueError, match="calibration_batches must not be empty"):
+        quantize_model(model, ToyAdapter(), _settings("gptaq"), [], progress=False)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        _settings("gptq", batch_size=0)
+    plain = ToyModel().double()
+    with pytest.raises(TypeError, match=r"fc1 must be a common\.qlinear\.QuantLinear"):
+        quantize_model(plain, ToyAdapter(), _settings("gptq"), data, progress=False)
