@@ -281,9 +281,14 @@ def _observing(linears: dict[str, QuantLinear], sink: dict[str, list[torch.Tenso
             linear.observer = None
 
 
-def _set_input_quantization(block: nn.Module, enabled: bool) -> None:
-    for module in block.modules():
-        if isinstance(module, QuantLinear):
+def set_input_quantization(model: nn.Module, enabled: bool) -> None:
+    """Switch activation quantization on or off in every submodule that has a ``quantize_input`` flag.
+
+    :class:`QuantLinear` has one; so may other online quantizers (e.g. a KV-cache quantizer), which keeps
+    the full-precision stream free of every kind of quantization.
+    """
+    for module in model.modules():
+        if hasattr(module, "quantize_input"):
             module.quantize_input = enabled
 
 
@@ -313,7 +318,7 @@ def _calibrate_block(
     next_full = None
     if full_stream is not None:
         reference = copy.deepcopy(block)
-        _set_input_quantization(reference, False)
+        set_input_quantization(reference, False)
         reference_linears = {name: _quant_linear(reference, name) for name in linears}
         next_full = []
         with _observing(reference_linears, full_inputs, stop_when_complete=False):
@@ -322,7 +327,7 @@ def _calibrate_block(
         full_inputs = {name: [x.to(offload) for x in xs] for name, xs in full_inputs.items()}
         del reference
 
-    _set_input_quantization(block, settings.quantize_activations)
+    set_input_quantization(block, settings.quantize_activations)
     records = []
     for group in groups:
         stats = {
@@ -345,7 +350,7 @@ def _calibrate_block(
 
     next_quant = [_run(adapter, block, h, kw, device).to(offload) for h, kw in zip(quant_stream, block_kwargs,
                                                                                      strict=True)]
-    _set_input_quantization(block, True)
+    set_input_quantization(block, True)
     return records, next_quant, next_full
 
 

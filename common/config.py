@@ -1,0 +1,109 @@
+"""Run configuration: a dataclass of settings, filled from a YAML file and command-line overrides.
+
+Every field of the dataclass becomes a ``--field`` option (``--no-field`` for booleans). Precedence:
+dataclass defaults < YAML file (``--config``) < command line. Unknown YAML keys and values of the wrong
+type are errors naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value or file is invalid."""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _base_type(annotation: Any) -> tuple[Any, bool]:
+    """``(inner type, optional)`` of ``X | None`` style annotations; lists return ``list[X]`` unchanged."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0], True
+    return annotation, False
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    base, optional = _base_type(annotation)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise ConfigError(f"{name} must not be empty")
+    if typing.get_origin(base) is list:
+        (item,) = typing.get_args(base)
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return [_coerce(name, v.strip() if isinstance(v, str) else v, item) for v in items if v != ""]
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    try:
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return base(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be of type {getattr(base, '__name__', base)}, got {value!r}") from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML file (an empty file is an empty mapping)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    with open(path, encoding="utf-8") as handle:
+        data = yaml.safe_load(handle) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
+    """An argument parser with ``--config`` and one option per dataclass field (all defaulting to unset)."""
+    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", type=Path, help="YAML file of settings (the command line overrides it)")
+    hints = _field_types(cls)
+    for field in dataclasses.fields(cls):
+        base, _ = _base_type(hints[field.name])
+        help_text = field.metadata.get("help", "")
+        if base is bool:
+            parser.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(f"--{field.name}", help=f"{help_text} (default: {field.default!r})".strip())
+    return parser
+
+
+def make_config(cls: type[T], overrides: dict[str, Any] | None = None, yaml_path: str | Path | None = None) -> T:
+    """Instantiate ``cls`` from defaults, a YAML file and ``overrides`` (later wins), with type checks."""
+    values: dict[str, Any] = {}
+    if yaml_path is not None:
+        values.update(load_yaml(yaml_path))
+    values.update(overrides or {})
+    hints = _field_types(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {unknown}; allowed: {sorted(known)}")
+    return cls(**{name: _coerce(name, value, hints[name]) for name, value in values.items()})
+
+
+def parse_config(cls: type[T], argv: list[str] | None, description: str) -> T:
+    """Parse ``argv`` into ``cls`` (see the module docstring)."""
+    args = vars(build_parser(cls, description).parse_args(argv))
+    yaml_path = args.pop("config", None)
+    return make_config(cls, args, yaml_path)

@@ -1,0 +1,115 @@
+"""The shared result schema: one CSV per run (a row per metric, a column per method) and a sidecar JSON.
+
+``results/<name>.csv`` columns: ``model, setting, metric, higher_is_better`` then one column per method
+(``fp, rtn, gptq, gptaq`` and any extra such as ``gptaq_official``), then the run's scalar settings.
+``results/<name>.json`` holds the settings, per-stage wall times, per-layer calibration errors, seed,
+package versions, device and git commit. Both are written atomically; files of an earlier run with the
+same name are first moved to ``results/history/`` (never overwritten).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.results import atomic_write_csv, atomic_write_json, git_commit, package_versions
+
+METHOD_COLUMNS = ("fp", "rtn", "gptq", "gptaq", "gptaq_official")
+
+
+@dataclass
+class MetricRow:
+    """One metric of one model/setting, measured for every method."""
+
+    metric: str
+    higher_is_better: bool
+    values: dict[str, float] = field(default_factory=dict)
+
+
+class StageTimer:
+    """Accumulates wall time per named stage: ``with timer("calibrate gptq"): ...``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, stage: str) -> _Stage:
+        return _Stage(self, stage)
+
+
+class _Stage:
+    def __init__(self, timer: StageTimer, stage: str) -> None:
+        self.timer, self.stage = timer, stage
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        elapsed = time.perf_counter() - self.start
+        self.timer.seconds[self.stage] = round(self.timer.seconds.get(self.stage, 0.0) + elapsed, 3)
+
+
+def _archive(paths: Sequence[Path], history: Path) -> None:
+    existing = [p for p in paths if p.exists()]
+    if not existing:
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(max(p.stat().st_mtime for p in existing)))
+    history.mkdir(parents=True, exist_ok=True)
+    for path in existing:
+        target = history / f"{path.stem}-{stamp}{path.suffix}"
+        counter = 1
+        while target.exists():
+            target = history / f"{path.stem}-{stamp}-{counter}{path.suffix}"
+            counter += 1
+        shutil.move(str(path), target)
+
+
+def write_run(
+    results_dir: str | Path,
+    name: str,
+    *,
+    model: str,
+    setting: str,
+    rows: Sequence[MetricRow],
+    settings: Mapping[str, Any],
+    metadata: Mapping[str, Any],
+) -> tuple[Path, Path]:
+    """Write ``<results_dir>/<name>.csv`` and ``.json`` (see the module docstring); returns both paths."""
+    results_dir = Path(results_dir)
+    csv_path, json_path = results_dir / f"{name}.csv", results_dir / f"{name}.json"
+    methods = [m for m in METHOD_COLUMNS if any(m in row.values for row in rows)]
+    scalars = {k: v for k, v in settings.items() if isinstance(v, str | int | float | bool) or v is None}
+    lists = {k: "+".join(map(str, v)) for k, v in settings.items() if isinstance(v, list | tuple)}
+    setting_columns = {**scalars, **lists}
+    fieldnames = ["model", "setting", "metric", "higher_is_better", *methods, *setting_columns]
+    table = [
+        {
+            "model": model,
+            "setting": setting,
+            "metric": row.metric,
+            "higher_is_better": row.higher_is_better,
+            **{m: _fmt(row.values.get(m)) for m in methods},
+            **setting_columns,
+        }
+        for row in rows
+    ]
+    payload = {
+        "name": name,
+        "model": model,
+        "setting": setting,
+        "settings": dict(settings),
+        "git_commit": git_commit(),
+        "versions": package_versions(),
+        **metadata,
+    }
+    _archive([csv_path, json_path], results_dir / "history")
+    atomic_write_json(json_path, payload)
+    atomic_write_csv(csv_path, table, fieldnames)
+    return csv_path, json_path
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.6g}"

@@ -1,0 +1,217 @@
+"""QuaRot + GPTQ/GPTAQ for Llama models: ``python -m fake_quant.main --config fake_quant/configs/<x>.yaml``.
+
+One run rotates the model once, then evaluates the same rotated model in full precision and quantized
+with RTN, GPTQ and GPTAQ (same seed, same calibration windows), and writes ``results/<name>.csv`` (a row
+per metric, a column per method) with a sidecar JSON of settings, timings and per-layer errors.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from common.calibration import CalibrationSettings, quantize_model, set_input_quantization
+from common.config import ConfigError, parse_config
+from common.gptaq import CalibrationError, SolverConfig
+from common.perplexity import perplexity
+from common.results import atomic_write_json, device_description, pick_device
+from common.runs import MetricRow, StageTimer, write_run
+from common.text_data import CorpusUnavailableError, calibration_windows, corpus_fingerprint, evaluation_windows
+from fake_quant.llama_adapter import LlamaAdapter, add_activation_quantizers
+from fake_quant.model_loading import ModelLoadError, load_llama
+from fake_quant.rotation import rotate_model
+from fake_quant.settings import LlamaRunConfig
+
+logger = logging.getLogger("fake_quant")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def build_quantizable_model(config: LlamaRunConfig):
+    """Load, rotate and wrap the model: returns ``(model, tokenizer, rotation_info or None)``."""
+    model, tokenizer = load_llama(config.model, dtype=DTYPES[config.dtype])
+    model.eval()
+    rotation = None
+    if config.rotate:
+        rotation = rotate_model(model, mode=config.rotate_mode, seed=config.seed, k_bits=config.k_bits,
+                                v_bits=config.v_bits, kv_clip_ratio=config.kv_clip_ratio)
+    add_activation_quantizers(model, bits=config.a_bits, sym=not config.a_asym, clip_ratio=config.a_clip_ratio,
+                              groupsize=config.a_groupsize)
+    return model, tokenizer, rotation
+
+
+def solver_config(config: LlamaRunConfig, method: str) -> SolverConfig:
+    return SolverConfig(
+        bits=config.w_bits,
+        method="gptq" if method in ("rtn", "gptq") else "gptaq",
+        sym=not config.w_asym,
+        groupsize=config.w_groupsize,
+        act_order=config.act_order,
+        static_groups=config.static_groups,
+        percdamp=config.percdamp,
+        blocksize=config.blocksize,
+        alpha=config.alpha,
+        mse=config.w_clip,
+        lazy_update="official" if method == "gptaq_official" else config.lazy_update,
+    )
+
+
+def quantize(model, method: str, config: LlamaRunConfig, calibration: torch.Tensor, device: torch.device):
+    """Quantize ``model`` in place with ``method`` (``fp`` leaves it and disables activation quantization)."""
+    if method == "fp":
+        set_input_quantization(model, False)
+        return None
+    engine_method = "gptaq" if method == "gptaq_official" else method
+    settings = CalibrationSettings(
+        method=engine_method,
+        solver=solver_config(config, method),
+        act_quant_during_calibration=config.act_quant_during_calibration,
+        batch_size=config.calib_batch_size,
+        device=device,
+        offload_device=torch.device("cpu") if config.offload else device,
+    )
+    if not config.offload:
+        model.to(device)
+    report = quantize_model(model, LlamaAdapter(), settings, [calibration])
+    set_input_quantization(model, True)
+    return report
+
+
+def evaluate(model, tokenizer, config: LlamaRunConfig, method: str, eval_sets: dict[str, torch.Tensor],
+             device: torch.device) -> dict[str, float]:
+    model.to(device)
+    metrics = {}
+    for dataset, windows in eval_sets.items():
+        metrics[f"{dataset}_ppl"] = perplexity(model, windows, batch_size=config.eval_batch_size, device=device,
+                                               desc=f"{method} {dataset}")
+        logger.info("%s %s perplexity %.3f", method, dataset, metrics[f"{dataset}_ppl"])
+    if config.tasks:
+        from common.zeroshot import zero_shot_accuracy
+
+        accuracies = zero_shot_accuracy(model, tokenizer, config.tasks, batch_size=config.eval_batch_size,
+                                        device=device, limit=config.tasks_limit)
+        metrics.update({f"{task}_acc": value for task, value in accuracies.items()})
+    return metrics
+
+
+def save_qmodel(model, folder: Path, method: str, config: LlamaRunConfig, rotation) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = folder / f".{method}.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"method": method})
+    os.replace(tmp, folder / f"{method}.safetensors")
+    atomic_write_json(folder / "settings.json", {
+        "settings": dataclasses.asdict(config),
+        "rotation": dataclasses.asdict(rotation) if rotation else None,
+    })
+
+
+def load_saved_settings(config: LlamaRunConfig) -> tuple[LlamaRunConfig, list[str]]:
+    """The saved run's model/rotation/quantization settings with this run's evaluation settings."""
+    folder = Path(config.load_qmodel_path)
+    settings_file = folder / "settings.json"
+    if not settings_file.is_file():
+        raise ConfigError(f"load_qmodel_path {folder} holds no settings.json (save one with --save_qmodel_path)")
+    saved = json.loads(settings_file.read_text())["settings"]
+    evaluation = {k: getattr(config, k) for k in ("name", "device", "eval_datasets", "eval_max_windows",
+                                                  "eval_batch_size", "tasks", "tasks_limit", "results_dir")}
+    merged = LlamaRunConfig(**{**saved, **evaluation, "save_qmodel_path": None,
+                               "load_qmodel_path": config.load_qmodel_path})
+    methods = [m for m in merged.methods if m == "fp" or (folder / f"{m}.safetensors").is_file()]
+    return merged, methods
+
+
+def run(config: LlamaRunConfig) -> tuple[Path, Path]:
+    """Run every method of ``config`` and write the result files; returns their paths."""
+    methods = list(config.methods)
+    if config.load_qmodel_path:
+        config, methods = load_saved_settings(config)
+    torch.manual_seed(config.seed)
+    device = pick_device(config.device)
+    timer = StageTimer()
+    with timer("load and rotate"):
+        model, tokenizer, rotation = build_quantizable_model(config)
+    with timer("data"):
+        calibration = None
+        if any(m not in ("fp", "rtn") for m in methods) and not config.load_qmodel_path:
+            calibration = calibration_windows(tokenizer, config.calib_dataset, nsamples=config.nsamples,
+                                              seqlen=config.seqlen, seed=config.seed)
+        eval_sets = {
+            name: evaluation_windows(tokenizer, name, seqlen=config.seqlen, max_windows=config.eval_max_windows)
+            for name in config.eval_datasets
+        }
+    base_state = copy.deepcopy(model.state_dict())
+    results: dict[str, dict[str, float]] = {}
+    layers: dict[str, list[dict]] = {}
+    for method in methods:
+        model.load_state_dict(base_state)
+        set_input_quantization(model, True)
+        if config.load_qmodel_path and method != "fp":
+            model.load_state_dict(load_file(str(Path(config.load_qmodel_path) / f"{method}.safetensors")))
+        else:
+            with timer(f"quantize {method}"):
+                report = quantize(model, method, config, calibration, device)
+            if report is not None:
+                layers[method] = [dataclasses.asdict(layer) for layer in report.layers]
+                logger.info("%s: mean relative output error %.4e over %d layers", method,
+                            report.mean_output_error(), len(report.layers))
+            if config.save_qmodel_path and method != "fp":
+                save_qmodel(model, Path(config.save_qmodel_path), method, config, rotation)
+        with timer(f"evaluate {method}"):
+            results[method] = evaluate(model, tokenizer, config, method, eval_sets, device)
+        model.to("cpu")
+
+    metric_names = list(dict.fromkeys(name for values in results.values() for name in values))
+    rows = [
+        MetricRow(name, higher_is_better=not name.endswith("_ppl"),
+                  values={m: results[m][name] for m in methods if name in results[m]})
+        for name in metric_names
+    ]
+    data_identity = {
+        name: corpus_fingerprint(name, split)
+        for name, split in [(config.calib_dataset, "train"), *((d, "test") for d in config.eval_datasets)]
+    }
+    return write_run(
+        config.results_dir,
+        config.run_name,
+        model=config.model,
+        setting=config.setting,
+        rows=rows,
+        settings=dataclasses.asdict(config),
+        metadata={
+            "tree": "fake_quant",
+            "seed": config.seed,
+            "device": device_description(device),
+            "rotation": dataclasses.asdict(rotation) if rotation else None,
+            "data_sha256": data_identity,
+            "seconds": timer.seconds,
+            "layers": layers,
+        },
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = parse_config(LlamaRunConfig, argv, __doc__.splitlines()[0])
+        with logging_redirect_tqdm():
+            csv_path, json_path = run(config)
+    except (ConfigError, ValueError, ModelLoadError, CorpusUnavailableError, CalibrationError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {csv_path} and {json_path}")
+    print(csv_path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

