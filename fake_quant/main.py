@@ -44,8 +44,13 @@ def build_quantizable_model(config: LlamaRunConfig):
     if config.rotate:
         rotation = rotate_model(model, mode=config.rotate_mode, seed=config.seed, k_bits=config.k_bits,
                                 v_bits=config.v_bits, kv_clip_ratio=config.kv_clip_ratio)
-    add_activation_quantizers(model, bits=config.a_bits, sym=not config.a_asym, clip_ratio=config.a_clip_ratio,
-                              groupsize=config.a_groupsize)
+    linears = add_activation_quantizers(model, bits=config.a_bits, sym=not config.a_asym,
+                                        clip_ratio=config.a_clip_ratio, groupsize=config.a_groupsize)
+    for option, size in (("w_groupsize", config.w_groupsize), ("a_groupsize", config.a_groupsize)):
+        for name, linear in linears.items():
+            if size != -1 and linear.in_features % size != 0:
+                raise ConfigError(f"{option} must be -1 or a positive divisor of every quantized linear's input "
+                                  f"size; {size} does not divide {linear.in_features} ({name})")
     return model, tokenizer, rotation
 
 

@@ -144,6 +144,9 @@ class KVQuantizer(nn.Module):
         k_rotation: transform of ``head_dim`` applied to queries and keys, or ``None``.
         k_bits, v_bits: 1..16 (16 = not quantized), asymmetric grids.
         clip_ratio: range shrink of both quantizers, in (0, 1].
+
+    ``quantize_input`` (a flag, as on :class:`common.qlinear.QuantLinear`) turns the quantizers off so
+    the full-precision stream and column see unquantized K/V (the rotation stays: it is exact).
     """
 
     def __init__(self, k_rotation: OnlineTransform | None, *, k_bits: int, v_bits: int, clip_ratio: float) -> None:
@@ -151,12 +154,15 @@ class KVQuantizer(nn.Module):
         self.k_rotation = k_rotation
         self.k_quantizer = ActivationQuantizer(k_bits, clip_ratio=clip_ratio)
         self.v_quantizer = ActivationQuantizer(v_bits, clip_ratio=clip_ratio)
+        self.quantize_input = True
 
     def forward(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.k_rotation is not None:
             query, key = self.k_rotation(query), self.k_rotation(key)
+        if not self.quantize_input:
+            return query, key, value
         return query, self.k_quantizer(key), self.v_quantizer(value)
 
 

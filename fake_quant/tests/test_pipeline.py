@@ -1,0 +1,129 @@
+"""The fake_quant entry point end to end on a tiny random Llama (fast, offline)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import common.text_data as text_data
+from common.perplexity import perplexity
+from fake_quant import main as fq_main
+from fake_quant.settings import LlamaRunConfig
+
+SENTENCES = [
+    "The river flows north through the valley and reaches the sea after many miles.",
+    "Early settlers built mills along its banks, and the town grew around them.",
+    "In winter the water freezes near the shore, while the centre keeps moving.",
+    "Scientists measured the temperature of the water every hour for ten years.",
+]
+
+
+class CharTokenizer:
+    """One id per byte, plus a BOS id 0 at the start of each call (like Llama's tokenizer)."""
+
+    def __call__(self, text: str, return_tensors: str = "pt") -> dict[str, torch.Tensor]:
+        ids = [0] + [min(b, 254) + 1 for b in text.encode("utf-8")]
+        return {"input_ids": torch.tensor([ids], dtype=torch.long)}
+
+
+def _tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture
+def tiny_setup(monkeypatch, tmp_path):
+    texts = {"train": " ".join(SENTENCES * 40), "test": " ".join(reversed(SENTENCES * 10))}
+    monkeypatch.setitem(text_data.CORPORA, "tiny_text", lambda split: texts[split])
+    monkeypatch.setattr(fq_main, "load_llama", lambda model, dtype: (_tiny_llama().to(dtype), CharTokenizer()))
+    return tmp_path
+
+
+def _config(results_dir, **overrides) -> LlamaRunConfig:
+    settings = {
+        "name": "tiny", "calib_dataset": "tiny_text", "eval_datasets": ["tiny_text"], "nsamples": 8, "seqlen": 32,
+        "eval_max_windows": 6, "calib_batch_size": 3, "device": "cpu", "results_dir": str(results_dir),
+        "w_clip": False,
+    }
+    return LlamaRunConfig(**{**settings, **overrides})
+
+
+def _read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_run_writes_every_column(tiny_setup):
+    csv_path, json_path = fq_main.run(_config(tiny_setup))
+    (row,) = _read_csv(csv_path)
+    assert row["metric"] == "tiny_text_ppl" and row["setting"] == "W4A4" and row["higher_is_better"] == "False"
+    values = {m: float(row[m]) for m in ("fp", "rtn", "gptq", "gptaq")}
+    assert all(v > 1 for v in values.values())
+    windows = text_data.evaluation_windows(CharTokenizer(), "tiny_text", seqlen=32, max_windows=6)
+    unrotated = perplexity(_tiny_llama(), windows, progress=False)
+    assert values["fp"] == pytest.approx(unrotated, rel=1e-4)  # the rotation preserves the function
+    meta = json.loads(json_path.read_text())
+    assert meta["tree"] == "fake_quant" and meta["seed"] == 0 and meta["rotation"]["mode"] == "hadamard"
+    assert {len(meta["layers"][m]) for m in ("gptq", "gptaq")} == {14}
+    assert all(record["output_error"] >= 0 for record in meta["layers"]["gptaq"])
+    assert {"load and rotate", "quantize gptaq", "evaluate gptaq"} <= meta["seconds"].keys()
+
+
+def test_rerun_keeps_earlier_results(tiny_setup):
+    config = _config(tiny_setup, methods=["fp", "rtn"])
+    fq_main.run(config)
+    fq_main.run(config)
+    history = sorted(p.suffix for p in (tiny_setup / "history").iterdir())
+    assert history == [".csv", ".json"]
+    assert (tiny_setup / "tiny.csv").exists()
+
+
+def test_saved_model_evaluates_identically(tiny_setup):
+    saved = tiny_setup / "qmodel"
+    csv_path, _ = fq_main.run(_config(tiny_setup, methods=["gptaq"], save_qmodel_path=str(saved)))
+    first = _read_csv(csv_path)[0]["gptaq"]
+    assert json.loads((saved / "settings.json").read_text())["settings"]["seed"] == 0
+    csv_path, json_path = fq_main.run(_config(tiny_setup, name="reloaded", load_qmodel_path=str(saved)))
+    assert _read_csv(csv_path)[0]["gptaq"] == first
+    assert "quantize gptaq" not in json.loads(json_path.read_text())["seconds"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--w_bits", "17"], "w_bits must be an integer in 1..16"),
+        (["--a_clip_ratio", "1.5"], "a_clip_ratio must be in (0, 1]"),
+        (["--w_groupsize", "48"], "w_groupsize must be -1 or a positive divisor"),
+        (["--rotate_mode", "learned"], "rotate_mode must be one of"),
+        (["--methods", "fp,awq"], "methods must be one of"),
+        (["--calib_dataset", "nope"], "unknown corpus 'nope'"),
+        (["--nsamples", "many"], "nsamples must be of type int"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tiny_setup, capsys, argv, message):
+    results = tiny_setup / "results"
+    code = fq_main.main(["--results_dir", str(results), "--calib_dataset", "tiny_text", "--eval_datasets",
+                         "tiny_text", "--seqlen", "32", "--nsamples", "4", *argv])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and message in err
+    assert not results.exists() or not any(results.iterdir())
+
+
+def test_unknown_config_key(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("w_bitz: 4\n")
+    assert fq_main.main(["--config", str(config)]) == 2
+    assert "unknown setting(s) ['w_bitz']" in capsys.readouterr().err
