@@ -4,8 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-complete
 ENV_FILES := $(wildcard envs/*.txt) pyproject.toml
+# MODEL=embedded runs the offline CPU default; a hub id or local path runs the paper settings (GPU).
+MODEL ?= embedded
 
-.PHONY: setup test test-fast lint bench-solver
+.PHONY: setup test test-fast lint bench-solver reproduce-llama-w4a4 reproduce-llama-w2a4
 
 setup: $(STAMP)
 
@@ -28,3 +30,10 @@ lint: setup
 
 bench-solver: setup
 	$(PY) -m common.bench_solver
+
+reproduce-llama-w4a4 reproduce-llama-w2a4: reproduce-llama-%: setup
+ifeq ($(MODEL),embedded)
+	$(PY) -m fake_quant.main --config fake_quant/configs/embedded_$*.yaml
+else
+	MODEL=$(MODEL) PYTHON=$(PY) bash fake_quant/run_llama_$*.sh
+endif

@@ -33,6 +33,7 @@ from fake_quant.settings import LlamaRunConfig
 
 logger = logging.getLogger("fake_quant")
 
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

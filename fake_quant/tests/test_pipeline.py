@@ -10,6 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import common.text_data as text_data
+from common.config import make_config
 from common.perplexity import perplexity
 from fake_quant import main as fq_main
 from fake_quant.settings import LlamaRunConfig
@@ -127,3 +128,9 @@ def test_unknown_config_key(tmp_path, capsys):
     config.write_text("w_bitz: 4\n")
     assert fq_main.main(["--config", str(config)]) == 2
     assert "unknown setting(s) ['w_bitz']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted(fq_main.CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    config = make_config(LlamaRunConfig, yaml_path=path)
+    assert config.run_name.startswith("fake_quant-")
