@@ -7,7 +7,6 @@ per metric, a column per method) with a sidecar JSON of settings, timings and pe
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -19,12 +18,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from common.calibration import CalibrationSettings, quantize_model, set_input_quantization
 from common.config import ConfigError, parse_config
-from common.gptaq import CalibrationError, SolverConfig
+from common.gptaq import CalibrationError
 from common.perplexity import perplexity
+from common.pipeline import compare_methods, quantize
 from common.results import atomic_write_json, device_description, pick_device
-from common.runs import MetricRow, StageTimer, write_run
+from common.runs import StageTimer, write_run
 from common.text_data import CorpusUnavailableError, calibration_windows, corpus_fingerprint, evaluation_windows
 from fake_quant.llama_adapter import LlamaAdapter, add_activation_quantizers
 from fake_quant.model_loading import ModelLoadError, load_llama
@@ -53,43 +52,6 @@ def build_quantizable_model(config: LlamaRunConfig):
                 raise ConfigError(f"{option} must be -1 or a positive divisor of every quantized linear's input "
                                   f"size; {size} does not divide {linear.in_features} ({name})")
     return model, tokenizer, rotation
-
-
-def solver_config(config: LlamaRunConfig, method: str) -> SolverConfig:
-    return SolverConfig(
-        bits=config.w_bits,
-        method="gptq" if method in ("rtn", "gptq") else "gptaq",
-        sym=not config.w_asym,
-        groupsize=config.w_groupsize,
-        act_order=config.act_order,
-        static_groups=config.static_groups,
-        percdamp=config.percdamp,
-        blocksize=config.blocksize,
-        alpha=config.alpha,
-        mse=config.w_clip,
-        lazy_update="official" if method == "gptaq_official" else config.lazy_update,
-    )
-
-
-def quantize(model, method: str, config: LlamaRunConfig, calibration: torch.Tensor, device: torch.device):
-    """Quantize ``model`` in place with ``method`` (``fp`` leaves it and disables activation quantization)."""
-    if method == "fp":
-        set_input_quantization(model, False)
-        return None
-    engine_method = "gptaq" if method == "gptaq_official" else method
-    settings = CalibrationSettings(
-        method=engine_method,
-        solver=solver_config(config, method),
-        act_quant_during_calibration=config.act_quant_during_calibration,
-        batch_size=config.calib_batch_size,
-        device=device,
-        offload_device=torch.device("cpu") if config.offload else device,
-    )
-    if not config.offload:
-        model.to(device)
-    report = quantize_model(model, LlamaAdapter(), settings, [calibration])
-    set_input_quantization(model, True)
-    return report
 
 
 def evaluate(model, tokenizer, config: LlamaRunConfig, method: str, eval_sets: dict[str, torch.Tensor],
@@ -155,33 +117,28 @@ def run(config: LlamaRunConfig) -> tuple[Path, Path]:
             name: evaluation_windows(tokenizer, name, seqlen=config.seqlen, max_windows=config.eval_max_windows)
             for name in config.eval_datasets
         }
-    base_state = copy.deepcopy(model.state_dict())
-    results: dict[str, dict[str, float]] = {}
-    layers: dict[str, list[dict]] = {}
-    for method in methods:
-        model.load_state_dict(base_state)
-        set_input_quantization(model, True)
-        if config.load_qmodel_path and method != "fp":
-            model.load_state_dict(load_file(str(Path(config.load_qmodel_path) / f"{method}.safetensors")))
-        else:
-            with timer(f"quantize {method}"):
-                report = quantize(model, method, config, calibration, device)
-            if report is not None:
-                layers[method] = [dataclasses.asdict(layer) for layer in report.layers]
-                logger.info("%s: mean relative output error %.4e over %d layers", method,
-                            report.mean_output_error(), len(report.layers))
-            if config.save_qmodel_path and method != "fp":
-                save_qmodel(model, Path(config.save_qmodel_path), method, config, rotation)
-        with timer(f"evaluate {method}"):
-            results[method] = evaluate(model, tokenizer, config, method, eval_sets, device)
-        model.to("cpu")
+    adapter = LlamaAdapter()
+    offload_device = torch.device("cpu") if config.offload else device
+    saved = Path(config.load_qmodel_path) if config.load_qmodel_path else None
 
-    metric_names = list(dict.fromkeys(name for values in results.values() for name in values))
-    rows = [
-        MetricRow(name, higher_is_better=not name.endswith("_ppl"),
-                  values={m: results[m][name] for m in methods if name in results[m]})
-        for name in metric_names
-    ]
+    def prepare(method: str):
+        if saved is not None and method != "fp":
+            model.load_state_dict(load_file(str(saved / f"{method}.safetensors")))
+            return None
+        if not config.offload:
+            model.to(device)
+        report = quantize(model, adapter, method, config, [calibration] if calibration is not None else [],
+                          device=device, offload_device=offload_device)
+        if config.save_qmodel_path and method != "fp":
+            save_qmodel(model, Path(config.save_qmodel_path), method, config, rotation)
+        return report
+
+    def evaluate_method(method: str) -> dict[str, float]:
+        metrics = evaluate(model, tokenizer, config, method, eval_sets, device)
+        model.to("cpu")
+        return metrics
+
+    rows, layers = compare_methods(model, methods, prepare=prepare, evaluate=evaluate_method, timer=timer)
     data_identity = {
         name: corpus_fingerprint(name, split)
         for name, split in [(config.calib_dataset, "train"), *((d, "test") for d in config.eval_datasets)]

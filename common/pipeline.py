@@ -1,0 +1,130 @@
+"""The comparison every tree runs: one model, several methods (fp, rtn, gptq, gptaq, ...), same data.
+
+Trees describe their run with a settings object that has the shared quantization fields
+(``w_bits, w_asym, w_groupsize, w_clip, percdamp, act_order, static_groups, blocksize, alpha,
+lazy_update, act_quant_during_calibration, calib_batch_size``) and supply how to evaluate the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from common.calibration import (
+    CalibrationReport,
+    CalibrationSettings,
+    ModelAdapter,
+    quantize_model,
+    set_input_quantization,
+)
+from common.gptaq import SolverConfig
+from common.runs import MetricRow, StageTimer
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("fp", "rtn", "gptq", "gptaq", "gptaq_official")
+"""``fp``: no quantization; ``gptaq_official``: GPTAQ with the official code's lazy update."""
+
+
+class QuantizationFields(Protocol):
+    w_bits: int
+    w_asym: bool
+    w_groupsize: int
+    w_clip: bool
+    percdamp: float
+    act_order: bool
+    static_groups: bool
+    blocksize: int
+    alpha: float
+    lazy_update: str
+    act_quant_during_calibration: bool | None
+    calib_batch_size: int
+
+
+def solver_config(settings: QuantizationFields, method: str) -> SolverConfig:
+    """The layer-solver settings of ``method`` (``rtn`` uses only the grid settings)."""
+    return SolverConfig(
+        bits=settings.w_bits,
+        method="gptaq" if method.startswith("gptaq") else "gptq",
+        sym=not settings.w_asym,
+        groupsize=settings.w_groupsize,
+        act_order=settings.act_order,
+        static_groups=settings.static_groups,
+        percdamp=settings.percdamp,
+        blocksize=settings.blocksize,
+        alpha=settings.alpha,
+        mse=settings.w_clip,
+        lazy_update="official" if method == "gptaq_official" else settings.lazy_update,
+    )
+
+
+def quantize(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    method: str,
+    settings: QuantizationFields,
+    calibration_batches: Sequence[Any],
+    *,
+    device: torch.device,
+    offload_device: torch.device | None = None,
+) -> CalibrationReport | None:
+    """Quantize ``model`` in place with ``method``; ``fp`` switches activation quantization off instead."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "fp":
+        set_input_quantization(model, False)
+        return None
+    calibration = CalibrationSettings(
+        method="gptaq" if method == "gptaq_official" else method,
+        solver=solver_config(settings, method),
+        act_quant_during_calibration=settings.act_quant_during_calibration,
+        batch_size=settings.calib_batch_size,
+        device=device,
+        offload_device=offload_device,
+    )
+    report = quantize_model(model, adapter, calibration, calibration_batches)
+    set_input_quantization(model, True)
+    if method != "rtn":
+        logger.info("%s: mean relative output error %.4e over %d layers", method, report.mean_output_error(),
+                    len(report.layers))
+    return report
+
+
+def compare_methods(
+    model: nn.Module,
+    methods: Sequence[str],
+    *,
+    prepare: Callable[[str], CalibrationReport | None],
+    evaluate: Callable[[str], dict[str, float]],
+    timer: StageTimer,
+) -> tuple[list[MetricRow], dict[str, list[dict[str, Any]]]]:
+    """Run ``prepare(method)`` then ``evaluate(method)`` for each method, from the same starting weights.
+
+    ``evaluate`` returns ``{metric: value}``; metrics ending in ``_ppl`` are lower-is-better. Returns the
+    metric rows (one per metric, a value per method) and the per-layer calibration records per method.
+    """
+    start = copy.deepcopy(model.state_dict())
+    results: dict[str, dict[str, float]] = {}
+    layers: dict[str, list[dict[str, Any]]] = {}
+    for method in methods:
+        model.load_state_dict(start)
+        set_input_quantization(model, True)
+        with timer(f"quantize {method}"):
+            report = prepare(method)
+        if report is not None:
+            layers[method] = [dataclasses.asdict(layer) for layer in report.layers]
+        with timer(f"evaluate {method}"):
+            results[method] = evaluate(method)
+    names = list(dict.fromkeys(name for values in results.values() for name in values))
+    rows = [
+        MetricRow(name, higher_is_better=not name.endswith("_ppl"),
+                  values={m: results[m][name] for m in methods if name in results[m]})
+        for name in names
+    ]
+    return rows, layers
