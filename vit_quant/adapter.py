@@ -1,0 +1,106 @@
+"""How the calibration engine walks a timm vision transformer, and how its linears get quantizers.
+
+Every ``nn.Linear`` inside the blocks is quantized (qkv, proj, fc1, fc2; EVA's split q/k/v projections and
+SwiGLU ``fc1_g``/``fc1_x`` too); the patch embedding and the head stay full precision. The true-sequential
+groups are discovered from the block itself: one forward pass records which linears read the very same
+input tensor (they share a Hessian) and in which order they run, so any timm ViT variant works without a
+hand-written table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.qlinear import QuantLinear, wrap_linears
+from common.quant import ActivationQuantizer
+
+
+def _blocks(model: nn.Module) -> Sequence[nn.Module]:
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Sequential | nn.ModuleList) or len(blocks) == 0:
+        raise ValueError(f"{type(model).__name__} has no `blocks` container; supported: timm vision transformers "
+                         "(VisionTransformer, Eva, DeiT and relatives)")
+    return blocks
+
+
+def discover_linear_groups(block: nn.Module, hidden: torch.Tensor) -> list[list[str]]:
+    """Linears of ``block`` grouped by shared input, in execution order, from one forward on ``hidden``."""
+    order: list[tuple[str, int]] = []
+    handles = []
+    for name, module in block.named_modules():
+        if isinstance(module, nn.Linear | QuantLinear):
+            def record(_module, args, name=name):
+                order.append((name, id(args[0])))
+            handles.append(module.register_forward_pre_hook(record))
+    try:
+        with torch.no_grad():
+            block(hidden)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: dict[int, list[str]] = {}
+    for name, input_id in order:
+        groups.setdefault(input_id, [])
+        if name not in groups[input_id]:
+            groups[input_id].append(name)
+    return list(groups.values())
+
+
+class VitAdapter:
+    """:class:`common.calibration.ModelAdapter` for timm ViTs; ``groups`` from :func:`discover_linear_groups`."""
+
+    def __init__(self, groups: list[list[str]]) -> None:
+        self.groups = groups
+
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        return _blocks(model)
+
+    def linear_groups(self, block: nn.Module) -> list[list[str]]:
+        return [list(group) for group in self.groups]
+
+    def run_prologue(self, model: nn.Module, batch: torch.Tensor, device: torch.device) -> None:
+        model.to(device)
+        model.forward_features(batch.to(device))
+
+    def run_block(self, block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        return block(hidden, **kwargs)
+
+
+def prepare_vit(
+    model: nn.Module, sample: torch.Tensor, *, bits: int, sym: bool, clip_ratio: float, groupsize: int
+) -> VitAdapter:
+    """Wrap every linear in the blocks as :class:`QuantLinear` with an activation quantizer; return the adapter.
+
+    ``sample`` [batch, channels, height, width] is one input batch, used to discover the groups.
+    """
+    blocks = _blocks(model)
+    hidden: list[torch.Tensor] = []
+
+    def catch(_module, args):
+        hidden.append(args[0])
+        raise _Caught
+
+    handle = blocks[0].register_forward_pre_hook(catch)
+    try:
+        with torch.no_grad():
+            model.forward_features(sample)
+    except _Caught:
+        pass
+    finally:
+        handle.remove()
+    groups = discover_linear_groups(blocks[0], hidden[0])
+    if not groups:
+        raise ValueError(f"found no nn.Linear inside the blocks of {type(model).__name__}")
+    names = [name for group in groups for name in group]
+    for block in blocks:
+        for linear in wrap_linears(block, names).values():
+            linear.act_quantizer = ActivationQuantizer(bits, sym=sym, clip_ratio=clip_ratio, groupsize=groupsize)
+    return VitAdapter(groups)
+
+
+class _Caught(Exception):
+    """Stops the forward pass once the first block's input is seen."""

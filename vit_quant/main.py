@@ -1,0 +1,134 @@
+"""GPTQ/GPTAQ on vision transformers: ``python -m vit_quant.main --config vit_quant/configs/<x>.yaml``.
+
+One run quantizes the same model with RTN, GPTQ and GPTAQ (same calibration images) and evaluates it in
+full precision and quantized, writing ``results/<name>.csv`` (top-1 per method) and a sidecar JSON. With
+``model: embedded`` the model is a small ViT trained (once, then cached) on Fashion-MNIST; otherwise a
+timm model with pretrained weights (or ``--checkpoint``) on an ImageNet folder (``--data_path``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from common.config import ConfigError, parse_config
+from common.gptaq import CalibrationError
+from common.pipeline import compare_methods, quantize
+from common.results import device_description, pick_device
+from common.runs import StageTimer, write_run
+from vit_quant.adapter import prepare_vit
+from vit_quant.data import (
+    DatasetNotFoundError,
+    IdxFormatError,
+    calibration_images,
+    imagenet_loaders,
+    load_fashion_mnist,
+)
+from vit_quant.embedded_model import evaluate_top1, load_or_train_embedded_vit
+from vit_quant.settings import EMBEDDED, VitRunConfig
+
+logger = logging.getLogger("vit_quant")
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class ModelNotFoundError(ValueError):
+    """The requested model name is not a timm model."""
+
+
+def load_model(config: VitRunConfig) -> tuple[torch.nn.Module, dict]:
+    """The full-precision model (eval mode, CPU) and a description of where it came from."""
+    if config.model == EMBEDDED:
+        model, info = load_or_train_embedded_vit(config.data_path)
+        return model.cpu().eval(), {"source": "embedded", "fp_test_top1_at_training": info["test_top1"],
+                                    "recipe": info["recipe"]}
+    import timm
+
+    if not timm.is_model(config.model):
+        raise ModelNotFoundError(
+            f"unknown model {config.model!r}: use 'embedded' or a timm model name such as "
+            "deit_small_patch16_224, deit_base_patch16_224, eva02_large_patch14_448.mim_m38m_ft_in22k_in1k"
+        )
+    pretrained = config.checkpoint is None
+    model = timm.create_model(config.model, pretrained=pretrained,
+                              **({"checkpoint_path": config.checkpoint} if config.checkpoint else {}))
+    return model.eval(), {"source": config.checkpoint or "timm pretrained"}
+
+
+def load_data(config: VitRunConfig, model: torch.nn.Module):
+    """Calibration images [n, C, H, W] and the evaluation data (a dataset or a loader)."""
+    if config.model == EMBEDDED:
+        calibration = calibration_images(load_fashion_mnist("train", config.data_path), config.nsamples, config.seed)
+        test = load_fashion_mnist("test", config.data_path)
+        if config.eval_max_images is not None:
+            test = torch.utils.data.Subset(test, range(min(config.eval_max_images, len(test))))
+        return calibration, test
+    if config.data_path is None:
+        raise ConfigError("data_path must point to an ImageNet root (train/ and val/) for timm models")
+    data = imagenet_loaders(config.data_path, model, calib_size=config.nsamples, batch_size=config.eval_batch_size,
+                            workers=config.workers, seed=config.seed)
+    return data.calibration, data.val_loader
+
+
+def run(config: VitRunConfig) -> tuple[Path, Path]:
+    """Run every method of ``config`` and write the result files; returns their paths."""
+    torch.manual_seed(config.seed)
+    device = pick_device(config.device)
+    timer = StageTimer()
+    with timer("load model"):
+        model, source = load_model(config)
+    with timer("data"):
+        calibration, evaluation = load_data(config, model)
+    adapter = prepare_vit(model, calibration[:2], bits=config.a_bits, sym=not config.a_asym,
+                          clip_ratio=config.a_clip_ratio, groupsize=config.a_groupsize)
+
+    def prepare(method: str):
+        model.to(device)
+        return quantize(model, adapter, method, config, [calibration], device=device)
+
+    def evaluate(method: str) -> dict[str, float]:
+        top1 = evaluate_top1(model, evaluation, batch_size=config.eval_batch_size, device=device)
+        logger.info("%s top-1 %.2f%%", method, top1)
+        return {"top1": top1}
+
+    rows, layers = compare_methods(model, config.methods, prepare=prepare, evaluate=evaluate, timer=timer)
+    return write_run(
+        config.results_dir,
+        config.run_name,
+        model=config.model,
+        setting=config.setting,
+        rows=rows,
+        settings=dataclasses.asdict(config),
+        metadata={
+            "tree": "vit_quant",
+            "seed": config.seed,
+            "device": device_description(device),
+            "model_source": source,
+            "linear_groups": adapter.groups,
+            "seconds": timer.seconds,
+            "layers": layers,
+        },
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = parse_config(VitRunConfig, argv, __doc__.splitlines()[0])
+        with logging_redirect_tqdm():
+            csv_path, json_path = run(config)
+    except (ConfigError, ValueError, DatasetNotFoundError, IdxFormatError, CalibrationError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {csv_path} and {json_path}")
+    print(csv_path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""vit_quant end to end on a tiny randomly initialised ViT and fake Fashion-MNIST files (fast, offline)."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+
+import pytest
+import torch
+from timm.models.eva import Eva
+from timm.models.vision_transformer import VisionTransformer
+
+from common.calibration import CalibrationSettings, quantize_model
+from common.config import make_config
+from common.gptaq import SolverConfig
+from common.qlinear import QuantLinear
+from vit_quant import main as vq_main
+from vit_quant.adapter import discover_linear_groups, prepare_vit
+from vit_quant.settings import VitRunConfig
+from vit_quant.tests.fake_data import write_fashion_folder
+
+
+def _tiny_vit(depth: int = 2) -> VisionTransformer:
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=depth,
+                             num_heads=2, mlp_ratio=2.0).eval()
+
+
+@pytest.fixture
+def fake_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "fmnist"
+    write_fashion_folder(folder, n_train=64, n_test=40)
+    monkeypatch.setattr(vq_main, "load_or_train_embedded_vit",
+                        lambda data_path: (_tiny_vit(), {"test_top1": 10.0, "recipe": {"tiny": True}}))
+    return folder
+
+
+def _config(folder, results, **overrides) -> VitRunConfig:
+    settings = {"name": "tiny", "data_path": str(folder), "nsamples": 32, "calib_batch_size": 8, "device": "cpu",
+                "results_dir": str(results), "w_clip": False}
+    return VitRunConfig(**{**settings, **overrides})
+
+
+def test_run_writes_top1_for_every_method(fake_folder, tmp_path):
+    csv_path, json_path = vq_main.run(_config(fake_folder, tmp_path / "results"))
+    with open(csv_path, newline="") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert row["metric"] == "top1" and row["higher_is_better"] == "True" and row["setting"] == "W4A4"
+    assert all(0 <= float(row[m]) <= 100 for m in ("fp", "rtn", "gptq", "gptaq"))
+    meta = json.loads(json_path.read_text())
+    assert meta["tree"] == "vit_quant"
+    assert meta["linear_groups"] == [["attn.qkv"], ["attn.proj"], ["mlp.fc1"], ["mlp.fc2"]]
+    assert len(meta["layers"]["gptaq"]) == 8
+
+
+def test_every_block_linear_is_quantized_and_embeddings_are_not():
+    model = _tiny_vit()
+    prepare_vit(model, torch.randn(2, 1, 28, 28), bits=4, sym=False, clip_ratio=1.0, groupsize=-1)
+    wrapped = {name for name, module in model.named_modules() if isinstance(module, QuantLinear)}
+    assert wrapped == {f"blocks.{b}.{n}" for b in range(2) for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+    assert isinstance(model.head, torch.nn.Linear) and not isinstance(model.head, QuantLinear)
+
+
+def test_eva_split_projections_and_swiglu_groups():
+    torch.manual_seed(0)
+    eva = Eva(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=1, num_heads=2,
+              qkv_fused=False, swiglu_mlp=True, scale_mlp=True, mlp_ratio=2.0).eval()
+    hidden = eva.patch_embed(torch.randn(2, 1, 28, 28))
+    hidden, _ = eva._pos_embed(hidden)
+    groups = discover_linear_groups(eva.blocks[0], hidden)
+    assert groups == [["attn.q_proj", "attn.k_proj", "attn.v_proj"], ["attn.proj"], ["mlp.fc1_g", "mlp.fc1_x"],
+                      ["mlp.fc2"]]
+
+
+def test_gptaq_with_identical_streams_equals_gptq():
+    """One block, no activation quantization while calibrating: the first group sees X = X̃."""
+    images = torch.randn(16, 1, 28, 28)
+    models = {}
+    for method in ("gptq", "gptaq"):
+        model = _tiny_vit(depth=1)
+        adapter = prepare_vit(model, images[:2], bits=4, sym=False, clip_ratio=1.0, groupsize=-1)
+        settings = CalibrationSettings(method=method, solver=SolverConfig(bits=4, method=method),
+                                       act_quant_during_calibration=False)
+        quantize_model(model, adapter, settings, [images], progress=False)
+        models[method] = model
+    qkv = [m.blocks[0].attn.qkv.weight for m in models.values()]
+    assert torch.equal(*qkv)
+    proj = [m.blocks[0].attn.proj.weight for m in models.values()]
+    assert not torch.equal(*proj)  # later groups see the drift of the quantized qkv and differ
+
+
+def test_alpha_zero_gptaq_equals_gptq_through_the_whole_model():
+    images = torch.randn(16, 1, 28, 28)
+    base = _tiny_vit()
+    adapter = prepare_vit(base, images[:2], bits=4, sym=False, clip_ratio=1.0, groupsize=-1)
+    weights = []
+    for method, alpha in (("gptq", 0.25), ("gptaq", 0.0)):
+        model = copy.deepcopy(base)
+        settings = CalibrationSettings(method=method, solver=SolverConfig(bits=4, method=method, alpha=alpha),
+                                       act_quant_during_calibration=True)
+        quantize_model(model, adapter, settings, [images], progress=False)
+        weights.append([m.weight for m in model.modules() if isinstance(m, QuantLinear)])
+    assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "not_a_vit"], "unknown model 'not_a_vit'"),
+        (["--w_bits", "0"], "w_bits must be an integer in 1..16"),
+        (["--a_bits", "32"], "a_bits must be an integer in 1..16"),
+        (["--methods", "fp,smoothquant"], "methods must be one or more of"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, message):
+    results = tmp_path / "results"
+    assert vq_main.main(["--results_dir", str(results), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not results.exists()
+
+
+def test_missing_data_path_is_explained(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(vq_main, "load_or_train_embedded_vit",
+                        lambda data_path: (_tiny_vit(), {"test_top1": 0.0, "recipe": {}}))
+    assert vq_main.main(["--data_path", str(tmp_path / "nowhere"), "--results_dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "dataset-fashion-mnist" in err
+
+
+@pytest.mark.parametrize("path", sorted(vq_main.CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    assert make_config(VitRunConfig, yaml_path=path).run_name.startswith("vit_quant-")
