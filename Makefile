@@ -37,3 +37,7 @@ ifeq ($(MODEL),embedded)
 else
 	MODEL=$(MODEL) PYTHON=$(PY) bash fake_quant/run_llama_$*.sh
 endif
+
+.PHONY: report
+report: setup
+	$(PY) -m common.report

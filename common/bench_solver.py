@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
+from common.device import device_description, pick_device
 from common.gptaq import quantize_weight
-from common.results import REPO_ROOT, atomic_write_csv, device_description, pick_device
+from common.results import REPO_ROOT, atomic_write_csv
 
 DEFAULT_SHAPES = ((576, 576), (576, 1536), (4096, 4096), (11008, 4096))
 FIELDS = [

@@ -1,8 +1,7 @@
 """The comparison every tree runs: one model, several methods (fp, rtn, gptq, gptaq, ...), same data.
 
-Trees describe their run with a settings object that has the shared quantization fields
-(``w_bits, w_asym, w_groupsize, w_clip, percdamp, act_order, static_groups, blocksize, alpha,
-lazy_update, act_quant_during_calibration, calib_batch_size``) and supply how to evaluate the model.
+Trees describe their run with a :class:`common.run_settings.RunSettings` subclass and supply how to
+prepare and evaluate the model.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ import copy
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,30 +23,12 @@ from common.calibration import (
     set_input_quantization,
 )
 from common.gptaq import SolverConfig
+from common.run_settings import METHODS, RunSettings
 from common.runs import MetricRow, StageTimer
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("fp", "rtn", "gptq", "gptaq", "gptaq_official")
-"""``fp``: no quantization; ``gptaq_official``: GPTAQ with the official code's lazy update."""
-
-
-class QuantizationFields(Protocol):
-    w_bits: int
-    w_asym: bool
-    w_groupsize: int
-    w_clip: bool
-    percdamp: float
-    act_order: bool
-    static_groups: bool
-    blocksize: int
-    alpha: float
-    lazy_update: str
-    act_quant_during_calibration: bool | None
-    calib_batch_size: int
-
-
-def solver_config(settings: QuantizationFields, method: str) -> SolverConfig:
+def solver_config(settings: RunSettings, method: str) -> SolverConfig:
     """The layer-solver settings of ``method`` (``rtn`` uses only the grid settings)."""
     return SolverConfig(
         bits=settings.w_bits,
@@ -68,7 +49,7 @@ def quantize(
     model: nn.Module,
     adapter: ModelAdapter,
     method: str,
-    settings: QuantizationFields,
+    settings: RunSettings,
     calibration_batches: Sequence[Any],
     *,
     device: torch.device,

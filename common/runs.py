@@ -1,7 +1,9 @@
 """The shared result schema: one CSV per run (a row per metric, a column per method) and a sidecar JSON.
 
 ``results/<name>.csv`` columns: ``model, setting, metric, higher_is_better`` then one column per method
-(``fp, rtn, gptq, gptaq`` and any extra such as ``gptaq_official``), then the run's scalar settings.
+(``fp, rtn, gptq, gptaq`` and any extra such as ``gptaq_official``), then the run's scalar settings (lists
+joined with ``+``; a setting named like a fixed column, e.g. ``model``, is that column). Accuracies are in
+percent, perplexities plain.
 ``results/<name>.json`` holds the settings, per-stage wall times, per-layer calibration errors, seed,
 package versions, device and git commit. Both are written atomically; files of an earlier run with the
 same name are first moved to ``results/history/`` (never overwritten).
@@ -83,8 +85,9 @@ def write_run(
     methods = [m for m in METHOD_COLUMNS if any(m in row.values for row in rows)]
     scalars = {k: v for k, v in settings.items() if isinstance(v, str | int | float | bool) or v is None}
     lists = {k: "+".join(map(str, v)) for k, v in settings.items() if isinstance(v, list | tuple)}
-    setting_columns = {**scalars, **lists}
-    fieldnames = ["model", "setting", "metric", "higher_is_better", *methods, *setting_columns]
+    fixed = ["model", "setting", "metric", "higher_is_better", *methods]
+    setting_columns = {k: v for k, v in {**scalars, **lists}.items() if k not in fixed}
+    fieldnames = [*fixed, *setting_columns]
     table = [
         {
             "model": model,

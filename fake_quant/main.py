@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.contrib.logging import logging_redirect_tqdm
 
-from common.config import ConfigError, parse_config
-from common.gptaq import CalibrationError
+from common.cli import run_cli
+from common.config import ConfigError
+from common.device import device_description, pick_device
 from common.perplexity import perplexity
 from common.pipeline import compare_methods, quantize
-from common.results import atomic_write_json, device_description, pick_device
+from common.results import atomic_write_json
 from common.runs import StageTimer, write_run
 from common.text_data import CorpusUnavailableError, calibration_windows, corpus_fingerprint, evaluation_windows
 from fake_quant.llama_adapter import LlamaAdapter, add_activation_quantizers
@@ -163,17 +163,7 @@ def run(config: LlamaRunConfig) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        config = parse_config(LlamaRunConfig, argv, __doc__.splitlines()[0])
-        with logging_redirect_tqdm():
-            csv_path, json_path = run(config)
-    except (ConfigError, ValueError, ModelLoadError, CorpusUnavailableError, CalibrationError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {csv_path} and {json_path}")
-    print(csv_path.read_text())
-    return 0
+    return run_cli(LlamaRunConfig, run, argv, __doc__.splitlines()[0], (ModelLoadError, CorpusUnavailableError))
 
 
 if __name__ == "__main__":

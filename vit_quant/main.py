@@ -9,22 +9,21 @@ timm model with pretrained weights (or ``--checkpoint``) on an ImageNet folder (
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import sys
 from pathlib import Path
 
 import torch
-from tqdm.contrib.logging import logging_redirect_tqdm
 
-from common.config import ConfigError, parse_config
-from common.gptaq import CalibrationError
+from common.cli import run_cli
+from common.config import ConfigError
+from common.device import device_description, pick_device
 from common.pipeline import compare_methods, quantize
-from common.results import device_description, pick_device
 from common.runs import StageTimer, write_run
 from vit_quant.adapter import prepare_vit
 from vit_quant.data import (
-    DatasetNotFoundError,
-    IdxFormatError,
+    DEFAULT_FASHION_MNIST_DIR,
     calibration_images,
     imagenet_loaders,
     load_fashion_mnist,
@@ -75,6 +74,14 @@ def load_data(config: VitRunConfig, model: torch.nn.Module):
     return data.calibration, data.val_loader
 
 
+def data_identity(config: VitRunConfig) -> dict[str, str]:
+    """SHA-256 of each Fashion-MNIST file (embedded default); the folder path for ImageNet (too large)."""
+    if config.model != EMBEDDED:
+        return {"imagenet": str(config.data_path)}
+    folder = Path(config.data_path) if config.data_path else DEFAULT_FASHION_MNIST_DIR
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.glob("*-ubyte*"))}
+
+
 def run(config: VitRunConfig) -> tuple[Path, Path]:
     """Run every method of ``config`` and write the result files; returns their paths."""
     torch.manual_seed(config.seed)
@@ -109,6 +116,7 @@ def run(config: VitRunConfig) -> tuple[Path, Path]:
             "seed": config.seed,
             "device": device_description(device),
             "model_source": source,
+            "data_sha256": data_identity(config),
             "linear_groups": adapter.groups,
             "seconds": timer.seconds,
             "layers": layers,
@@ -117,17 +125,7 @@ def run(config: VitRunConfig) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        config = parse_config(VitRunConfig, argv, __doc__.splitlines()[0])
-        with logging_redirect_tqdm():
-            csv_path, json_path = run(config)
-    except (ConfigError, ValueError, DatasetNotFoundError, IdxFormatError, CalibrationError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {csv_path} and {json_path}")
-    print(csv_path.read_text())
-    return 0
+    return run_cli(VitRunConfig, run, argv, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

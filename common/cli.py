@@ -1,0 +1,38 @@
+"""The command-line shell shared by every tree's entry point."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from common.config import parse_config
+from common.gptaq import CalibrationError
+
+
+def run_cli(
+    settings_class: type,
+    run: Callable[[object], tuple[Path, Path]],
+    argv: list[str] | None,
+    description: str,
+    expected_errors: tuple[type[BaseException], ...] = (),
+) -> int:
+    """Parse settings, run, print the result table; bad input becomes one ``error: ...`` line and exit 2.
+
+    ``ValueError`` (config and argument errors), ``FileNotFoundError`` (missing data) and
+    :class:`CalibrationError` are always treated as bad input, plus ``expected_errors``.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        settings = parse_config(settings_class, argv, description)
+        with logging_redirect_tqdm():
+            csv_path, json_path = run(settings)
+    except (ValueError, FileNotFoundError, CalibrationError, *expected_errors) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {csv_path} and {json_path}")
+    print(csv_path.read_text())
+    return 0

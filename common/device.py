@@ -1,0 +1,24 @@
+"""Which device to compute on, and how to name it in result files."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+
+def device_description(device: torch.device) -> str:
+    """A human-readable name of ``device``: the GPU model, or the CPU with its thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """``requested`` if given (``"cpu"``, ``"cuda"``, ``"cuda:1"``), else CUDA when available, else CPU."""
+    if requested in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {requested!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+    return device

@@ -1,0 +1,82 @@
+"""Settings every tree's run shares: the methods, weight and activation grids, and the solver options.
+
+Tree configurations subclass :class:`RunSettings` and add their own fields (model, data, rotation, ...);
+a subclass may redeclare a field to change its default (e.g. ``percdamp`` 0.1 for ViTs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.config import ConfigError
+from common.gptaq import LAZY_UPDATES
+from common.quant import check_bits, check_clip_ratio
+
+METHODS = ("fp", "rtn", "gptq", "gptaq", "gptaq_official")
+"""``fp``: no quantization; ``gptaq_official``: GPTAQ with the official code's lazy update."""
+
+
+def describe(text: str) -> dict[str, Any]:
+    """Field metadata holding the ``--help`` text."""
+    return {"help": text}
+
+
+def check_one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+@dataclass
+class RunSettings:
+    """Shared fields; see ``--help`` of any tree's entry point for their meaning."""
+
+    name: str | None = field(default=None, metadata=describe("results/<name>.csv; default: derived from settings"))
+    device: str = field(default="auto", metadata=describe("auto, cpu, cuda or cuda:i"))
+    seed: int = field(default=0, metadata=describe("seed of every random choice (rotation, calibration draw)"))
+    nsamples: int = field(default=128, metadata=describe("number of calibration samples"))
+    methods: list[str] = field(default_factory=lambda: ["fp", "rtn", "gptq", "gptaq"],
+                               metadata=describe(f"columns to compute, from {METHODS}"))
+    w_bits: int = field(default=4, metadata=describe("weight bits, 1..16"))
+    w_asym: bool = field(default=True, metadata=describe("asymmetric weight grid"))
+    w_groupsize: int = field(default=-1, metadata=describe("-1 = per output channel, else columns per group"))
+    w_clip: bool = field(default=True, metadata=describe("MSE clip search for the weight grid"))
+    a_bits: int = field(default=4, metadata=describe("activation bits, 1..16 (16 = off)"))
+    a_asym: bool = field(default=True, metadata=describe("asymmetric activation grid"))
+    a_clip_ratio: float = field(default=0.9, metadata=describe("activation range shrink, (0, 1]"))
+    a_groupsize: int = field(default=-1, metadata=describe("-1 = per token, else channels per group"))
+    percdamp: float = field(default=0.01, metadata=describe("Hessian damping, fraction of its mean diagonal"))
+    act_order: bool = field(default=False, metadata=describe("quantize columns by decreasing Hessian diagonal"))
+    static_groups: bool = field(default=False, metadata=describe("group grids from the original weights"))
+    blocksize: int = field(default=128, metadata=describe("solver lazy-update block size"))
+    alpha: float = field(default=0.25, metadata=describe("GPTAQ drift-correction scale (official code: 0.25)"))
+    lazy_update: str = field(default="exact", metadata=describe(f"GPTAQ lazy update form, one of {LAZY_UPDATES}"))
+    act_quant_during_calibration: bool | None = field(
+        default=None, metadata=describe("None = paper protocol (GPTAQ on, GPTQ off); true/false for both")
+    )
+    calib_batch_size: int = field(default=8, metadata=describe("samples per block forward during calibration"))
+    results_dir: str = field(default="results", metadata=describe("folder of the result CSV/JSON"))
+
+    def __post_init__(self) -> None:
+        check_bits(self.w_bits, "w_bits")
+        check_bits(self.a_bits, "a_bits")
+        check_clip_ratio(self.a_clip_ratio, "a_clip_ratio")
+        check_one_of("lazy_update", self.lazy_update, LAZY_UPDATES)
+        if not self.methods:
+            raise ConfigError(f"methods must name at least one of {METHODS}")
+        for method in self.methods:
+            check_one_of("methods", method, METHODS)
+        for name in ("nsamples", "calib_batch_size", "blocksize"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("w_groupsize", "a_groupsize"):
+            if getattr(self, name) != -1 and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be -1 or a positive integer, got {getattr(self, name)}")
+        if self.percdamp < 0:
+            raise ConfigError(f"percdamp must be >= 0, got {self.percdamp}")
+
+    @property
+    def setting(self) -> str:
+        """A short label such as ``W4A4`` or ``W2A4-g128``."""
+        label = f"W{self.w_bits}A{self.a_bits}"
+        return label + (f"-g{self.w_groupsize}" if self.w_groupsize > 0 else "")

@@ -1,0 +1,249 @@
+"""The cross-tree comparison report on small CSV/JSON fixtures written in a temporary folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.report import ReportError, main, write_report
+from common.runs import MetricRow, write_run
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+COMMIT = "7aa080d" + "0" * 33
+SETTINGS = {"seed": 0, "nsamples": 32, "seqlen": 512, "w_bits": 4, "a_bits": 4, "methods": ["fp", "gptq", "gptaq"]}
+
+
+def write_csv(path: Path, lines: list[str]) -> Path:
+    """``lines`` (already comma-joined) as the file's content."""
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def write_result(
+    folder: Path,
+    name: str,
+    rows: list[tuple[str, bool, dict[str, float]]],
+    *,
+    model: str = "embedded",
+    setting: str = "W4A4",
+    settings: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+    json_sidecar: bool = True,
+) -> None:
+    """A run in the writer's layout: fixed columns, methods present in ``rows``, then ``model`` + settings."""
+    settings = {"model": model, **(settings if settings is not None else SETTINGS)}
+    methods = [m for m in ("fp", "rtn", "gptq", "gptaq", "gptaq_official") if any(m in v for _, _, v in rows)]
+    columns = [str(v) if not isinstance(v, list) else "+".join(v) for v in settings.values()]
+    lines = [",".join(["model", "setting", "metric", "higher_is_better", *methods, *settings])]
+    for metric, higher, values in rows:
+        cells = [model, setting, metric, str(higher), *(f"{values[m]:.6g}" if m in values else "" for m in methods)]
+        lines.append(",".join([*cells, *columns]))
+    write_csv(folder / f"{name}.csv", lines)
+    if json_sidecar:
+        payload = {
+            "name": name, "model": model, "setting": setting, "settings": settings, "git_commit": COMMIT,
+            "versions": {"python": "3.11.2", "torch": "2.5.1"}, "tree": name.split("-")[0], "seed": 0,
+            "device": "cpu (test)", "seconds": {"data": 1.25, "quantize gptq": 10.0}, "layers": {},
+            "data_sha256": {"wiki_embedded": "ab" * 32}, **(meta or {}),
+        }
+        (folder / f"{name}.json").write_text(json.dumps(payload, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def table_line(report: str, *cells: str) -> str:
+    """The one table line of ``report`` that starts with ``cells``."""
+    prefix = "| " + " | ".join(cells) + " |"
+    matches = [line for line in report.splitlines() if line.startswith(prefix)]
+    assert len(matches) == 1, (prefix, report)
+    return matches[0]
+
+
+def cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def section(report: str, tree: str) -> str:
+    """The text of ``## tree`` up to the next ``## `` heading."""
+    return report.split(f"## {tree}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def report_of(folder: Path) -> str:
+    output, _ = write_report(folder)
+    return output.read_text(encoding="utf-8")
+
+
+def test_values_bolding_and_difference_for_both_metric_directions(tmp_path: Path) -> None:
+    write_result(tmp_path, "fake_quant-a", [
+        ("wiki_embedded_ppl", False, {"fp": 17.4017, "rtn": 77.1721, "gptq": 35.2755, "gptaq": 42.4995}),
+        ("piqa_acc", True, {"fp": 0.71, "rtn": 0.55, "gptq": 0.61, "gptaq": 0.63}),
+    ])
+    write_result(tmp_path, "vit_quant-deit", [("top1", True, {"fp": 79.8, "gptq": 72.5, "gptaq": 70.25})],
+                 model="deit_s")
+    report = report_of(tmp_path)
+    header = "| Model | Setting | Metric | FP | RTN | GPTQ | GPTAQ | GPTAQ − GPTQ | Run |"
+    assert header in section(report, "fake_quant") and header in section(report, "vit_quant")
+    ppl = cells(table_line(report, "embedded", "W4A4", "wiki_embedded_ppl ↓"))
+    assert ppl[3:9] == ["17.40", "77.17", "**35.28**", "42.50", "+7.22", "`fake_quant-a`"]
+    acc = cells(table_line(report, "embedded", "W4A4", "piqa_acc ↑"))
+    assert acc[5:8] == ["0.6100", "**0.6300**", "+0.0200"]
+    top1 = cells(table_line(report, "deit_s", "W4A4", "top1 ↑"))
+    assert top1[3:8] == ["79.80", "—", "**72.50**", "70.25", "-2.25"]
+    assert "top1" in section(report, "vit_quant") and "top1" not in section(report, "fake_quant")
+    assert "No results for this tree." in section(report, "spinquant")
+    assert "⚠" not in section(report, "fake_quant")
+
+
+def test_missing_method_columns_and_official_column(tmp_path: Path) -> None:
+    write_result(tmp_path, "fake_quant-a", [("wiki_embedded_ppl", False, {"gptq": 30.0})])
+    write_result(tmp_path, "fake_quant-b", [("wiki_embedded_ppl", False, {"gptq": 20.0, "gptaq": 19.0,
+                                                                             "gptaq_official": 19.5})],
+                 setting="W2A4")
+    report = report_of(tmp_path)
+    assert "| GPTAQ − GPTQ | GPTAQ (official) | Run |" in report
+    only_gptq = cells(table_line(report, "embedded", "W4A4", "wiki_embedded_ppl ↓"))
+    assert only_gptq[3:10] == ["—", "—", "30.00", "—", "—", "—", "`fake_quant-a`"]
+    official = cells(table_line(report, "embedded", "W2A4", "wiki_embedded_ppl ↓"))
+    assert official[5:9] == ["20.00", "**19.00**", "-1.00", "19.50"]
+
+
+def test_mismatched_configuration_is_flagged_and_same_configuration_is_not(tmp_path: Path) -> None:
+    rows = [("wiki_embedded_ppl", False, {"gptq": 30.0, "gptaq": 29.0})]
+    write_result(tmp_path, "fake_quant-a", rows)
+    write_result(tmp_path, "fake_quant-b", rows, settings={**SETTINGS, "seed": 1},
+                 meta={"git_commit": "1" * 40, "data_sha256": {"wiki_embedded": "cd" * 32}})
+    write_result(tmp_path, "fake_quant-c", rows, setting="W2A4")
+    # Bookkeeping settings (run name, batch sizes, methods) do not make a configuration differ.
+    write_result(tmp_path, "fake_quant-d", rows, setting="W2A4",
+                 settings={**SETTINGS, "eval_batch_size": 8, "methods": ["gptq", "gptaq"]})
+    report = report_of(tmp_path)
+    for run in ("fake_quant-a", "fake_quant-b"):
+        assert f"| embedded | W4A4 | wiki_embedded_ppl ↓ | — | — | 30.00 | **29.00** | -1.00 | `{run}` ⚠1 |" in report
+    for run in ("fake_quant-c", "fake_quant-d"):
+        assert f"`{run}` |" in report
+    note = next(line for line in report.splitlines() if line.startswith("- ⚠1:"))
+    assert "model `embedded`, setting `W4A4`" in note
+    assert "seed (`fake_quant-a`: 0; `fake_quant-b`: 1)" in note
+    assert "git_commit (`fake_quant-a`: 7aa080d00000…; `fake_quant-b`: 111111111111…)" in note
+    assert "data_sha256[wiki_embedded]" in note
+    assert "nsamples" not in note and "eval_batch_size" not in report.split("### Runs")[0]
+    assert "- ⚠2" not in report
+
+
+def test_missing_json_is_reported_with_a_note_and_tree_from_the_file_name(tmp_path: Path) -> None:
+    write_result(tmp_path, "vit_quant-deit", [("top1", True, {"gptq": 70.0, "gptaq": 71.0})], json_sidecar=False)
+    write_result(tmp_path, "vit_quant-eva", [("top1", True, {"gptq": 80.0, "gptaq": 81.0})], model="eva")
+    report = report_of(tmp_path)
+    vit = section(report, "vit_quant")
+    assert "`vit_quant-deit` ⚠1 |" in vit and "`vit_quant-eva` |" in vit
+    assert "- ⚠1: run `vit_quant-deit`: no sidecar JSON" in vit
+    assert "- Files: `vit_quant-deit.csv` (no JSON)" in vit
+    assert "- Wall time: data 1.2 s, quantize gptq 10.0 s; total 11.2 s" in vit
+
+
+def test_duplicated_header_names_take_the_first_occurrence(tmp_path: Path) -> None:
+    write_csv(tmp_path / "spinquant-x.csv", [
+        "model,setting,metric,higher_is_better,gptq,gptaq,model,setting,seed",
+        "llama,W4A4,wiki_ppl,False,10.5,9.5,other-model,other-setting,0",
+    ])
+    report = report_of(tmp_path)
+    line = cells(table_line(report, "llama", "W4A4", "wiki_ppl ↓"))
+    assert line[5:8] == ["10.50", "**9.50**", "-1.00"]
+    assert "model `other-model`" in section(report, "spinquant")
+
+
+def test_writer_round_trip_has_no_notes(tmp_path: Path) -> None:
+    rows = [MetricRow("wiki_embedded_ppl", False, {"fp": 17.4, "rtn": 77.2, "gptq": 35.3, "gptaq": 42.5})]
+    write_run(tmp_path, "fake_quant-smoke", model="embedded", setting="W4A4", rows=rows,
+              settings={"model": "embedded", "seed": 0, "eval_datasets": ["wiki_embedded"], "eval_max_windows": None},
+              metadata={"tree": "fake_quant", "seed": 0, "device": "cpu", "seconds": {"data": 1.0}})
+    report = report_of(tmp_path)
+    assert "⚠" not in section(report, "fake_quant")
+    assert cells(table_line(report, "embedded", "W4A4", "wiki_embedded_ppl ↓"))[3:8] == [
+        "17.40", "77.20", "**35.30**", "42.50", "+7.20"]
+
+
+@pytest.mark.parametrize(("lines", "line_number", "message"), [
+    (["model,setting,metric,gptq", "m,s,x,1"], 1, r"missing column\(s\) higher_is_better"),
+    (["model,setting,metric,higher_is_better,gptq", "m,s,x,False,1", "m,s,y,False,1,2"], 3, "6 fields"),
+    (["model,setting,metric,higher_is_better,gptq", "m,s,x,False,abc"], 2, "column 'gptq'"),
+    (["model,setting,metric,higher_is_better,gptq", "m,s,x,maybe,1"], 2, "higher_is_better"),
+    ([""], 1, "no header row"),
+])
+def test_malformed_csv_names_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           lines: list[str], line_number: int, message: str) -> None:
+    path = write_csv(tmp_path / "fake_quant-bad.csv", lines)
+    with pytest.raises(ReportError, match=message) as error:
+        write_report(tmp_path)
+    assert str(error.value).startswith(f"{path}:{line_number}: ")
+    assert main(["--results-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and f"{path}:{line_number}" in err
+    assert not (tmp_path / "REPORT.md").exists()
+
+
+def test_malformed_json_names_file_and_line(tmp_path: Path) -> None:
+    write_result(tmp_path, "fake_quant-a", [("wiki_embedded_ppl", False, {"gptq": 1.0})])
+    (tmp_path / "fake_quant-a.json").write_text('{\n  "name": "fake_quant-a",\n  oops\n}\n')
+    with pytest.raises(ReportError, match=r"fake_quant-a\.json:3: invalid JSON"):
+        write_report(tmp_path)
+
+
+def test_empty_or_missing_results_folder_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--results-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: no result files (*.csv) in {tmp_path} (run an experiment first)\n"
+    assert main(["--results-dir", str(tmp_path / "absent")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writes_are_atomic_and_replace_the_old_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_result(tmp_path, "fake_quant-a", [("wiki_embedded_ppl", False, {"fp": 10.0, "gptq": 12.0, "gptaq": 11.0})])
+    old = "stale report line\n" * 10_000
+    (tmp_path / "REPORT.md").write_text(old)
+    assert main(["--results-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'REPORT.md'}")
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "stale" not in report and report.startswith("# GPTAQ vs GPTQ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "REPORT.md", "fake_quant-a.csv", "fake_quant-a.json", "report_fake_quant.png"]
+
+
+def test_png_per_tree_is_valid_and_linked(tmp_path: Path) -> None:
+    write_result(tmp_path, "fake_quant-a", [
+        ("wiki_embedded_ppl", False, {"fp": 17.0, "gptq": 3000.0, "gptaq": 1200.0}),
+        ("piqa_acc", True, {"gptq": 0.6, "gptaq": 0.7}),
+    ])
+    write_result(tmp_path, "vit_quant-deit", [("top1", True, {"fp": 80.0, "gptq": 70.0, "gptaq": 72.0})])
+    output = tmp_path / "out" / "summary.md"
+    _, figures = write_report(tmp_path, output)
+    assert [p.name for p in figures] == ["report_fake_quant.png", "report_vit_quant.png"]
+    for figure in figures:
+        assert figure.parent == output.parent and figure.read_bytes()[:8] == PNG_SIGNATURE
+    report = output.read_text()
+    assert "![fake_quant: GPTQ vs GPTAQ](report_fake_quant.png)" in report
+    assert "![vit_quant: GPTQ vs GPTAQ](report_vit_quant.png)" in report
+    assert not (tmp_path / "out" / "report_spinquant.png").exists()
+
+
+def test_same_inputs_give_byte_identical_report(tmp_path: Path) -> None:
+    write_result(tmp_path, "fake_quant-b", [("wiki_embedded_ppl", False, {"gptq": 30.0, "gptaq": 29.0})],
+                 settings={**SETTINGS, "seed": 3})
+    write_result(tmp_path, "fake_quant-a", [("wiki_embedded_ppl", False, {"gptq": 31.0, "gptaq": 28.0})])
+    write_result(tmp_path, "vit_quant-x", [("top1", True, {"gptq": 70.0, "gptaq": 71.0})], json_sidecar=False)
+    output, _ = write_report(tmp_path)
+    first = output.read_bytes()
+    write_report(tmp_path)
+    assert output.read_bytes() == first
+    rows = [line for line in first.decode().splitlines() if line.startswith("| embedded |")]
+    assert ["`fake_quant-a`" in rows[0], "`fake_quant-b`" in rows[1]] == [True, True]
+
+
+def test_tree_from_json_overrides_the_file_name_and_unknown_trees_get_a_section(tmp_path: Path) -> None:
+    write_result(tmp_path, "custom-run", [("wiki_ppl", False, {"gptq": 5.0, "gptaq": 4.0})],
+                 meta={"tree": "spinquant"})
+    write_result(tmp_path, "adhoc-run", [("wiki_ppl", False, {"gptq": 6.0, "gptaq": 7.0})], json_sidecar=False)
+    report = report_of(tmp_path)
+    assert "`custom-run` |" in section(report, "spinquant")
+    assert report.index("## vit_quant") < report.index("## other") and "`adhoc-run` ⚠1 |" in section(report, "other")

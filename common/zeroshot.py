@@ -1,0 +1,153 @@
+"""Zero-shot accuracy of an in-memory (e.g. fake-quantized) Hugging Face causal LM through lm-eval.
+
+The model is wrapped as it is (no reload, no copy) with ``lm_eval.models.huggingface.HFLM`` and scored with
+``lm_eval.simple_evaluate`` at zero few-shot. Following QuaRot, a task's accuracy is its length-normalised
+``acc_norm`` when the task reports one and plain ``acc`` otherwise.
+
+Task data come from the Hugging Face Hub through ``datasets`` (cached under ``HF_HOME``). Without network,
+set ``HF_HUB_OFFLINE=1`` (or ``HF_DATASETS_OFFLINE=1``) before ``datasets`` is imported: cached data then
+load from the cache and missing data fail at once with :class:`ZeroShotUnavailableError`. Without those
+variables an unreachable Hub costs ``huggingface_hub``'s retries (about 20 s per task) before that error.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import datasets
+import torch
+from lm_eval import simple_evaluate
+from lm_eval.api.group import Group
+from lm_eval.api.task import Task
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+PAPER_TASKS: tuple[str, ...] = ("piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande", "boolq")
+"""The six zero-shot tasks reported in the GPTAQ paper (the QuaRot set)."""
+
+SEED = 0
+"""Seed passed to every random generator lm-eval sets (python, numpy, torch, few-shot sampler)."""
+
+
+class ZeroShotUnavailableError(RuntimeError):
+    """A zero-shot task's data could not be loaded (typically: offline and not in the datasets cache)."""
+
+
+class _HFLM(HFLM):
+    """``HFLM`` whose log-likelihood progress bar can be switched off."""
+
+    def __init__(self, *args: object, progress: bool, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self._progress = progress
+
+    def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self._progress)
+
+
+@functools.cache
+def _task_manager(include_path: str | None) -> TaskManager:
+    """lm-eval's task index (built-in tasks plus ``include_path``); indexing takes seconds, so it is cached."""
+    return TaskManager(include_path=include_path)
+
+
+@contextmanager
+def _quiet(progress: bool) -> Iterator[None]:
+    """Let only warnings and errors of lm-eval's loggers through, and without ``progress`` hide the
+    ``datasets`` progress bars, while the block runs."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    hide_bars = not progress and not datasets.are_progress_bars_disabled()
+    if hide_bars:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if hide_bars:
+            datasets.enable_progress_bars()
+
+
+def _load_zero_shot(manager: TaskManager, name: str) -> Task | Group:
+    """Build one task or group, data included, set to zero few-shot.
+
+    Raises :class:`ZeroShotUnavailableError` (one line: task and cause) if the build fails.
+    """
+    try:
+        loaded = manager.load([name])
+    except Exception as exc:
+        cause = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise ZeroShotUnavailableError(f"cannot load zero-shot task {name!r}: {cause}") from exc
+    for task in loaded["tasks"].values():
+        task.set_config(key="num_fewshot", value=0)
+    return loaded["groups"].get(name) or loaded["tasks"][name]
+
+
+def _accuracy(name: str, metrics: dict[str, float]) -> float:
+    """``acc_norm`` if reported, else ``acc``, in percent."""
+    for key in ("acc_norm,none", "acc,none"):
+        if key in metrics:
+            return 100.0 * float(metrics[key])
+    raise ValueError(f"task {name!r} reports neither acc_norm nor acc (metrics: {sorted(metrics)})")
+
+
+def zero_shot_accuracy(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: list[str],
+    *,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    limit: int | None = None,
+    include_path: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Zero-shot accuracy in percent of ``model`` on each lm-eval task (or group) in ``tasks``.
+
+    Returns ``{task: acc_norm if the task reports it else acc}`` (QuaRot's convention), plus ``"average"``,
+    the unweighted mean over ``tasks``, when there is more than one. ``device``, if given, moves ``model``
+    there in place; otherwise it is evaluated where it lies. ``limit`` scores only the first ``limit``
+    documents of each task (for smoke tests; not comparable with full results). ``include_path`` adds a
+    folder of task YAMLs to lm-eval's built-in ones. Seeds are fixed, so repeated calls agree.
+
+    Raises ``ValueError`` for a name lm-eval does not know as a task or group and
+    :class:`ZeroShotUnavailableError` when a task's data cannot be loaded (checked before the model runs).
+    """
+    if not tasks:
+        raise ValueError("tasks must name at least one lm-eval task")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasks must not repeat a name, got {tasks}")
+    manager = _task_manager(None if include_path is None else str(Path(include_path).resolve()))
+    known = set(manager.all_subtasks) | set(manager.all_groups)
+    unknown = [name for name in tasks if name not in known]
+    if unknown:
+        raise ValueError(f"unknown lm-eval task(s) or group(s): {', '.join(unknown)}")
+
+    with _quiet(progress):
+        built = [_load_zero_shot(manager, name) for name in tasks]
+        if device is not None:
+            model.to(device)
+        lm = _HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, progress=progress)
+        output = simple_evaluate(
+            model=lm,
+            tasks=built,
+            limit=limit,
+            bootstrap_iters=0,
+            log_samples=False,
+            task_manager=manager,
+            random_seed=SEED,
+            numpy_random_seed=SEED,
+            torch_random_seed=SEED,
+            fewshot_random_seed=SEED,
+        )
+    assert output is not None  # None only on non-zero ranks of a distributed run
+    scores = {name: _accuracy(name, output["results"][name]) for name in tasks}
+    if len(scores) > 1:
+        scores["average"] = sum(scores.values()) / len(scores)
+    return scores
