@@ -134,3 +134,9 @@ def test_unknown_config_key(tmp_path, capsys):
 def test_shipped_configs_are_valid(path):
     config = make_config(LlamaRunConfig, yaml_path=path)
     assert config.run_name.startswith("fake_quant-")
+
+
+def test_same_config_and_seed_give_byte_identical_csv(tiny_setup):
+    first, _ = fq_main.run(_config(tiny_setup / "a", methods=["rtn", "gptaq"]))
+    second, _ = fq_main.run(_config(tiny_setup / "b", methods=["rtn", "gptaq"]))
+    assert first.read_bytes().replace(b"/a,", b"/b,") == second.read_bytes()
