@@ -89,6 +89,20 @@ def _load_zero_shot(manager: TaskManager, name: str) -> Task | Group:
     return loaded["groups"].get(name) or loaded["tasks"][name]
 
 
+def _check_tying(model: nn.Module) -> None:
+    """Refuse a model whose config says "tied" while ``lm_head`` has its own weight: ``HFLM`` calls
+    ``model.tie_weights()``, which would silently overwrite that weight with the input embedding."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False):
+        return
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not model.get_input_embeddings().weight:
+        raise ValueError(
+            "model.config.tie_word_embeddings is True but lm_head has its own weight; lm-eval would re-tie "
+            "(overwrite) it: set config.tie_word_embeddings = False after untying"
+        )
+
+
 def _accuracy(name: str, metrics: dict[str, float]) -> float:
     """``acc_norm`` if reported, else ``acc``, in percent."""
     for key in ("acc_norm,none", "acc,none"):
@@ -116,7 +130,11 @@ def zero_shot_accuracy(
     documents of each task (for smoke tests; not comparable with full results). ``include_path`` adds a
     folder of task YAMLs to lm-eval's built-in ones. Seeds are fixed, so repeated calls agree.
 
-    Raises ``ValueError`` for a name lm-eval does not know as a task or group and
+    ``progress=False`` hides the ``datasets`` and log-likelihood progress bars (lm-eval's short per-task
+    request-building bar stays). Warnings of lm-eval still show, its info messages do not.
+
+    Raises ``ValueError`` for a name lm-eval does not know as a task or group or for a model whose config
+    says tied embeddings while ``lm_head`` has its own weight (lm-eval would re-tie it), and
     :class:`ZeroShotUnavailableError` when a task's data cannot be loaded (checked before the model runs).
     """
     if not tasks:
@@ -128,6 +146,7 @@ def zero_shot_accuracy(
     unknown = [name for name in tasks if name not in known]
     if unknown:
         raise ValueError(f"unknown lm-eval task(s) or group(s): {', '.join(unknown)}")
+    _check_tying(model)
 
     with _quiet(progress):
         built = [_load_zero_shot(manager, name) for name in tasks]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -146,6 +147,16 @@ def test_limit_scores_first_documents(model, tokenizer, task_dir):
 def test_unknown_task_raises_value_error(model, tokenizer, task_dir):
     with pytest.raises(ValueError, match="no_such_task_xyz"):
         zero_shot_accuracy(model, tokenizer, ["tiny_mc", "no_such_task_xyz"], include_path=task_dir)
+
+
+def test_untied_head_with_tied_config_is_refused(model, tokenizer, task_dir):
+    config = copy.deepcopy(model.config)
+    config.tie_word_embeddings = True
+    tied = LlamaForCausalLM(config).eval()
+    assert "tiny_mc" in zero_shot_accuracy(tied, tokenizer, ["tiny_mc"], include_path=task_dir, progress=False)
+    tied.lm_head.weight = torch.nn.Parameter(tied.lm_head.weight.detach().clone())  # e.g. quantized head only
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        zero_shot_accuracy(tied, tokenizer, ["tiny_mc"], include_path=task_dir)
 
 
 def test_missing_local_data_raises_unavailable(model, tokenizer, task_dir):
