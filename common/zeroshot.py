@@ -111,6 +111,27 @@ def _accuracy(name: str, metrics: dict[str, float]) -> float:
     raise ValueError(f"task {name!r} reports neither acc_norm nor acc (metrics: {sorted(metrics)})")
 
 
+def load_tasks(
+    tasks: list[str], *, include_path: str | Path | None = None, progress: bool = True
+) -> tuple[TaskManager, list[Task | Group]]:
+    """Check the names and load every task's data (zero few-shot); callers can run it as a preflight.
+
+    Raises ``ValueError`` for an empty or repeated list or an unknown name, and
+    :class:`ZeroShotUnavailableError` when a task's data cannot be loaded.
+    """
+    if not tasks:
+        raise ValueError("tasks must name at least one lm-eval task")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasks must not repeat a name, got {tasks}")
+    manager = _task_manager(None if include_path is None else str(Path(include_path).resolve()))
+    known = set(manager.all_subtasks) | set(manager.all_groups)
+    unknown = [name for name in tasks if name not in known]
+    if unknown:
+        raise ValueError(f"unknown lm-eval task(s) or group(s): {', '.join(unknown)}")
+    with _quiet(progress):
+        return manager, [_load_zero_shot(manager, name) for name in tasks]
+
+
 def zero_shot_accuracy(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -137,19 +158,9 @@ def zero_shot_accuracy(
     says tied embeddings while ``lm_head`` has its own weight (lm-eval would re-tie it), and
     :class:`ZeroShotUnavailableError` when a task's data cannot be loaded (checked before the model runs).
     """
-    if not tasks:
-        raise ValueError("tasks must name at least one lm-eval task")
-    if len(set(tasks)) != len(tasks):
-        raise ValueError(f"tasks must not repeat a name, got {tasks}")
-    manager = _task_manager(None if include_path is None else str(Path(include_path).resolve()))
-    known = set(manager.all_subtasks) | set(manager.all_groups)
-    unknown = [name for name in tasks if name not in known]
-    if unknown:
-        raise ValueError(f"unknown lm-eval task(s) or group(s): {', '.join(unknown)}")
     _check_tying(model)
-
+    manager, built = load_tasks(tasks, include_path=include_path, progress=progress)
     with _quiet(progress):
-        built = [_load_zero_shot(manager, name) for name in tasks]
         if device is not None:
             model.to(device)
         lm = _HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, progress=progress)

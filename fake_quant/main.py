@@ -25,6 +25,7 @@ from common.pipeline import compare_methods, quantize
 from common.results import atomic_write_json
 from common.runs import StageTimer, write_run
 from common.text_data import CorpusUnavailableError, calibration_windows, corpus_fingerprint, evaluation_windows
+from common.zeroshot import ZeroShotUnavailableError, load_tasks, zero_shot_accuracy
 from fake_quant.llama_adapter import LlamaAdapter, add_activation_quantizers
 from fake_quant.model_loading import ModelLoadError, load_llama
 from fake_quant.rotation import rotate_model
@@ -63,10 +64,9 @@ def evaluate(model, tokenizer, config: LlamaRunConfig, method: str, eval_sets: d
                                                desc=f"{method} {dataset}")
         logger.info("%s %s perplexity %.3f", method, dataset, metrics[f"{dataset}_ppl"])
     if config.tasks:
-        from common.zeroshot import zero_shot_accuracy
-
         accuracies = zero_shot_accuracy(model, tokenizer, config.tasks, batch_size=config.eval_batch_size,
-                                        device=device, limit=config.tasks_limit)
+                                        device=device, limit=config.tasks_limit,
+                                        include_path=config.tasks_include_path)
         metrics.update({f"{task}_acc": value for task, value in accuracies.items()})
     return metrics
 
@@ -91,7 +91,8 @@ def load_saved_settings(config: LlamaRunConfig) -> tuple[LlamaRunConfig, list[st
         raise ConfigError(f"load_qmodel_path {folder} holds no settings.json (save one with --save_qmodel_path)")
     saved = json.loads(settings_file.read_text())["settings"]
     evaluation = {k: getattr(config, k) for k in ("name", "device", "eval_datasets", "eval_max_windows",
-                                                  "eval_batch_size", "tasks", "tasks_limit", "results_dir")}
+                                                  "eval_batch_size", "tasks", "tasks_limit", "tasks_include_path",
+                                                  "results_dir")}
     merged = LlamaRunConfig(**{**saved, **evaluation, "save_qmodel_path": None,
                                "load_qmodel_path": config.load_qmodel_path})
     methods = [m for m in merged.methods if m == "fp" or (folder / f"{m}.safetensors").is_file()]
@@ -106,6 +107,9 @@ def run(config: LlamaRunConfig) -> tuple[Path, Path]:
     torch.manual_seed(config.seed)
     device = pick_device(config.device)
     timer = StageTimer()
+    if config.tasks:
+        with timer("zero-shot task data"):
+            load_tasks(config.tasks, include_path=config.tasks_include_path)  # fail before calibrating
     with timer("load and rotate"):
         model, tokenizer, rotation = build_quantizable_model(config)
     with timer("data"):
@@ -163,7 +167,8 @@ def run(config: LlamaRunConfig) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(LlamaRunConfig, run, argv, __doc__.splitlines()[0], (ModelLoadError, CorpusUnavailableError))
+    expected = (ModelLoadError, CorpusUnavailableError, ZeroShotUnavailableError)
+    return run_cli(LlamaRunConfig, run, argv, __doc__.splitlines()[0], expected)
 
 
 if __name__ == "__main__":

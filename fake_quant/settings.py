@@ -29,6 +29,7 @@ class LlamaRunConfig(RunSettings):
     eval_max_windows: int | None = field(default=None, metadata=describe("evaluate the first k windows only"))
     eval_batch_size: int = field(default=4, metadata=describe("windows per perplexity forward"))
     tasks: list[str] = field(default_factory=list, metadata=describe("lm-eval zero-shot tasks (comma separated)"))
+    tasks_include_path: str | None = field(default=None, metadata=describe("folder of extra lm-eval task YAMLs"))
     tasks_limit: int | None = field(default=None, metadata=describe("lm-eval examples per task (None = all)"))
     k_bits: int = field(default=16, metadata=describe("K-cache bits, 1..16 (16 = off)"))
     v_bits: int = field(default=16, metadata=describe("V-cache bits, 1..16 (16 = off)"))

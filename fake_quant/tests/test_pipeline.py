@@ -7,7 +7,8 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import common.text_data as text_data
 from common.config import make_config
@@ -140,3 +141,69 @@ def test_same_config_and_seed_give_byte_identical_csv(tiny_setup):
     first, _ = fq_main.run(_config(tiny_setup / "a", methods=["rtn", "gptaq"]))
     second, _ = fq_main.run(_config(tiny_setup / "b", methods=["rtn", "gptaq"]))
     assert first.read_bytes().replace(b"/a,", b"/b,") == second.read_bytes()
+
+
+TASK_ITEMS = [
+    {"question": "the river flows", "choices": ["north", "loud"], "label": 0},
+    {"question": "the town grew around", "choices": ["years", "them"], "label": 1},
+    {"question": "in winter the water", "choices": ["freezes", "built"], "label": 0},
+]
+TASK_YAML = """\
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: choices
+doc_to_target: label
+metric_list:
+  - {{metric: acc, aggregation: mean, higher_is_better: true}}
+metadata:
+  version: 1.0
+"""
+
+
+def _word_tokenizer() -> PreTrainedTokenizerFast:
+    words = {w.strip(".,") for text in SENTENCES for w in text.split()}
+    words |= {w for item in TASK_ITEMS for w in [*item["question"].split(), *item["choices"]]}
+    vocab = {"[UNK]": 0, **{word: i + 1 for i, word in enumerate(sorted(words))}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[UNK]",
+                                   eos_token="[UNK]")
+
+
+@pytest.fixture
+def local_tasks(tiny_setup, monkeypatch):
+    folder = tiny_setup / "tasks"
+    folder.mkdir()
+    data = folder / "items.jsonl"
+    data.write_text("".join(json.dumps(item) + "\n" for item in TASK_ITEMS))
+    (folder / "river_mc.yaml").write_text(TASK_YAML.format(name="river_mc", data=data))
+    (folder / "river_missing.yaml").write_text(TASK_YAML.format(name="river_missing", data=folder / "absent.jsonl"))
+    monkeypatch.setattr(fq_main, "load_llama", lambda model, dtype: (_tiny_llama().to(dtype), _word_tokenizer()))
+    return folder
+
+
+def test_zero_shot_rows_through_lm_eval_offline(local_tasks):
+    config = _config(local_tasks.parent / "results", methods=["fp", "gptaq"], tasks=["river_mc"],
+                     tasks_include_path=str(local_tasks))
+    csv_path, _ = fq_main.run(config)
+    rows = {row["metric"]: row for row in _read_csv(csv_path)}
+    assert set(rows) == {"tiny_text_ppl", "river_mc_acc"}
+    assert rows["river_mc_acc"]["higher_is_better"] == "True"
+    for method in ("fp", "gptaq"):  # three items: the accuracy is a multiple of a third
+        assert round(float(rows["river_mc_acc"][method]) * 3 / 100, 4) in (0, 1, 2, 3)
+
+
+def test_unloadable_task_fails_before_calibrating(local_tasks, capsys):
+    results = local_tasks.parent / "results"
+    code = fq_main.main(["--results_dir", str(results), "--calib_dataset", "tiny_text", "--eval_datasets",
+                         "tiny_text", "--seqlen", "32", "--tasks", "river_missing", "--tasks_include_path",
+                         str(local_tasks)])
+    assert code == 2
+    assert "cannot load zero-shot task 'river_missing'" in capsys.readouterr().err
+    assert not results.exists()
