@@ -7,7 +7,8 @@ ENV_FILES := $(wildcard envs/*.txt) pyproject.toml
 # MODEL=embedded runs the offline CPU default; a hub id or local path runs the paper settings (GPU).
 MODEL ?= embedded
 
-.PHONY: setup test test-fast lint bench-solver reproduce-llama-w4a4 reproduce-llama-w2a4
+.PHONY: setup test test-fast lint bench-solver reproduce-llama-w4a4 reproduce-llama-w2a4 reproduce-vit \
+	data-fashion-mnist
 
 setup: $(STAMP)
 
@@ -41,3 +42,15 @@ endif
 .PHONY: report
 report: setup
 	$(PY) -m common.report
+
+# Fashion-MNIST for the embedded ViT (Debian package; needs root or sudo). Any folder with the four IDX
+# files works too: pass it as --data_path.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+data-fashion-mnist:
+	@test -d $(FASHION_MNIST) || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get install -y -q dataset-fashion-mnist || { $$SUDO apt-get update -q && \
+	    $$SUDO apt-get install -y -q dataset-fashion-mnist; }; }
+
+reproduce-vit: setup data-fashion-mnist
+	PYTHON=$(PY) bash vit_quant/run_deit.sh
