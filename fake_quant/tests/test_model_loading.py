@@ -12,11 +12,12 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from common import cache
+from common.cache import cache_root
 from fake_quant import model_loading
 from fake_quant.model_loading import (
     EMBEDDED,
     ModelLoadError,
-    cache_root,
     embedded_cache_folder,
     load_llama,
     untie_embeddings,
@@ -94,9 +95,9 @@ def test_missing_embedded_package_says_how_to_install(monkeypatch: pytest.Monkey
 
 
 def test_cache_root_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv(model_loading.CACHE_ENV_VAR, raising=False)
-    assert cache_root() == model_loading.REPO_ROOT / ".cache"
-    monkeypatch.setenv(model_loading.CACHE_ENV_VAR, str(tmp_path / "env"))
+    monkeypatch.delenv(cache.CACHE_ENV_VAR, raising=False)
+    assert cache_root() == cache.REPO_ROOT / ".cache"
+    monkeypatch.setenv(cache.CACHE_ENV_VAR, str(tmp_path / "env"))
     assert cache_root() == tmp_path / "env"
     assert cache_root(tmp_path / "arg") == tmp_path / "arg"
     assert embedded_cache_folder(tmp_path) == tmp_path / "models" / "smollm2-135m-instruct"
