@@ -29,12 +29,13 @@ def _blocks(model: nn.Module) -> Sequence[nn.Module]:
 
 def discover_linear_groups(block: nn.Module, hidden: torch.Tensor) -> list[list[str]]:
     """Linears of ``block`` grouped by shared input, in execution order, from one forward on ``hidden``."""
-    order: list[tuple[str, int]] = []
+    # The inputs themselves are kept (not their ids): a freed tensor's id can be reused by a later input.
+    order: list[tuple[str, torch.Tensor]] = []
     handles = []
     for name, module in block.named_modules():
         if isinstance(module, nn.Linear | QuantLinear):
             def record(_module, args, name=name):
-                order.append((name, id(args[0])))
+                order.append((name, args[0]))
             handles.append(module.register_forward_pre_hook(record))
     try:
         with torch.no_grad():
@@ -42,12 +43,14 @@ def discover_linear_groups(block: nn.Module, hidden: torch.Tensor) -> list[list[
     finally:
         for handle in handles:
             handle.remove()
-    groups: dict[int, list[str]] = {}
-    for name, input_id in order:
-        groups.setdefault(input_id, [])
-        if name not in groups[input_id]:
-            groups[input_id].append(name)
-    return list(groups.values())
+    groups: list[tuple[torch.Tensor, list[str]]] = []
+    for name, tensor in order:
+        group = next((names for seen, names in groups if seen is tensor), None)
+        if group is None:
+            groups.append((tensor, [name]))
+        elif name not in group:
+            group.append(name)
+    return [names for _, names in groups]
 
 
 class VitAdapter:
