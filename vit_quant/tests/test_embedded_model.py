@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from common.cache import CACHE_ENV_VAR
 from vit_quant import embedded_model as em
 from vit_quant.data import FASHION_MNIST_CLASSES, LabeledImages
 from vit_quant.embedded_model import (
@@ -52,7 +53,7 @@ def test_cache_key_changes_with_any_field() -> None:
     base = EmbeddedRecipe()
     assert base.cache_key() == EmbeddedRecipe().cache_key()
     assert len(base.cache_key()) == 16
-    for change in ({"epochs": base.epochs + 1}, {"lr": 2e-3}, {"hflip": False}, {"seed": 1}):
+    for change in ({"epochs": base.epochs + 1}, {"lr": base.lr * 2}, {"hflip": not base.hflip}, {"seed": 1}):
         assert dataclasses.replace(base, **change).cache_key() != base.cache_key()
 
 
@@ -140,8 +141,8 @@ def test_corrupt_cache_is_retrained(tmp_path: Path) -> None:
 
 
 def test_cache_dir_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(em.CACHE_ENV_VAR, str(tmp_path))
+    monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path))
     assert em.default_cache_dir() == tmp_path / "vit"
     assert em.cache_paths(TINY)[0].parent == tmp_path / "vit"
-    monkeypatch.delenv(em.CACHE_ENV_VAR)
+    monkeypatch.delenv(CACHE_ENV_VAR)
     assert em.default_cache_dir() == Path(em.__file__).resolve().parents[1] / ".cache" / "vit"
