@@ -28,6 +28,7 @@ from common.runs import MetricRow, StageTimer
 
 logger = logging.getLogger(__name__)
 
+
 def solver_config(settings: RunSettings, method: str) -> SolverConfig:
     """The layer-solver settings of ``method`` (``rtn`` uses only the grid settings)."""
     return SolverConfig(
@@ -84,23 +85,27 @@ def compare_methods(
     prepare: Callable[[str], CalibrationReport | None],
     evaluate: Callable[[str], dict[str, float]],
     timer: StageTimer,
+    stage_prefix: str = "",
 ) -> tuple[list[MetricRow], dict[str, list[dict[str, Any]]]]:
     """Run ``prepare(method)`` then ``evaluate(method)`` for each method, from the same starting weights.
 
     ``evaluate`` returns ``{metric: value}``; metrics ending in ``_ppl`` are lower-is-better. Returns the
     metric rows (one per metric, a value per method) and the per-layer calibration records per method.
+    ``stage_prefix`` (e.g. the rotation's name) starts the timer's stage names when a run compares
+    several models.
     """
+    prefix = f"{stage_prefix} " if stage_prefix else ""
     start = copy.deepcopy(model.state_dict())
     results: dict[str, dict[str, float]] = {}
     layers: dict[str, list[dict[str, Any]]] = {}
     for method in methods:
         model.load_state_dict(start)
         set_input_quantization(model, True)
-        with timer(f"quantize {method}"):
+        with timer(f"{prefix}quantize {method}"):
             report = prepare(method)
         if report is not None:
             layers[method] = [dataclasses.asdict(layer) for layer in report.layers]
-        with timer(f"evaluate {method}"):
+        with timer(f"{prefix}evaluate {method}"):
             results[method] = evaluate(method)
     names = list(dict.fromkeys(name for values in results.values() for name in values))
     rows = [

@@ -25,11 +25,16 @@ METHOD_COLUMNS = ("fp", "rtn", "gptq", "gptaq", "gptaq_official")
 
 @dataclass
 class MetricRow:
-    """One metric of one model/setting, measured for every method."""
+    """One metric of one model/setting, measured for every method.
+
+    ``setting`` overrides the run's setting label for this row (a run that compares several rotations
+    labels each row with its rotation, e.g. ``W4A4 SpinQuant``).
+    """
 
     metric: str
     higher_is_better: bool
     values: dict[str, float] = field(default_factory=dict)
+    setting: str | None = None
 
 
 class StageTimer:
@@ -91,7 +96,7 @@ def write_run(
     table = [
         {
             "model": model,
-            "setting": setting,
+            "setting": row.setting or setting,
             "metric": row.metric,
             "higher_is_better": row.higher_is_better,
             **{m: _fmt(row.values.get(m)) for m in methods},

@@ -18,59 +18,41 @@ from safetensors.torch import load_file, save_file
 
 from common.cli import run_cli
 from common.config import ConfigError
-from common.device import device_description, pick_device
-from common.perplexity import perplexity
-from common.pipeline import compare_methods, quantize
+from common.device import pick_device
+from common.llama.experiment import (
+    add_quantizers,
+    compare_rotated,
+    load_data,
+    load_model,
+    preflight_tasks,
+    quantizing,
+    write_llama_run,
+)
+from common.llama.loading import ModelLoadError
 from common.results import atomic_write, atomic_write_json
-from common.runs import StageTimer, write_run
-from common.text_data import CorpusUnavailableError, calibration_windows, corpus_fingerprint, evaluation_windows
-from common.zeroshot import ZeroShotUnavailableError, load_tasks, zero_shot_accuracy
-from fake_quant.llama_adapter import LlamaAdapter, add_activation_quantizers
-from fake_quant.model_loading import ModelLoadError, load_llama
-from fake_quant.rotation import rotate_model
+from common.runs import StageTimer
+from common.text_data import CorpusUnavailableError
+from common.zeroshot import ZeroShotUnavailableError
+from fake_quant.rotation import RotationInfo, rotate_model
 from fake_quant.settings import LlamaRunConfig
 
 logger = logging.getLogger("fake_quant")
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def build_quantizable_model(config: LlamaRunConfig):
     """Load, rotate and wrap the model: returns ``(model, tokenizer, rotation_info or None)``."""
-    model, tokenizer = load_llama(config.model, dtype=DTYPES[config.dtype])
-    model.eval()
+    model, tokenizer = load_model(config)
     rotation = None
     if config.rotate:
         rotation = rotate_model(model, mode=config.rotate_mode, seed=config.seed, k_bits=config.k_bits,
                                 v_bits=config.v_bits, kv_clip_ratio=config.kv_clip_ratio)
-    linears = add_activation_quantizers(model, bits=config.a_bits, sym=not config.a_asym,
-                                        clip_ratio=config.a_clip_ratio, groupsize=config.a_groupsize)
-    for option, size in (("w_groupsize", config.w_groupsize), ("a_groupsize", config.a_groupsize)):
-        for name, linear in linears.items():
-            if size != -1 and linear.in_features % size != 0:
-                raise ConfigError(f"{option} must be -1 or a positive divisor of every quantized linear's input "
-                                  f"size; {size} does not divide {linear.in_features} ({name})")
+    add_quantizers(model, config)
     return model, tokenizer, rotation
 
 
-def evaluate(model, tokenizer, config: LlamaRunConfig, method: str, eval_sets: dict[str, torch.Tensor],
-             device: torch.device) -> dict[str, float]:
-    model.to(device)
-    metrics = {}
-    for dataset, windows in eval_sets.items():
-        metrics[f"{dataset}_ppl"] = perplexity(model, windows, batch_size=config.eval_batch_size, device=device,
-                                               desc=f"{method} {dataset}")
-        logger.info("%s %s perplexity %.3f", method, dataset, metrics[f"{dataset}_ppl"])
-    if config.tasks:
-        accuracies = zero_shot_accuracy(model, tokenizer, config.tasks, batch_size=config.eval_batch_size,
-                                        device=device, limit=config.tasks_limit,
-                                        include_path=config.tasks_include_path)
-        metrics.update({f"{task}_acc": value for task, value in accuracies.items()})
-    return metrics
-
-
-def save_qmodel(model, folder: Path, method: str, config: LlamaRunConfig, rotation) -> None:
+def save_qmodel(model, folder: Path, method: str, config: LlamaRunConfig, rotation: RotationInfo | None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(folder / f"{method}.safetensors", lambda tmp: save_file(state, tmp, metadata={"method": method}))
@@ -104,63 +86,29 @@ def run(config: LlamaRunConfig) -> tuple[Path, Path]:
     torch.manual_seed(config.seed)
     device = pick_device(config.device)
     timer = StageTimer()
-    if config.tasks:
-        with timer("zero-shot task data"):
-            load_tasks(config.tasks, include_path=config.tasks_include_path)  # fail before calibrating
+    preflight_tasks(config, timer)
     with timer("load and rotate"):
         model, tokenizer, rotation = build_quantizable_model(config)
     with timer("data"):
-        calibration = None
-        if any(m not in ("fp", "rtn") for m in methods) and not config.load_qmodel_path:
-            calibration = calibration_windows(tokenizer, config.calib_dataset, nsamples=config.nsamples,
-                                              seqlen=config.seqlen, seed=config.seed)
-        eval_sets = {
-            name: evaluation_windows(tokenizer, name, seqlen=config.seqlen, max_windows=config.eval_max_windows)
-            for name in config.eval_datasets
-        }
-    adapter = LlamaAdapter()
-    offload_device = torch.device("cpu") if config.offload else device
+        calibrate = any(m not in ("fp", "rtn") for m in methods) and not config.load_qmodel_path
+        calibration, eval_sets = load_data(tokenizer, config, calibrate=calibrate)
     saved = Path(config.load_qmodel_path) if config.load_qmodel_path else None
+    quantize_method = quantizing(model, config, calibration, device)
 
     def prepare(method: str):
-        if saved is not None and method != "fp":
-            model.load_state_dict(load_file(str(saved / f"{method}.safetensors")))
+        if saved is not None:
+            if method != "fp":
+                model.load_state_dict(load_file(str(saved / f"{method}.safetensors")))
             return None
-        if not config.offload:
-            model.to(device)
-        report = quantize(model, adapter, method, config, [calibration] if calibration is not None else [],
-                          device=device, offload_device=offload_device)
+        report = quantize_method(method)
         if config.save_qmodel_path and method != "fp":
             save_qmodel(model, Path(config.save_qmodel_path), method, config, rotation)
         return report
 
-    def evaluate_method(method: str) -> dict[str, float]:
-        metrics = evaluate(model, tokenizer, config, method, eval_sets, device)
-        model.to("cpu")
-        return metrics
-
-    rows, layers = compare_methods(model, methods, prepare=prepare, evaluate=evaluate_method, timer=timer)
-    data_identity = {
-        name: corpus_fingerprint(name, split)
-        for name, split in [(config.calib_dataset, "train"), *((d, "test") for d in config.eval_datasets)]
-    }
-    return write_run(
-        config.results_dir,
-        config.run_name,
-        model=config.model,
-        setting=config.setting,
-        rows=rows,
-        settings=dataclasses.asdict(config),
-        metadata={
-            "tree": "fake_quant",
-            "seed": config.seed,
-            "device": device_description(device),
-            "rotation": dataclasses.asdict(rotation) if rotation else None,
-            "data_sha256": data_identity,
-            "seconds": timer.seconds,
-            "layers": layers,
-        },
-    )
+    rows, layers = compare_rotated(model, tokenizer, config, methods, prepare=prepare, eval_sets=eval_sets,
+                                   device=device, timer=timer)
+    return write_llama_run(config, rows, settings=dataclasses.asdict(config), layers=layers, timer=timer,
+                           device=device, metadata={"rotation": dataclasses.asdict(rotation) if rotation else None})
 
 
 def main(argv: list[str] | None = None) -> int:

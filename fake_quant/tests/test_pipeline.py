@@ -6,50 +6,27 @@ import csv
 import json
 
 import pytest
-import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 import common.text_data as text_data
 from common.config import make_config
 from common.perplexity import perplexity
+from common.tests.llama_fixtures import (
+    SENTENCES,
+    CharTokenizer,
+    install_tiny_corpus,
+    install_tiny_model,
+    tiny_llama,
+)
 from fake_quant import main as fq_main
 from fake_quant.settings import LlamaRunConfig
-
-SENTENCES = [
-    "The river flows north through the valley and reaches the sea after many miles.",
-    "Early settlers built mills along its banks, and the town grew around them.",
-    "In winter the water freezes near the shore, while the centre keeps moving.",
-    "Scientists measured the temperature of the water every hour for ten years.",
-]
-
-
-class CharTokenizer:
-    """One id per byte, plus a BOS id 0 at the start of each call (like Llama's tokenizer)."""
-
-    def __call__(self, text: str, return_tensors: str = "pt") -> dict[str, torch.Tensor]:
-        ids = [0] + [min(b, 254) + 1 for b in text.encode("utf-8")]
-        return {"input_ids": torch.tensor([ids], dtype=torch.long)}
-
-
-def _tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=True)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-    return model
 
 
 @pytest.fixture
 def tiny_setup(monkeypatch, tmp_path):
-    texts = {"train": " ".join(SENTENCES * 40), "test": " ".join(reversed(SENTENCES * 10))}
-    monkeypatch.setitem(text_data.CORPORA, "tiny_text", lambda split: texts[split])
-    monkeypatch.setattr(fq_main, "load_llama", lambda model, dtype: (_tiny_llama().to(dtype), CharTokenizer()))
+    install_tiny_corpus(monkeypatch)
+    install_tiny_model(monkeypatch)
     return tmp_path
 
 
@@ -74,7 +51,7 @@ def test_run_writes_every_column(tiny_setup):
     values = {m: float(row[m]) for m in ("fp", "rtn", "gptq", "gptaq")}
     assert all(v > 1 for v in values.values())
     windows = text_data.evaluation_windows(CharTokenizer(), "tiny_text", seqlen=32, max_windows=6)
-    unrotated = perplexity(_tiny_llama(), windows, progress=False)
+    unrotated = perplexity(tiny_llama(), windows, progress=False)
     assert values["fp"] == pytest.approx(unrotated, rel=1e-4)  # the rotation preserves the function
     meta = json.loads(json_path.read_text())
     assert meta["tree"] == "fake_quant" and meta["seed"] == 0 and meta["rotation"]["mode"] == "hadamard"
@@ -184,7 +161,7 @@ def local_tasks(tiny_setup, monkeypatch):
     data.write_text("".join(json.dumps(item) + "\n" for item in TASK_ITEMS))
     (folder / "river_mc.yaml").write_text(TASK_YAML.format(name="river_mc", data=data))
     (folder / "river_missing.yaml").write_text(TASK_YAML.format(name="river_missing", data=folder / "absent.jsonl"))
-    monkeypatch.setattr(fq_main, "load_llama", lambda model, dtype: (_tiny_llama().to(dtype), _word_tokenizer()))
+    install_tiny_model(monkeypatch, _word_tokenizer())
     return folder
 
 

@@ -13,15 +13,10 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from common.hadamard import hadamard_transform
+from common.llama.rotation import KVQuantizer, OnlineHadamard, OnlineOrthogonal, fold_rms_norms
 from common.qlinear import QuantLinear
 from common.quant import ActivationQuantizer
-from fake_quant.rotation import (
-    KVQuantizer,
-    OnlineHadamard,
-    OnlineOrthogonal,
-    fold_rms_norms,
-    rotate_model,
-)
+from fake_quant.rotation import rotate_model
 
 VOCAB = 128
 # (hidden, heads, kv_heads, head_dim, intermediate): GQA, all sizes constructible
@@ -84,7 +79,7 @@ def test_rotation_preserves_logits_float32(mode: str, attn: str) -> None:
     model.set_attn_implementation(attn)
     ids = input_ids()
     rotated = rotated_copy(model, mode=mode, seed=3, rotate_k=True)
-    assert rotated.config._attn_implementation == f"quarot_kv_{attn}"
+    assert rotated.config._attn_implementation == f"rotated_kv_{attn}"
     assert relative_max_diff(logits(rotated, ids), logits(model, ids)) < 1e-5  # measured 3e-7 .. 5e-7
 
 
@@ -238,7 +233,7 @@ def test_unsupported_model_and_double_rotation_raise() -> None:
 
 @pytest.mark.slow
 def test_embedded_smollm2_rotation_preserves_logits() -> None:
-    from fake_quant.model_loading import load_llama
+    from common.llama.loading import load_llama
 
     model, tokenizer = load_llama("embedded")
     text = (

@@ -1,4 +1,4 @@
-"""Tests of fake_quant.model_loading (fast ones use tiny local models; the embedded model test is slow)."""
+"""Tests of common.llama.loading (fast ones use tiny local models; the embedded model test is slow)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from transformers import GPT2Config, LlamaConfig, LlamaForCausalLM, PreTrainedTo
 
 from common import cache
 from common.cache import cache_root
-from fake_quant import model_loading
-from fake_quant.model_loading import (
+from common.llama import loading as model_loading
+from common.llama.loading import (
     EMBEDDED,
     ModelLoadError,
     embedded_cache_folder,

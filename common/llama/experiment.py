@@ -1,0 +1,181 @@
+"""The steps every Llama-family run shares: load, add quantizers, draw data, quantize and evaluate, write.
+
+A tree's entry point loads the model (:func:`load_model`), applies its rotation (QuaRot, SpinQuant, ...),
+adds activation quantizers (:func:`add_quantizers`), draws the data (:func:`load_data`) and calls
+:func:`compare_rotated` (usually with :func:`quantizing`) once per rotated model; :func:`write_llama_run`
+writes the result files.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
+
+from common.calibration import CalibrationReport
+from common.config import ConfigError
+from common.device import device_description
+from common.llama.adapter import LlamaAdapter, add_activation_quantizers
+from common.llama.loading import load_llama
+from common.llama.settings import LlamaSettings
+from common.perplexity import perplexity
+from common.pipeline import compare_methods, quantize
+from common.qlinear import QuantLinear
+from common.runs import MetricRow, StageTimer, write_run
+from common.text_data import calibration_windows, corpus_fingerprint, evaluation_windows
+from common.zeroshot import load_tasks, zero_shot_accuracy
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+Prepare = Callable[[str], CalibrationReport | None]
+
+
+def load_model(config: LlamaSettings) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
+    """The full-precision model (eval mode, on CPU, in ``config.dtype``) and its tokenizer."""
+    model, tokenizer = load_llama(config.model, dtype=DTYPES[config.dtype])
+    return model.eval(), tokenizer
+
+
+def preflight_tasks(config: LlamaSettings, timer: StageTimer) -> None:
+    """Load the zero-shot tasks' data up front, so a missing task fails before hours of calibration."""
+    if config.tasks:
+        with timer("zero-shot task data"):
+            load_tasks(config.tasks, include_path=config.tasks_include_path)
+
+
+def add_quantizers(model: LlamaForCausalLM, config: LlamaSettings) -> dict[str, QuantLinear]:
+    """Give every decoder linear an activation quantizer (see :func:`add_activation_quantizers`).
+
+    Raises ``ConfigError`` naming ``w_groupsize`` / ``a_groupsize`` when a group size does not divide a
+    quantized linear's input size.
+    """
+    linears = add_activation_quantizers(model, bits=config.a_bits, sym=not config.a_asym,
+                                        clip_ratio=config.a_clip_ratio, groupsize=config.a_groupsize)
+    for option, size in (("w_groupsize", config.w_groupsize), ("a_groupsize", config.a_groupsize)):
+        for name, linear in linears.items():
+            if size != -1 and linear.in_features % size != 0:
+                raise ConfigError(f"{option} must be -1 or a positive divisor of every quantized linear's input "
+                                  f"size; {size} does not divide {linear.in_features} ({name})")
+    return linears
+
+
+def load_data(
+    tokenizer: PreTrainedTokenizerBase, config: LlamaSettings, *, calibrate: bool
+) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """Calibration windows [nsamples, seqlen] (``None`` unless ``calibrate``) and ``{corpus: test windows}``."""
+    calibration = None
+    if calibrate:
+        calibration = calibration_windows(tokenizer, config.calib_dataset, nsamples=config.nsamples,
+                                          seqlen=config.seqlen, seed=config.seed)
+    eval_sets = {
+        name: evaluation_windows(tokenizer, name, seqlen=config.seqlen, max_windows=config.eval_max_windows)
+        for name in config.eval_datasets
+    }
+    return calibration, eval_sets
+
+
+def evaluate(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    config: LlamaSettings,
+    label: str,
+    eval_sets: Mapping[str, torch.Tensor],
+    device: torch.device,
+) -> dict[str, float]:
+    """``{<corpus>_ppl: perplexity, <task>_acc: accuracy in %}`` of ``model`` (moved to ``device``)."""
+    model.to(device)
+    metrics = {}
+    for dataset, windows in eval_sets.items():
+        metrics[f"{dataset}_ppl"] = perplexity(model, windows, batch_size=config.eval_batch_size, device=device,
+                                               desc=f"{label} {dataset}")
+        logger.info("%s %s perplexity %.3f", label, dataset, metrics[f"{dataset}_ppl"])
+    if config.tasks:
+        accuracies = zero_shot_accuracy(model, tokenizer, config.tasks, batch_size=config.eval_batch_size,
+                                        device=device, limit=config.tasks_limit,
+                                        include_path=config.tasks_include_path)
+        metrics.update({f"{task}_acc": value for task, value in accuracies.items()})
+    return metrics
+
+
+def quantizing(
+    model: LlamaForCausalLM, config: LlamaSettings, calibration: torch.Tensor | None, device: torch.device
+) -> Prepare:
+    """The default ``prepare(method)``: quantize ``model`` in place with ``method`` on ``calibration``."""
+    offload_device = torch.device("cpu") if config.offload else device
+    adapter = LlamaAdapter()
+    batches = [calibration] if calibration is not None else []
+
+    def prepare(method: str) -> CalibrationReport | None:
+        if not config.offload:
+            model.to(device)
+        return quantize(model, adapter, method, config, batches, device=device, offload_device=offload_device)
+
+    return prepare
+
+
+def compare_rotated(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    config: LlamaSettings,
+    methods: Sequence[str],
+    *,
+    prepare: Prepare,
+    eval_sets: Mapping[str, torch.Tensor],
+    device: torch.device,
+    timer: StageTimer,
+    label: str = "",
+) -> tuple[list[MetricRow], dict[str, list[dict[str, Any]]]]:
+    """``prepare(method)`` then evaluate ``model`` (rotated, quantizers added) for each method.
+
+    ``prepare`` is usually :func:`quantizing`; ``label`` prefixes stage names and progress bars when one
+    run compares several rotated models. Returns the metric rows and the per-layer calibration records per
+    method (see :func:`common.pipeline.compare_methods`).
+    """
+
+    def evaluate_method(method: str) -> dict[str, float]:
+        metrics = evaluate(model, tokenizer, config, f"{label} {method}".strip(), eval_sets, device)
+        model.to("cpu")
+        return metrics
+
+    return compare_methods(model, methods, prepare=prepare, evaluate=evaluate_method, timer=timer,
+                           stage_prefix=label)
+
+
+def write_llama_run(
+    config: LlamaSettings,
+    rows: Sequence[MetricRow],
+    *,
+    settings: Mapping[str, Any],
+    layers: Mapping[str, Any],
+    timer: StageTimer,
+    device: torch.device,
+    metadata: Mapping[str, Any],
+) -> tuple[Path, Path]:
+    """Write ``<results_dir>/<run name>.csv`` and ``.json`` with the data hashes and the common metadata."""
+    data_identity = {
+        name: corpus_fingerprint(name, split)
+        for name, split in [(config.calib_dataset, "train"), *((d, "test") for d in config.eval_datasets)]
+    }
+    return write_run(
+        config.results_dir,
+        config.run_name,
+        model=config.model,
+        setting=config.setting,
+        rows=rows,
+        settings=settings,
+        metadata={
+            "tree": config.TREE,
+            "seed": config.seed,
+            "device": device_description(device),
+            "data_sha256": data_identity,
+            "seconds": timer.seconds,
+            "layers": dict(layers),
+            **metadata,
+        },
+    )

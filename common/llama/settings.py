@@ -1,0 +1,63 @@
+"""Settings every Llama-family run shares (model, data, evaluation, KV cache), see :mod:`common.config`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from common.config import ConfigError
+from common.quant import check_bits, check_clip_ratio
+from common.run_settings import RunSettings, check_one_of, describe
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class LlamaSettings(RunSettings):
+    """A Llama model, the quantization settings and what to evaluate; trees add their rotation's fields."""
+
+    TREE: ClassVar[str] = "llama"
+    """Prefix of the default run name (the tree's folder name)."""
+
+    model: str = field(default="embedded", metadata=describe("hub id, local folder, or 'embedded' (SmolLM2-135M)"))
+    dtype: str = field(default="float32", metadata=describe(f"model dtype, one of {DTYPES}"))
+    offload: bool = field(default=False, metadata=describe("keep layers on CPU while calibrating; one on device"))
+    calib_dataset: str = field(default="wiki_embedded", metadata=describe("corpus of the calibration windows"))
+    nsamples: int = field(default=32, metadata=describe("number of calibration windows"))
+    seqlen: int = field(default=512, metadata=describe("tokens per calibration and evaluation window"))
+    eval_datasets: list[str] = field(default_factory=lambda: ["wiki_embedded"],
+                                     metadata=describe("corpora for perplexity"))
+    eval_max_windows: int | None = field(default=None, metadata=describe("evaluate the first k windows only"))
+    eval_batch_size: int = field(default=4, metadata=describe("windows per perplexity forward"))
+    tasks: list[str] = field(default_factory=list, metadata=describe("lm-eval zero-shot tasks (comma separated)"))
+    tasks_include_path: str | None = field(default=None, metadata=describe("folder of extra lm-eval task YAMLs"))
+    tasks_limit: int | None = field(default=None, metadata=describe("lm-eval examples per task (None = all)"))
+    k_bits: int = field(default=16, metadata=describe("K-cache bits, 1..16 (16 = off)"))
+    v_bits: int = field(default=16, metadata=describe("V-cache bits, 1..16 (16 = off)"))
+    kv_clip_ratio: float = field(default=1.0, metadata=describe("KV range shrink, (0, 1]"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bits(self.k_bits, "k_bits")
+        check_bits(self.v_bits, "v_bits")
+        check_clip_ratio(self.kv_clip_ratio, "kv_clip_ratio")
+        check_one_of("dtype", self.dtype, DTYPES)
+        if self.seqlen < 2:
+            raise ConfigError(f"seqlen must be at least 2, got {self.seqlen}")
+        if self.eval_batch_size < 1:
+            raise ConfigError(f"eval_batch_size must be a positive integer, got {self.eval_batch_size}")
+
+    @property
+    def setting(self) -> str:
+        """A short label such as ``W4A4``, ``W4A4K4V4`` or ``W2A4-g128``."""
+        label = f"W{self.w_bits}A{self.a_bits}"
+        if self.k_bits < 16 or self.v_bits < 16:
+            label += f"K{self.k_bits}V{self.v_bits}"
+        return label + (f"-g{self.w_groupsize}" if self.w_groupsize > 0 else "")
+
+    @property
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        model = "smollm2-135m" if self.model == "embedded" else self.model.rstrip("/").split("/")[-1].lower()
+        return f"{self.TREE}-{model}-{self.setting.lower()}"

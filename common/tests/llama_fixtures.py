@@ -1,0 +1,52 @@
+"""Tiny offline stand-ins shared by the Llama trees' tests: a random Llama, a byte tokenizer, a small corpus."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import common.text_data as text_data
+from common.llama import experiment
+
+SENTENCES = [
+    "The river flows north through the valley and reaches the sea after many miles.",
+    "Early settlers built mills along its banks, and the town grew around them.",
+    "In winter the water freezes near the shore, while the centre keeps moving.",
+    "Scientists measured the temperature of the water every hour for ten years.",
+]
+TINY_CORPUS = "tiny_text"
+
+
+class CharTokenizer:
+    """One id per byte, plus a BOS id 0 at the start of each call (like Llama's tokenizer)."""
+
+    def __call__(self, text: str, return_tensors: str = "pt") -> dict[str, torch.Tensor]:
+        ids = [0] + [min(b, 254) + 1 for b in text.encode("utf-8")]
+        return {"input_ids": torch.tensor([ids], dtype=torch.long)}
+
+
+def tiny_llama(layers: int = 2) -> LlamaForCausalLM:
+    """A seeded random Llama (vocab 256, hidden 64, 4 heads / 2 KV heads, tied embeddings, non-unit norms)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    return model
+
+
+def install_tiny_corpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Register the corpus ``tiny_text`` (train and test splits made of :data:`SENTENCES`)."""
+    texts = {"train": " ".join(SENTENCES * 40), "test": " ".join(reversed(SENTENCES * 10))}
+    monkeypatch.setitem(text_data.CORPORA, TINY_CORPUS, lambda split: texts[split])
+
+
+def install_tiny_model(monkeypatch: pytest.MonkeyPatch, tokenizer: object | None = None) -> None:
+    """Make every Llama run load :func:`tiny_llama` with ``tokenizer`` (default :class:`CharTokenizer`)."""
+    tokenizer = tokenizer if tokenizer is not None else CharTokenizer()
+    monkeypatch.setattr(experiment, "load_llama", lambda model, dtype: (tiny_llama().to(dtype), tokenizer))
