@@ -8,7 +8,7 @@ ENV_FILES := $(wildcard envs/*.txt) pyproject.toml
 MODEL ?= embedded
 
 .PHONY: setup test test-fast lint bench-solver reproduce-llama-w4a4 reproduce-llama-w2a4 reproduce-vit \
-	data-fashion-mnist
+	reproduce-spinquant-w4a4 reproduce-spinquant-w2a4 data-fashion-mnist
 
 setup: $(STAMP)
 
@@ -39,8 +39,21 @@ else
 	MODEL=$(MODEL) PYTHON=$(PY) bash fake_quant/run_llama_$*.sh
 endif
 
-.PHONY: report
+# SpinQuant: the rotation is trained once (cached under .cache/spinquant/) and shared by W4A4 and W2A4.
+reproduce-spinquant-w4a4 reproduce-spinquant-w2a4: reproduce-spinquant-%: setup
+ifeq ($(MODEL),embedded)
+	$(PY) -m spinquant.main --config spinquant/configs/embedded_$*.yaml
+else
+	MODEL=$(MODEL) PYTHON=$(PY) bash spinquant/run_spinquant_$*.sh
+endif
+
+.PHONY: report report-ablations
 report: setup
+	$(PY) -m common.report
+
+# GPTAQ's α sweep and exact vs official lazy update on the embedded default (results/ablations/), then the report.
+report-ablations: setup
+	PYTHON=$(PY) bash fake_quant/run_ablations.sh
 	$(PY) -m common.report
 
 # Fashion-MNIST for the embedded ViT (Debian package; needs root or sudo). Any folder with the four IDX

@@ -13,20 +13,18 @@ note naming the differing keys on each of their rows; a run without sidecar JSON
 Errors: a malformed CSV or JSON raises :class:`ReportError` naming the file and line; so does an empty or
 missing results folder (no report is written). The command line prints ``error: ...`` and exits 2.
 The same inputs give a byte-identical report (sorted order, no timestamps).
+
+Ablations: when ``<results-dir>/ablations/`` holds result files (``make report-ablations``), the report ends
+with the sections of :mod:`common.ablations` (GPTAQ's α sweep, exact vs official lazy update).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
-import os
-import re
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,52 +32,33 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from common.ablations import ABLATIONS_DIR, ablation_markdown
+from common.report_style import (
+    COLORS,
+    LABELS,
+    cell_text,
+    decimals_for,
+    number_text,
+    save_png,
+    short,
+    table_line,
+)
+from common.result_files import (
+    MISSING,
+    TREES,
+    MetricRecord,
+    ReportError,
+    Run,
+    differing_keys,
+    load_runs,
+)
 from common.results import atomic_write_text
-from common.runs import METHOD_COLUMNS
 
-TREES = ("fake_quant", "spinquant", "vit_quant")
-FIXED_COLUMNS = ("model", "setting", "metric", "higher_is_better")
-LABELS = {"fp": "FP", "rtn": "RTN", "gptq": "GPTQ", "gptaq": "GPTAQ", "gptaq_official": "GPTAQ (official)"}
 PLOTTED = ("gptq", "gptaq", "gptaq_official")
-COLORS = {"gptq": "#4C72B0", "gptaq": "#DD8452", "gptaq_official": "#55A868"}
-BOOKKEEPING = frozenset({
-    "name", "methods", "results_dir", "save_qmodel_path", "load_qmodel_path", "eval_batch_size",
-    "calib_batch_size", "offload", "device",
-})
 HIGHLIGHTED = (
     "seed", "nsamples", "seqlen", "calib_dataset", "w_bits", "a_bits", "k_bits", "v_bits", "w_groupsize",
     "a_groupsize", "w_clip", "a_clip_ratio", "percdamp", "act_order", "alpha", "lazy_update",
 )
-MISSING = "—"
-TRUE_TEXT, FALSE_TEXT = ("true", "1"), ("false", "0")
-HASH = re.compile(r"([0-9a-f]{32,64})(\+dirty)?")
-
-
-class ReportError(ValueError):
-    """A results folder or file cannot be reported (the message names the file and line)."""
-
-
-@dataclass(frozen=True)
-class MetricRecord:
-    """One CSV line: a metric of one model/setting with a value per method (absent = not computed)."""
-
-    model: str
-    setting: str
-    metric: str
-    higher_is_better: bool
-    values: dict[str, float]
-
-
-@dataclass
-class Run:
-    """The contents of one ``<name>.csv`` and its sidecar JSON (``meta`` is None when it is missing)."""
-
-    name: str
-    tree: str
-    records: list[MetricRecord]
-    settings: dict[str, str]
-    meta: dict[str, Any] | None
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -99,184 +78,6 @@ class TreeTable:
     runs: list[Run]
     rows: list[TableRow]
     notes: list[str]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Reading
-# ---------------------------------------------------------------------------------------------------------
-
-
-def setting_text(value: Any) -> str:
-    """A settings value as the CSV writer stores it (lists joined with ``+``, None empty)."""
-    if value is None:
-        return ""
-    if isinstance(value, list | tuple):
-        return "+".join(map(str, value))
-    if isinstance(value, dict):
-        return json.dumps(value, sort_keys=True)
-    return str(value)
-
-
-def _parse_bool(text: str, where: str) -> bool:
-    if text.strip().lower() in TRUE_TEXT:
-        return True
-    if text.strip().lower() in FALSE_TEXT:
-        return False
-    raise ReportError(f"{where}: higher_is_better must be True or False, got {text!r}")
-
-
-def _parse_value(text: str, column: str, where: str) -> float | None:
-    if text.strip() == "":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise ReportError(f"{where}: column {column!r} must be a number or empty, got {text!r}") from None
-
-
-def _column_roles(header: list[str], where: str) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
-    """Indices of the fixed, method and settings columns (first occurrence of a duplicated name wins)."""
-    first: dict[str, int] = {}
-    for index, name in enumerate(header):
-        first.setdefault(name, index)
-    missing = [name for name in FIXED_COLUMNS if name not in first]
-    if missing:
-        raise ReportError(f"{where}: missing column(s) {', '.join(missing)} (header: {','.join(header)})")
-    fixed = {name: first[name] for name in FIXED_COLUMNS}
-    methods = {name: first[name] for name in METHOD_COLUMNS if name in first}
-    taken = set(fixed.values()) | set(methods.values())
-    settings = {name: index for index, name in enumerate(header) if index not in taken}
-    return fixed, methods, settings
-
-
-def read_csv(path: Path) -> tuple[list[MetricRecord], list[dict[str, str]]]:
-    """The metric records of a result CSV and, per line, its settings columns."""
-    records: list[MetricRecord] = []
-    settings: list[dict[str, str]] = []
-    with open(path, encoding="utf-8", newline="") as handle:
-        reader = csv.reader(handle)
-        try:
-            header = next(reader, None)
-            if not header:
-                raise ReportError(f"{path}:1: no header row (the file or its first line is empty)")
-            fixed, methods, setting_columns = _column_roles(header, f"{path}:1")
-            for line in reader:
-                if not line:
-                    continue
-                where = f"{path}:{reader.line_num}"
-                if len(line) != len(header):
-                    raise ReportError(f"{where}: {len(line)} fields, the header has {len(header)}")
-                values = {m: _parse_value(line[i], m, where) for m, i in methods.items()}
-                records.append(MetricRecord(
-                    model=line[fixed["model"]], setting=line[fixed["setting"]], metric=line[fixed["metric"]],
-                    higher_is_better=_parse_bool(line[fixed["higher_is_better"]], where),
-                    values={m: v for m, v in values.items() if v is not None},
-                ))
-                settings.append({name: line[i] for name, i in setting_columns.items()})
-        except csv.Error as error:
-            raise ReportError(f"{path}:{reader.line_num}: {error}") from None
-    return records, settings
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """The sidecar JSON object, or None when the file does not exist."""
-    if not path.is_file():
-        return None
-    try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ReportError(f"{path}:{error.lineno}: invalid JSON: {error.msg}") from None
-    if not isinstance(payload, dict):
-        raise ReportError(f"{path}:1: expected a JSON object, got {type(payload).__name__}")
-    return payload
-
-
-def tree_of(name: str, meta: dict[str, Any] | None) -> str:
-    """The run's tree: the JSON's ``tree``, else the file name's prefix, else ``other``."""
-    if meta is not None and isinstance(meta.get("tree"), str) and meta["tree"]:
-        return meta["tree"]
-    return next((tree for tree in TREES if name.startswith(tree)), "other")
-
-
-def _consistency_notes(name: str, meta: dict[str, Any] | None, csv_settings: list[dict[str, str]]) -> list[str]:
-    """Disagreements between the CSV lines, and between the CSV and its JSON."""
-    notes = []
-    if any(line != csv_settings[0] for line in csv_settings[1:]):
-        notes.append(f"run `{name}`: the settings columns differ between lines of its CSV")
-    if meta is None:
-        notes.append(f"run `{name}`: no sidecar JSON; git commit, versions, device, data hashes and "
-                     "wall times are unknown, settings are read from the CSV")
-        return notes
-    if meta.get("name", name) != name:
-        notes.append(f"run `{name}`: its JSON names another run, `{meta['name']}`")
-    json_settings = {k: setting_text(v) for k, v in (meta.get("settings") or {}).items()}
-    first = csv_settings[0] if csv_settings else {}
-    differ = sorted(k for k in first.keys() & json_settings.keys() if first[k] != json_settings[k])
-    if differ:
-        notes.append(f"run `{name}`: CSV and JSON disagree on {', '.join(differ)}")
-    return notes
-
-
-def read_run(csv_path: Path) -> Run:
-    """One run from its CSV and (if present) its sidecar JSON."""
-    records, csv_settings = read_csv(csv_path)
-    name = csv_path.stem
-    meta = read_json(csv_path.with_suffix(".json"))
-    json_settings = (meta or {}).get("settings")
-    if isinstance(json_settings, dict):
-        settings = {k: setting_text(v) for k, v in json_settings.items()}
-    else:
-        settings = csv_settings[0] if csv_settings else {}
-    return Run(name, tree_of(name, meta), records, settings, meta, _consistency_notes(name, meta, csv_settings))
-
-
-def load_runs(results_dir: Path) -> list[Run]:
-    """Every run of ``results_dir`` (``*.csv`` at its top level), sorted by name."""
-    if not results_dir.is_dir():
-        raise ReportError(f"results folder {results_dir} does not exist (run an experiment first)")
-    paths = sorted(results_dir.glob("*.csv"))
-    if not paths:
-        raise ReportError(f"no result files (*.csv) in {results_dir} (run an experiment first)")
-    return [read_run(path) for path in paths]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Provenance
-# ---------------------------------------------------------------------------------------------------------
-
-
-def provenance(run: Run) -> dict[str, str]:
-    """What a run's numbers depend on: its settings (bookkeeping aside), device, git commit, data hashes."""
-    keys = {k: v for k, v in run.settings.items() if k not in BOOKKEEPING}
-    if run.meta is not None:
-        keys["device"] = str(run.meta.get("device", MISSING))
-        keys["git_commit"] = str(run.meta.get("git_commit", MISSING))
-        for data, digest in (run.meta.get("data_sha256") or {}).items():
-            keys[f"data_sha256[{data}]"] = str(digest)
-    return keys
-
-
-def differing_keys(runs: Sequence[Run]) -> dict[str, dict[str, str]]:
-    """``{key: {run name: value}}`` for the provenance keys whose values differ among ``runs``.
-
-    A run without sidecar JSON takes part only for the keys it has (its own note says the rest is unknown).
-    """
-    known = {run.name: provenance(run) for run in runs}
-    differ: dict[str, dict[str, str]] = {}
-    for key in sorted(set().union(*known.values())):
-        values = {run.name: known[run.name].get(key, MISSING) for run in runs
-                  if run.meta is not None or key in known[run.name]}
-        if len(set(values.values())) > 1:
-            differ[key] = values
-    return differ
-
-
-def short(value: str) -> str:
-    """Hashes and commits cut to 12 hex digits (a ``+dirty`` mark kept); other values unchanged."""
-    match = HASH.fullmatch(value)
-    if match is None:
-        return value if value != "" else "None"
-    return match.group(1)[:12] + "…" + (match.group(2) or "")
 
 
 def _mismatch_note(model: str, setting: str, differ: dict[str, dict[str, str]]) -> str:
@@ -319,17 +120,6 @@ def build_table(tree: str, runs: Sequence[Run]) -> TreeTable:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _decimals(values: Iterable[float]) -> int:
-    finite = [abs(v) for v in values if math.isfinite(v)]
-    return 2 if finite and max(finite) >= 1 else 4
-
-
-def _number(value: float | None, decimals: int, signed: bool = False) -> str:
-    if value is None:
-        return MISSING
-    return f"{value:+.{decimals}f}" if signed else f"{value:.{decimals}f}"
-
-
 def better_method(record: MetricRecord) -> str | None:
     """``gptq`` or ``gptaq``, whichever is better for the record's metric; None on a tie or a missing value."""
     gptq, gptaq = record.values.get("gptq"), record.values.get("gptaq")
@@ -337,14 +127,6 @@ def better_method(record: MetricRecord) -> str | None:
         return None
     gptaq_wins = gptaq > gptq if record.higher_is_better else gptaq < gptq
     return "gptaq" if gptaq_wins else "gptq"
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _table_line(cells: Iterable[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
 
 
 def _methods(rows: Sequence[TableRow]) -> tuple[list[str], list[str]]:
@@ -355,20 +137,21 @@ def _methods(rows: Sequence[TableRow]) -> tuple[list[str], list[str]]:
 
 def _row_cells(row: TableRow, before: Sequence[str], after: Sequence[str]) -> list[str]:
     record = row.record
-    decimals = _decimals(record.values.values())
+    decimals = decimals_for(record.values.values())
     best = better_method(record)
 
     def value(method: str) -> str:
-        text = _number(record.values.get(method), decimals)
+        text = number_text(record.values.get(method), decimals)
         return f"**{text}**" if method == best else text
 
     gptq, gptaq = record.values.get("gptq"), record.values.get("gptaq")
     diff = None if gptq is None or gptaq is None else gptaq - gptq
     marks = " ⚠" + ",".join(map(str, row.notes)) if row.notes else ""
     return [
-        _cell(record.model), _cell(record.setting), _cell(f"{record.metric} {'↑' if record.higher_is_better else '↓'}"),
-        *map(value, before), _number(diff, decimals, signed=True), *map(value, after),
-        f"`{_cell(row.run.name)}`{marks}",
+        cell_text(record.model), cell_text(record.setting),
+        cell_text(f"{record.metric} {'↑' if record.higher_is_better else '↓'}"),
+        *map(value, before), number_text(diff, decimals, signed=True), *map(value, after),
+        f"`{cell_text(row.run.name)}`{marks}",
     ]
 
 
@@ -377,10 +160,10 @@ def table_markdown(table: TreeTable) -> list[str]:
     before, after = _methods(table.rows)
     header = ["Model", "Setting", "Metric", *(LABELS[m] for m in before), "GPTAQ − GPTQ",
               *(LABELS[m] for m in after), "Run"]
-    lines = [_table_line(header), _table_line(["---"] * 3 + ["---:"] * (len(header) - 4) + ["---"])]
-    lines += [_table_line(_row_cells(row, before, after)) for row in table.rows]
+    lines = [table_line(header), table_line(["---"] * 3 + ["---:"] * (len(header) - 4) + ["---"])]
+    lines += [table_line(_row_cells(row, before, after)) for row in table.rows]
     if table.notes:
-        lines += ["", "Notes:", ""] + [f"- ⚠{i}: {_cell(text)}" for i, text in enumerate(table.notes, 1)]
+        lines += ["", "Notes:", ""] + [f"- ⚠{i}: {cell_text(text)}" for i, text in enumerate(table.notes, 1)]
     return lines
 
 
@@ -483,7 +266,7 @@ def _draw_bars(ax: Axes, rows: Sequence[TableRow], methods: Sequence[str], log: 
         offset = (i - (len(methods) - 1) / 2) * width
         bars = ax.bar([x + offset for x, _ in points], [v for _, v in points], width,
                       label=LABELS[method], color=COLORS[method])
-        labels = [_number(v, _decimals([v])) for _, v in points]
+        labels = [number_text(v, decimals_for([v])) for _, v in points]
         if log:  # short bars on a log axis: values above them
             ax.bar_label(bars, labels=labels, rotation=90, fontsize=7, padding=2)
         else:
@@ -520,20 +303,6 @@ def _plot_panel(ax: Axes, metric: str, rows: Sequence[TableRow]) -> None:
     ax.set_xlabel("model / setting" + (" ((!) = flagged, see the notes in the report)" if flagged else ""))
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-
-
-def save_png(fig: Figure, path: Path) -> Path:
-    """Save ``fig`` as PNG through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png", dpi=120, metadata={"Software": None})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def plot_tree(table: TreeTable, path: Path) -> bool:
@@ -577,8 +346,15 @@ def write_report(results_dir: str | Path, output: str | Path | None = None) -> t
         name = f"report_{table.tree}.png"
         if table.runs and plot_tree(table, output.parent / name):
             figures[table.tree] = name
-    atomic_write_text(output, report_markdown(tables, figures))
-    return output, [output.parent / name for name in figures.values()]
+    text = report_markdown(tables, figures)
+    paths = [output.parent / name for name in figures.values()]
+    ablations = results_dir / ABLATIONS_DIR
+    if ablations.is_dir() and any(ablations.glob("*.csv")):
+        lines, ablation_figures = ablation_markdown(ablations, output.parent)
+        text += "\n" + "\n".join(lines).rstrip("\n") + "\n"
+        paths += ablation_figures
+    atomic_write_text(output, text)
+    return output, paths
 
 
 def main(argv: list[str] | None = None) -> int:

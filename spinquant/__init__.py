@@ -1,1 +1,1 @@
-"""SpinQuant learned rotations + GPTQ/GPTAQ (not built yet: see the issue tracker)."""
+"""SpinQuant: learned rotations (Cayley SGD on the orthogonal group) + GPTQ/GPTAQ for Llama models."""

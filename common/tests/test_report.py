@@ -247,3 +247,49 @@ def test_tree_from_json_overrides_the_file_name_and_unknown_trees_get_a_section(
     report = report_of(tmp_path)
     assert "`custom-run` |" in section(report, "spinquant")
     assert report.index("## vit_quant") < report.index("## other") and "`adhoc-run` ⚠1 |" in section(report, "other")
+
+
+def _ablation(folder: Path, name: str, alpha: float, values: dict[str, float], **settings: Any) -> None:
+    write_result(folder, name, [("wiki_embedded_ppl", False, values)],
+                 settings={**SETTINGS, "alpha": alpha, "lazy_update": "exact", **settings})
+
+
+def test_ablation_sections_alpha_sweep_and_lazy_update(tmp_path: Path) -> None:
+    write_result(tmp_path, "fake_quant-main", [("wiki_embedded_ppl", False, {"gptq": 30.0, "gptaq": 29.0})])
+    ablations = tmp_path / "ablations"
+    ablations.mkdir()
+    _ablation(ablations, "ablation-lazy-update", 0.25, {"gptq": 30.0, "gptaq": 29.0, "gptaq_official": 29.4})
+    _ablation(ablations, "ablation-alpha-0", 0.0, {"gptaq": 29.8})
+    _ablation(ablations, "ablation-alpha-1", 1.0, {"gptaq": 31.5})
+    output, figures = write_report(tmp_path)
+    report = output.read_text(encoding="utf-8")
+    ablation = report.split("## Ablations\n", 1)[1]
+    assert "(GPTQ: 30.00)" in ablation
+    assert cells(table_line(ablation, "0"))[1:3] == ["29.80", "-0.20"]
+    assert cells(table_line(ablation, "0.25"))[1:4] == ["**29.00**", "-1.00", "`ablation-lazy-update`"]
+    assert cells(table_line(ablation, "1"))[1:3] == ["31.50", "+1.50"]
+    lazy = cells(table_line(ablation, "embedded", "W4A4", "wiki_embedded_ppl ↓", "0.25"))
+    assert lazy[4:7] == ["29.00", "29.40", "+0.40"]
+    assert "⚠" not in ablation
+    assert (tmp_path / "report_ablation_alpha.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert tmp_path / "report_ablation_alpha.png" in figures
+    assert "![GPTAQ against α](report_ablation_alpha.png)" in ablation
+    assert "ablation-alpha" not in section(report, "fake_quant")  # ablation runs stay out of the main tables
+
+
+def test_ablation_runs_differing_in_more_than_alpha_are_flagged(tmp_path: Path) -> None:
+    write_result(tmp_path, "fake_quant-main", [("wiki_embedded_ppl", False, {"gptq": 30.0})])
+    (tmp_path / "ablations").mkdir()
+    _ablation(tmp_path / "ablations", "ablation-alpha-0", 0.0, {"gptaq": 29.8})
+    _ablation(tmp_path / "ablations", "ablation-alpha-1", 1.0, {"gptaq": 31.5}, nsamples=64)
+    report = report_of(tmp_path)
+    assert "the ablation runs differ in more than α" in report and "nsamples" in report
+    assert "No ablation run computed both forms" in report
+
+
+def test_ablation_run_without_alpha_names_the_run(tmp_path: Path) -> None:
+    write_result(tmp_path, "fake_quant-main", [("wiki_embedded_ppl", False, {"gptq": 30.0})])
+    (tmp_path / "ablations").mkdir()
+    write_result(tmp_path / "ablations", "ablation-x", [("wiki_embedded_ppl", False, {"gptaq": 29.0})])
+    with pytest.raises(ReportError, match="ablation run `ablation-x` has no numeric alpha setting"):
+        write_report(tmp_path)

@@ -1,0 +1,148 @@
+"""Optional report sections from ablation runs: GPTAQ's ``α`` and its exact vs official lazy update.
+
+Ablation runs are ordinary result files (the schema of :mod:`common.runs`) in ``<results>/ablations/``
+(:data:`ABLATIONS_DIR`),
+written by ``make report-ablations`` (``fake_quant/run_ablations.sh``). :func:`ablation_markdown` turns them
+into two sections of the report:
+
+* **α sweep**: for every (model, setting, metric), the GPTAQ value of each run by its ``alpha`` setting,
+  with the GPTQ value (which does not depend on ``α``) as reference where a run computed it, and a figure
+  (``report_ablation_alpha.png``) of the metric against ``α``;
+* **lazy-update form**: every line that has both ``gptaq`` (the exact, blocksize-independent form) and
+  ``gptaq_official`` (the official code's form), with their difference.
+
+Runs of one (model, setting, metric) that differ in anything but ``α`` and bookkeeping get a ⚠ note naming
+the differing settings, as in the main tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from common.report_style import COLORS, cell_text, decimals_for, number_text, save_png, short, table_line
+from common.result_files import MISSING, ReportError, Run, differing_keys, load_runs
+
+ABLATIONS_DIR = "ablations"
+ALPHA_FIGURE = "report_ablation_alpha.png"
+
+
+@dataclass(frozen=True)
+class AlphaPoint:
+    """One GPTAQ value at one ``α`` (and the run's GPTQ value, if it computed one)."""
+
+    alpha: float
+    gptaq: float
+    gptq: float | None
+    run: str
+
+
+def _alpha(run: Run) -> float:
+    try:
+        return float(run.settings["alpha"])
+    except (KeyError, ValueError):
+        raise ReportError(f"ablation run `{run.name}` has no numeric alpha setting") from None
+
+
+def alpha_sweeps(runs: Sequence[Run]) -> dict[tuple[str, str, str, bool], list[AlphaPoint]]:
+    """``{(model, setting, metric, higher_is_better): points sorted by α}`` from every line with a GPTAQ value."""
+    sweeps: dict[tuple[str, str, str, bool], list[AlphaPoint]] = {}
+    for run in runs:
+        for record in run.records:
+            if "gptaq" in record.values:
+                key = (record.model, record.setting, record.metric, record.higher_is_better)
+                point = AlphaPoint(_alpha(run), record.values["gptaq"], record.values.get("gptq"), run.name)
+                sweeps.setdefault(key, []).append(point)
+    return {key: sorted(points, key=lambda p: (p.alpha, p.run)) for key, points in sorted(sweeps.items())}
+
+
+def _mismatch_notes(runs: Sequence[Run]) -> list[str]:
+    differ = {key: values for key, values in differing_keys(runs).items() if key != "alpha"}
+    if not differ:
+        return []
+    parts = [f"{key} ({'; '.join(f'`{name}`: {short(v)}' for name, v in sorted(values.items()))})"
+             for key, values in differ.items()]
+    return [f"the ablation runs differ in more than α, do not read the sweep as like for like: {', '.join(parts)}"]
+
+
+def _alpha_table(key: tuple[str, str, str, bool], points: Sequence[AlphaPoint]) -> list[str]:
+    model, setting, metric, higher = key
+    decimals = decimals_for([p.gptaq for p in points] + [p.gptq for p in points if p.gptq is not None])
+    references = sorted({p.gptq for p in points if p.gptq is not None})
+    best = (max if higher else min)(points, key=lambda p: p.gptaq)
+    lines = [f"**{cell_text(model)}, {cell_text(setting)}, {cell_text(metric)} {'↑' if higher else '↓'}** "
+             f"(GPTQ: {', '.join(number_text(v, decimals) for v in references) or MISSING})", "",
+             table_line(["α", "GPTAQ", "GPTAQ − GPTQ", "Run"]), table_line(["---:", "---:", "---:", "---"])]
+    for point in points:
+        value = number_text(point.gptaq, decimals)
+        diff = None if not references else point.gptaq - references[0]
+        lines.append(table_line([f"{point.alpha:g}", f"**{value}**" if point is best else value,
+                                  number_text(diff, decimals, signed=True), f"`{cell_text(point.run)}`"]))
+    return [*lines, ""]
+
+
+def _lazy_update_lines(runs: Sequence[Run]) -> list[str]:
+    rows = []
+    for run in runs:
+        for record in run.records:
+            exact, official = record.values.get("gptaq"), record.values.get("gptaq_official")
+            if exact is None or official is None:
+                continue
+            decimals = decimals_for([exact, official])
+            rows.append(table_line([cell_text(record.model), cell_text(record.setting),
+                                     f"{cell_text(record.metric)} {'↑' if record.higher_is_better else '↓'}",
+                                     f"{_alpha(run):g}", number_text(exact, decimals), number_text(official, decimals),
+                                     number_text(official - exact, decimals, signed=True), f"`{cell_text(run.name)}`"]))
+    if not rows:
+        return ["No ablation run computed both forms (methods `gptaq` and `gptaq_official`).", ""]
+    header = ["Model", "Setting", "Metric", "α", "GPTAQ (exact)", "GPTAQ (official)", "Official − exact", "Run"]
+    return [table_line(header), table_line(["---"] * 3 + ["---:"] * 4 + ["---"]), *sorted(rows), ""]
+
+
+def plot_alpha(sweeps: dict[tuple[str, str, str, bool], list[AlphaPoint]], path: Path) -> bool:
+    """GPTAQ's metric against ``α`` (GPTQ dashed), a panel per (model, setting, metric); False if nothing to plot."""
+    panels = {key: points for key, points in sweeps.items() if len({p.alpha for p in points}) > 1}
+    if not panels:
+        return False
+    fig = Figure(figsize=(6.5, 3.6 * len(panels)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+    for ax, ((model, setting, metric, higher), points) in zip(axes, panels.items(), strict=True):
+        ax.plot([p.alpha for p in points], [p.gptaq for p in points], marker="o", color=COLORS["gptaq"],
+                label="GPTAQ")
+        for i, reference in enumerate(sorted({p.gptq for p in points if p.gptq is not None})):
+            ax.axhline(reference, color=COLORS["gptq"], linestyle="--", label="GPTQ" if i == 0 else None)
+        ax.set_xlabel("α (GPTAQ drift-correction scale; 0.25 in the official code)")
+        ax.set_ylabel(metric + (" (higher is better)" if higher else " (lower is better)"))
+        ax.set_title(f"{model}, {setting}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("GPTAQ: sensitivity to α")
+    save_png(fig, path)
+    return True
+
+
+def ablation_markdown(folder: Path, figure_dir: Path) -> tuple[list[str], list[Path]]:
+    """The ablation sections' Markdown lines from the runs in ``folder``, and the figures written to ``figure_dir``."""
+    runs = load_runs(folder)
+    sweeps = alpha_sweeps(runs)
+    lines = ["## Ablations", "", f"From {len(runs)} run(s) in `{folder.name}/` (`make report-ablations`).", "",
+             "### GPTAQ: α sweep", ""]
+    notes = _mismatch_notes(runs)
+    lines += [f"⚠ {cell_text(note)}" for note in notes] + ([""] if notes else [])
+    if not sweeps:
+        lines += ["No ablation run computed GPTAQ.", ""]
+    for key, points in sweeps.items():
+        lines += _alpha_table(key, points)
+    figures = []
+    if plot_alpha(sweeps, figure_dir / ALPHA_FIGURE):
+        lines += [f"![GPTAQ against α]({ALPHA_FIGURE})", ""]
+        figures.append(figure_dir / ALPHA_FIGURE)
+    lines += ["### GPTAQ: exact vs official lazy update", "",
+              "The exact form gives the column-by-column result for any block size; the official code's "
+              "cross-block update multiplies P by the already quantized block (see `common/gptaq.py`).", ""]
+    return lines + _lazy_update_lines(runs), figures

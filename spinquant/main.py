@@ -1,0 +1,154 @@
+"""SpinQuant + GPTQ/GPTAQ for Llama models: ``python -m spinquant.main --config spinquant/configs/<x>.yaml``.
+
+One run learns (or loads) SpinQuant's rotations ``R1``/``R2`` on calibration text, fuses them with the online
+Hadamards ``R3``/``R4``, then evaluates the rotated model in full precision and quantized with RTN, GPTQ and
+GPTAQ. With ``quarot_baseline`` (default) it does the same for the untrained random-Hadamard rotation, so
+the value of learning the rotation is visible. Results: ``results/<name>.csv`` (rows labelled
+``<setting> SpinQuant`` and ``<setting> QuaRot``, a column per method) and a sidecar JSON with the settings,
+the training loss curve, timings and per-layer errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
+
+from common.cache import cache_root
+from common.cli import run_cli
+from common.device import pick_device
+from common.llama.experiment import (
+    add_quantizers,
+    compare_rotated,
+    load_data,
+    load_model,
+    preflight_tasks,
+    quantizing,
+    write_llama_run,
+)
+from common.llama.loading import ModelLoadError
+from common.llama.rotation import LlamaShape
+from common.runs import MetricRow, StageTimer
+from common.text_data import CorpusUnavailableError, calibration_windows
+from common.zeroshot import ZeroShotUnavailableError
+from spinquant.rotation import (
+    RotationFileError,
+    SpinRotation,
+    fuse_rotation,
+    initial_rotation,
+    load_rotation,
+    prepare_model,
+)
+from spinquant.settings import SpinQuantConfig
+from spinquant.train import RotationTrainer
+
+logger = logging.getLogger("spinquant")
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+LABELS = {"learned": "SpinQuant", "initial": "QuaRot"}
+"""Row labels: the learned rotation, and the untrained random-Hadamard one it starts from."""
+
+
+def rotation_file(config: SpinQuantConfig) -> Path:
+    """``config.rotation_path``, else a cache file named after the model and the rotation settings."""
+    if config.rotation_path:
+        return Path(config.rotation_path)
+    model = "smollm2-135m" if config.model == "embedded" else config.model.rstrip("/").split("/")[-1].lower()
+    return cache_root() / "spinquant" / f"{model}-{config.rotation_key()}.safetensors"
+
+
+def learned_rotation(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    shape: LlamaShape,
+    config: SpinQuantConfig,
+    device: torch.device,
+) -> tuple[SpinRotation, Path, dict]:
+    """Load the rotation file if it is complete, else train (resuming a partial file); returns what was used.
+
+    Also returns the file and the settings it was trained with.
+    """
+    path = rotation_file(config)
+    settings = config.rotation_settings()
+    rotation = initial_rotation(shape, config.seed)
+    if path.is_file():
+        rotation, saved_settings = load_rotation(path, shape)
+        if rotation.step >= config.rotation_steps:
+            logger.info("using the rotation in %s (%d steps)", path, rotation.step)
+            return rotation, path, saved_settings
+        if saved_settings != settings:
+            raise RotationFileError(
+                f"rotation file {path} holds {rotation.step} of {config.rotation_steps} steps trained with other "
+                f"settings; to resume, use the settings it was made with: {saved_settings}"
+            )
+        logger.info("resuming rotation training from %s at step %d", path, rotation.step)
+    windows = calibration_windows(tokenizer, config.calib_dataset, nsamples=config.rotation_nsamples,
+                                  seqlen=config.rotation_seqlen, seed=config.seed)
+    trainer = RotationTrainer(model, shape, config.training_settings())
+    rotation = trainer.train(windows, rotation, device=device, checkpoint=path, checkpoint_settings=settings)
+    model.to("cpu")
+    return rotation, path, settings
+
+
+def labelled(rows: list[MetricRow], setting: str) -> list[MetricRow]:
+    return [dataclasses.replace(row, setting=setting) for row in rows]
+
+
+def run(config: SpinQuantConfig) -> tuple[Path, Path]:
+    """Learn or load the rotation, compare every method under it (and the baseline), write the results."""
+    torch.manual_seed(config.seed)
+    device = pick_device(config.device)
+    timer = StageTimer()
+    preflight_tasks(config, timer)
+    with timer("load and prepare"):
+        model, tokenizer = load_model(config)
+        shape = prepare_model(model, seed=config.seed, k_bits=config.k_bits, v_bits=config.v_bits,
+                              kv_clip_ratio=config.kv_clip_ratio)
+        add_quantizers(model, config)
+    with timer("data"):
+        calibration, eval_sets = load_data(tokenizer, config,
+                                           calibrate=any(m not in ("fp", "rtn") for m in config.methods))
+    with timer("rotation training"):
+        learned, path, trained_with = learned_rotation(model, tokenizer, shape, config, device)
+    unrotated = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+    rotations = {"learned": learned}
+    if config.quarot_baseline:
+        rotations["initial"] = initial_rotation(shape, config.seed)
+    rows: list[MetricRow] = []
+    layers: dict[str, list] = {}
+    for kind, rotation in rotations.items():
+        label = LABELS[kind]
+        model.load_state_dict(unrotated)
+        fuse_rotation(model, rotation)
+        method_rows, method_layers = compare_rotated(
+            model, tokenizer, config, config.methods, prepare=quantizing(model, config, calibration, device),
+            eval_sets=eval_sets, device=device, timer=timer, label=label,
+        )
+        rows += labelled(method_rows, f"{config.setting} {label}")
+        layers.update({f"{label}/{method}": records for method, records in method_layers.items()})
+
+    return write_llama_run(config, rows, settings=dataclasses.asdict(config), layers=layers, timer=timer,
+                           device=device, metadata={
+                               "rotation": {
+                                   "file": str(path),
+                                   "trained_with": trained_with,
+                                   "steps": learned.step,
+                                   "losses": learned.losses,
+                                   "shape": dataclasses.asdict(shape),
+                                   "labels": {LABELS[k]: k for k in rotations},
+                               },
+                           })
+
+
+def main(argv: list[str] | None = None) -> int:
+    expected = (ModelLoadError, CorpusUnavailableError, ZeroShotUnavailableError)
+    return run_cli(SpinQuantConfig, run, argv, __doc__.splitlines()[0], expected)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

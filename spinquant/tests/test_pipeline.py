@@ -1,0 +1,125 @@
+"""The spinquant entry point end to end on a tiny random Llama (fast, offline)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from common.config import make_config
+from common.llama.rotation import LlamaShape
+from common.perplexity import perplexity
+from common.tests.llama_fixtures import (
+    TINY_CORPUS,
+    CharTokenizer,
+    install_tiny_corpus,
+    install_tiny_model,
+    tiny_llama,
+)
+from common.text_data import evaluation_windows
+from spinquant import main as sq_main
+from spinquant.rotation import initial_rotation, save_rotation
+from spinquant.settings import SpinQuantConfig
+
+
+@pytest.fixture
+def tiny_setup(monkeypatch, tmp_path):
+    install_tiny_corpus(monkeypatch)
+    install_tiny_model(monkeypatch)
+    return tmp_path
+
+
+def _config(folder, **overrides) -> SpinQuantConfig:
+    settings = {
+        "name": "tiny", "calib_dataset": TINY_CORPUS, "eval_datasets": [TINY_CORPUS], "nsamples": 4, "seqlen": 32,
+        "eval_max_windows": 4, "calib_batch_size": 2, "device": "cpu", "results_dir": str(folder / "results"),
+        "w_clip": False, "rotation_path": str(folder / "R.safetensors"), "rotation_steps": 3,
+        "rotation_nsamples": 4, "rotation_seqlen": 16, "rotation_batch_size": 2, "rotation_micro_batch_size": 1,
+    }
+    return SpinQuantConfig(**{**settings, **overrides})
+
+
+def _rows(path) -> dict[str, dict[str, str]]:
+    with open(path, newline="") as handle:
+        return {row["setting"]: row for row in csv.DictReader(handle)}
+
+
+def test_run_writes_learned_and_baseline_rows(tiny_setup):
+    config = _config(tiny_setup)
+    csv_path, json_path = sq_main.run(config)
+    rows = _rows(csv_path)
+    assert set(rows) == {"W4A4 SpinQuant", "W4A4 QuaRot"}
+    unrotated = perplexity(tiny_llama(), evaluation_windows(CharTokenizer(), TINY_CORPUS, seqlen=32, max_windows=4),
+                           progress=False)
+    for row in rows.values():
+        assert row["metric"] == f"{TINY_CORPUS}_ppl" and row["higher_is_better"] == "False"
+        assert float(row["fp"]) == pytest.approx(unrotated, rel=1e-4)  # both rotations preserve the function
+        assert all(float(row[m]) > 1 for m in ("rtn", "gptq", "gptaq"))
+    assert rows["W4A4 SpinQuant"]["gptaq"] != rows["W4A4 QuaRot"]["gptaq"]
+    meta = json.loads(json_path.read_text())
+    assert meta["tree"] == "spinquant"
+    assert meta["rotation"]["steps"] == 3 and len(meta["rotation"]["losses"]) == 3
+    assert meta["rotation"]["trained_with"]["rotation_steps"] == 3
+    assert {"SpinQuant/gptq", "SpinQuant/gptaq", "QuaRot/gptq", "QuaRot/gptaq"} <= meta["layers"].keys()
+    assert {"rotation training", "SpinQuant quantize gptaq", "QuaRot evaluate fp"} <= meta["seconds"].keys()
+    assert (tiny_setup / "R.safetensors").is_file()
+
+
+def test_complete_rotation_file_is_reused(tiny_setup):
+    sq_main.run(_config(tiny_setup, methods=["fp"], quarot_baseline=False))
+    mtime = (tiny_setup / "R.safetensors").stat().st_mtime_ns
+    _, json_path = sq_main.run(_config(tiny_setup, methods=["fp", "rtn"], quarot_baseline=False))
+    assert (tiny_setup / "R.safetensors").stat().st_mtime_ns == mtime  # not retrained
+    assert set(_rows(json_path.with_suffix(".csv"))) == {"W4A4 SpinQuant"}
+
+
+def test_partial_rotation_from_other_settings_is_refused(tiny_setup, capsys):
+    sq_main.run(_config(tiny_setup, methods=["fp"], quarot_baseline=False))
+    code = sq_main.main(["--config", str(_write_yaml(tiny_setup)), "--rotation_steps", "5", "--rotation_lr", "0.5"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "holds 3 of 5 steps trained with other settings" in err and "'rotation_lr': 1.5" in err
+
+
+def test_rotation_for_another_model_is_one_clear_line(tiny_setup, capsys):
+    other = LlamaShape.of(LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64,
+                                                       num_hidden_layers=2, num_attention_heads=2)))
+    save_rotation(tiny_setup / "R.safetensors", initial_rotation(other, 0), other, {})
+    code = sq_main.main(["--config", str(_write_yaml(tiny_setup))])
+    assert code == 2
+    assert "was made for another model: hidden_size 32 in the file vs 64 in the model" in capsys.readouterr().err
+
+
+def _write_yaml(folder):
+    config = _config(folder)
+    path = folder / "tiny.yaml"
+    fields = ("name", "calib_dataset", "eval_datasets", "nsamples", "seqlen", "eval_max_windows", "calib_batch_size",
+              "device", "results_dir", "w_clip", "rotation_path", "rotation_steps", "rotation_nsamples",
+              "rotation_seqlen", "rotation_batch_size", "rotation_micro_batch_size")
+    path.write_text(yaml.safe_dump({name: getattr(config, name) for name in fields} | {"methods": ["fp"]}))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--rotation_steps", "0"], "rotation_steps must be a positive integer"),
+        (["--rotation_momentum", "1.0"], r"rotation_momentum must be in [0, 1)"),
+        (["--rotation_batch_size", "64"], "rotation_batch_size (64) must not exceed rotation_nsamples"),
+        (["--rotation_w_bits", "0"], "rotation_w_bits must be an integer in 1..16"),
+        (["--rotation_lr", "0"], "rotation_lr must be > 0"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tiny_setup, capsys, argv, message):
+    code = sq_main.main(["--config", str(_write_yaml(tiny_setup)), *argv])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted(sq_main.CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    config = make_config(SpinQuantConfig, yaml_path=path)
+    assert config.methods[:4] == ["fp", "rtn", "gptq", "gptaq"] and config.quarot_baseline
