@@ -76,7 +76,11 @@ class RunSettings:
             raise ConfigError(f"percdamp must be >= 0, got {self.percdamp}")
 
     @property
+    def precision(self) -> str:
+        """The bit widths, e.g. ``W4A4`` (trees may add theirs, e.g. the KV cache's)."""
+        return f"W{self.w_bits}A{self.a_bits}"
+
+    @property
     def setting(self) -> str:
         """A short label such as ``W4A4`` or ``W2A4-g128``."""
-        label = f"W{self.w_bits}A{self.a_bits}"
-        return label + (f"-g{self.w_groupsize}" if self.w_groupsize > 0 else "")
+        return self.precision + (f"-g{self.w_groupsize}" if self.w_groupsize > 0 else "")

@@ -32,6 +32,7 @@ from transformers import LlamaForCausalLM
 
 from common.hadamard import is_constructible, random_hadamard_matrix, random_orthogonal_matrix
 from common.llama.rotation import (
+    LlamaShape,
     check_kv_attention,
     check_llama,
     fuse_down_proj_online,
@@ -71,12 +72,7 @@ class RotationInfo:
 
     mode: str
     seed: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
+    shape: LlamaShape
     residual: str
     v_o_heads: str
     o_proj_online: str
@@ -150,12 +146,7 @@ def rotate_model(
     return RotationInfo(
         mode=mode,
         seed=seed,
-        hidden_size=shape.hidden_size,
-        num_layers=shape.num_layers,
-        num_heads=shape.num_heads,
-        num_kv_heads=shape.num_kv_heads,
-        head_dim=shape.head_dim,
-        intermediate_size=shape.intermediate_size,
+        shape=shape,
         residual=residual_label,
         v_o_heads=head.label,
         o_proj_online=o_online.label,

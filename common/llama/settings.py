@@ -48,12 +48,10 @@ class LlamaSettings(RunSettings):
             raise ConfigError(f"eval_batch_size must be a positive integer, got {self.eval_batch_size}")
 
     @property
-    def setting(self) -> str:
-        """A short label such as ``W4A4``, ``W4A4K4V4`` or ``W2A4-g128``."""
-        label = f"W{self.w_bits}A{self.a_bits}"
-        if self.k_bits < 16 or self.v_bits < 16:
-            label += f"K{self.k_bits}V{self.v_bits}"
-        return label + (f"-g{self.w_groupsize}" if self.w_groupsize > 0 else "")
+    def precision(self) -> str:
+        """``W4A4``, or ``W4A4K4V4`` when the KV cache is quantized."""
+        kv = f"K{self.k_bits}V{self.v_bits}" if self.k_bits < 16 or self.v_bits < 16 else ""
+        return super().precision + kv
 
     @property
     def run_name(self) -> str:

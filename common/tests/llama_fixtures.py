@@ -1,6 +1,11 @@
-"""Tiny offline stand-ins shared by the Llama trees' tests: a random Llama, a byte tokenizer, a small corpus."""
+"""Tiny offline stand-ins shared by the Llama trees' tests: a random Llama, a byte tokenizer, a small corpus.
+
+A pytest plugin (see the repository's ``conftest.py``): the fixture :func:`tiny_setup` is available to every test.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,3 +55,11 @@ def install_tiny_model(monkeypatch: pytest.MonkeyPatch, tokenizer: object | None
     """Make every Llama run load :func:`tiny_llama` with ``tokenizer`` (default :class:`CharTokenizer`)."""
     tokenizer = tokenizer if tokenizer is not None else CharTokenizer()
     monkeypatch.setattr(experiment, "load_llama", lambda model, dtype: (tiny_llama().to(dtype), tokenizer))
+
+
+@pytest.fixture
+def tiny_setup(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A temporary folder, with :data:`TINY_CORPUS` registered and every Llama run loading :func:`tiny_llama`."""
+    install_tiny_corpus(monkeypatch)
+    install_tiny_model(monkeypatch)
+    return tmp_path

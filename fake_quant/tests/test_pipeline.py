@@ -15,19 +15,11 @@ from common.perplexity import perplexity
 from common.tests.llama_fixtures import (
     SENTENCES,
     CharTokenizer,
-    install_tiny_corpus,
     install_tiny_model,
     tiny_llama,
 )
 from fake_quant import main as fq_main
 from fake_quant.settings import LlamaRunConfig
-
-
-@pytest.fixture
-def tiny_setup(monkeypatch, tmp_path):
-    install_tiny_corpus(monkeypatch)
-    install_tiny_model(monkeypatch)
-    return tmp_path
 
 
 def _config(results_dir, **overrides) -> LlamaRunConfig:

@@ -111,8 +111,9 @@ def test_structure_weights_and_info() -> None:
     model = tiny_llama()
     rotated = copy.deepcopy(model)
     info = rotate_model(rotated, mode="hadamard", seed=0)
-    assert (info.mode, info.seed, info.hidden_size, info.num_layers) == ("hadamard", 0, 96, 2)
-    assert (info.num_heads, info.num_kv_heads, info.head_dim, info.intermediate_size) == (4, 2, 24, 160)
+    assert (info.mode, info.seed, info.shape.hidden_size, info.shape.num_layers) == ("hadamard", 0, 96, 2)
+    assert (info.shape.num_heads, info.shape.num_kv_heads, info.shape.head_dim) == (4, 2, 24)
+    assert info.shape.intermediate_size == 160
     assert info.o_proj_online == "hadamard(96)" and info.down_proj_online == "hadamard(160)"
     assert info.v_o_heads == "hadamard(24)" and info.k_rotation is None
     assert info.attn_implementation == "sdpa"

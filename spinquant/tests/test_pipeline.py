@@ -15,21 +15,12 @@ from common.perplexity import perplexity
 from common.tests.llama_fixtures import (
     TINY_CORPUS,
     CharTokenizer,
-    install_tiny_corpus,
-    install_tiny_model,
     tiny_llama,
 )
 from common.text_data import evaluation_windows
 from spinquant import main as sq_main
 from spinquant.rotation import initial_rotation, save_rotation
 from spinquant.settings import SpinQuantConfig
-
-
-@pytest.fixture
-def tiny_setup(monkeypatch, tmp_path):
-    install_tiny_corpus(monkeypatch)
-    install_tiny_model(monkeypatch)
-    return tmp_path
 
 
 def _config(folder, **overrides) -> SpinQuantConfig:

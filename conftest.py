@@ -1,0 +1,3 @@
+"""Fixtures shared by the test suites of several trees."""
+
+pytest_plugins = ("common.tests.llama_fixtures",)
