@@ -57,8 +57,7 @@ def rotation_file(config: SpinQuantConfig) -> Path:
     """``config.rotation_path``, else a cache file named after the model and the rotation settings."""
     if config.rotation_path:
         return Path(config.rotation_path)
-    model = "smollm2-135m" if config.model == "embedded" else config.model.rstrip("/").split("/")[-1].lower()
-    return cache_root() / "spinquant" / f"{model}-{config.rotation_key()}.safetensors"
+    return cache_root() / "spinquant" / f"{config.model_label}-{config.rotation_key()}.safetensors"
 
 
 def learned_rotation(

@@ -54,8 +54,10 @@ class LlamaSettings(RunSettings):
         return super().precision + kv
 
     @property
+    def model_label(self) -> str:
+        """A short file-name-safe name of the model: ``smollm2-135m`` or the hub id's / folder's last part."""
+        return "smollm2-135m" if self.model == "embedded" else self.model.rstrip("/").split("/")[-1].lower()
+
+    @property
     def run_name(self) -> str:
-        if self.name:
-            return self.name
-        model = "smollm2-135m" if self.model == "embedded" else self.model.rstrip("/").split("/")[-1].lower()
-        return f"{self.TREE}-{model}-{self.setting.lower()}"
+        return self.name or f"{self.TREE}-{self.model_label}-{self.setting.lower()}"
