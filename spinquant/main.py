@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from common.cache import cache_root
 from common.cli import run_cli
@@ -51,6 +51,8 @@ logger = logging.getLogger("spinquant")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 LABELS = {"learned": "SpinQuant", "initial": "QuaRot"}
 """Row labels: the learned rotation, and the untrained random-Hadamard one it starts from."""
+MONITOR_WINDOWS = 8
+"""Train windows (seeded apart from the training's) on which each rotation's quantized loss is reported."""
 
 
 def rotation_file(config: SpinQuantConfig) -> Path:
@@ -61,7 +63,7 @@ def rotation_file(config: SpinQuantConfig) -> Path:
 
 
 def learned_rotation(
-    model: LlamaForCausalLM,
+    trainer: RotationTrainer,
     tokenizer: PreTrainedTokenizerBase,
     shape: LlamaShape,
     config: SpinQuantConfig,
@@ -87,10 +89,28 @@ def learned_rotation(
         logger.info("resuming rotation training from %s at step %d", path, rotation.step)
     windows = calibration_windows(tokenizer, config.calib_dataset, nsamples=config.rotation_nsamples,
                                   seqlen=config.rotation_seqlen, seed=config.seed)
-    trainer = RotationTrainer(model, shape, config.training_settings())
     rotation = trainer.train(windows, rotation, device=device, checkpoint=path, checkpoint_settings=settings)
-    model.to("cpu")
     return rotation, path, settings
+
+
+def monitor_losses(
+    trainer: RotationTrainer,
+    tokenizer: PreTrainedTokenizerBase,
+    config: SpinQuantConfig,
+    rotations: dict[str, SpinRotation],
+    device: torch.device,
+) -> dict[str, float]:
+    """Each rotation's fake-quantized loss on :data:`MONITOR_WINDOWS` train windows the training did not draw.
+
+    The training loss of a step is too noisy to show progress; this fixed set shows what learning the
+    rotation did to the quantity it optimises (the perplexity columns show what it did after GPTQ/GPTAQ).
+    """
+    windows = calibration_windows(tokenizer, config.calib_dataset, nsamples=MONITOR_WINDOWS,
+                                  seqlen=config.rotation_seqlen, seed=config.seed + 1)
+    losses = {LABELS[kind]: trainer.mean_loss(rotation, windows, device=device) for kind, rotation in rotations.items()}
+    for label, value in losses.items():
+        logger.info("%s rotation: fake-quantized loss %.4f on %d monitor windows", label, value, MONITOR_WINDOWS)
+    return losses
 
 
 def labelled(rows: list[MetricRow], setting: str) -> list[MetricRow]:
@@ -111,13 +131,17 @@ def run(config: SpinQuantConfig) -> tuple[Path, Path]:
     with timer("data"):
         calibration, eval_sets = load_data(tokenizer, config,
                                            calibrate=any(m not in ("fp", "rtn") for m in config.methods))
+    trainer = RotationTrainer(model, shape, config.training_settings())
     with timer("rotation training"):
-        learned, path, trained_with = learned_rotation(model, tokenizer, shape, config, device)
-    unrotated = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-
+        learned, path, trained_with = learned_rotation(trainer, tokenizer, shape, config, device)
     rotations = {"learned": learned}
     if config.quarot_baseline:
         rotations["initial"] = initial_rotation(shape, config.seed)
+    with timer("rotation monitor loss"):
+        monitor = monitor_losses(trainer, tokenizer, config, rotations, device)
+    model.to("cpu")
+    unrotated = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
     rows: list[MetricRow] = []
     layers: dict[str, list] = {}
     for kind, rotation in rotations.items():
@@ -138,6 +162,7 @@ def run(config: SpinQuantConfig) -> tuple[Path, Path]:
                                    "trained_with": trained_with,
                                    "steps": learned.step,
                                    "losses": learned.losses,
+                                   "monitor_loss": monitor,
                                    "shape": dataclasses.asdict(shape),
                                    "labels": {LABELS[k]: k for k in rotations},
                                },

@@ -156,6 +156,16 @@ class RotationTrainer:
         logits = self.model.lm_head(hidden[:, :-1]).float()
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
 
+    @torch.no_grad()
+    def mean_loss(self, rotation: SpinRotation, windows: torch.Tensor, *, device: torch.device) -> float:
+        """The loss of the fake-quantized model rotated by ``rotation``, averaged over ``windows`` [n, seqlen]."""
+        self.model.to(device)
+        r1 = rotation.r1.to(device=device, dtype=torch.float32)
+        r2 = [r.to(device=device, dtype=torch.float32) for r in rotation.r2]
+        total = sum(self.loss(r1, r2, micro.to(device)).item() * len(micro)
+                    for micro in windows.split(self.settings.micro_batch_size))
+        return total / len(windows)
+
     def train(
         self,
         windows: torch.Tensor,

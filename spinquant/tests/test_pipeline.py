@@ -54,6 +54,7 @@ def test_run_writes_learned_and_baseline_rows(tiny_setup):
     assert meta["tree"] == "spinquant"
     assert meta["rotation"]["steps"] == 3 and len(meta["rotation"]["losses"]) == 3
     assert meta["rotation"]["trained_with"]["rotation_steps"] == 3
+    assert set(meta["rotation"]["monitor_loss"]) == {"SpinQuant", "QuaRot"}
     assert {"SpinQuant/gptq", "SpinQuant/gptaq", "QuaRot/gptq", "QuaRot/gptaq"} <= meta["layers"].keys()
     assert {"rotation training", "SpinQuant quantize gptaq", "QuaRot evaluate fp"} <= meta["seconds"].keys()
     assert (tiny_setup / "R.safetensors").is_file()
