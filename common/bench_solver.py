@@ -24,7 +24,7 @@ import torch
 
 from common.device import device_description, pick_device
 from common.gptaq import quantize_weight
-from common.results import REPO_ROOT, atomic_write_csv
+from common.results import BENCH_SOLVER_CSV, REPO_ROOT, atomic_write_csv
 
 DEFAULT_SHAPES = ((576, 576), (576, 1536), (4096, 4096), (11008, 4096))
 FIELDS = [
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shapes", nargs="+", type=_shape, default=list(DEFAULT_SHAPES), help="ROWSxCOLUMNS")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
-    parser.add_argument("--output", type=Path, default=REPO_ROOT / "results" / "bench_solver.csv")
+    parser.add_argument("--output", type=Path, default=REPO_ROOT / "results" / BENCH_SOLVER_CSV)
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     rows = run(args.shapes, args.repeats, device)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.results import BENCH_SOLVER_CSV
 from common.runs import METHOD_COLUMNS
 
 TREES = ("fake_quant", "spinquant", "vit_quant")
@@ -197,10 +198,10 @@ def read_run(csv_path: Path) -> Run:
 
 
 def load_runs(results_dir: Path) -> list[Run]:
-    """Every run of ``results_dir`` (``*.csv`` at its top level), sorted by name."""
+    """Every run of ``results_dir`` (``*.csv`` at its top level but the solver benchmark's), sorted by name."""
     if not results_dir.is_dir():
         raise ReportError(f"results folder {results_dir} does not exist (run an experiment first)")
-    paths = sorted(results_dir.glob("*.csv"))
+    paths = sorted(path for path in results_dir.glob("*.csv") if path.name != BENCH_SOLVER_CSV)
     if not paths:
         raise ReportError(f"no result files (*.csv) in {results_dir} (run an experiment first)")
     return [read_run(path) for path in paths]
