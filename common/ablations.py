@@ -64,10 +64,8 @@ def _mismatch_notes(runs: Sequence[Run]) -> list[str]:
     differ = {key: values for key, values in differing_keys(runs).items() if key != "alpha"}
     if not differ:
         return []
-    parts = [
-        f"{key} ({'; '.join(f'`{name}`: {short(v)}' for name, v in sorted(values.items()))})"
-        for key, values in differ.items()
-    ]
+    parts = [f"{key} ({'; '.join(f'`{name}`: {short(v)}' for name, v in sorted(values.items()))})"
+             for key, values in differ.items()]
     return [f"the ablation runs differ in more than α, do not read the sweep as like for like: {', '.join(parts)}"]
 
 
@@ -76,26 +74,14 @@ def _alpha_table(key: tuple[str, str, str, bool], points: Sequence[AlphaPoint]) 
     decimals = decimals_for([p.gptaq for p in points] + [p.gptq for p in points if p.gptq is not None])
     references = sorted({p.gptq for p in points if p.gptq is not None})
     best = (max if higher else min)(points, key=lambda p: p.gptaq)
-    lines = [
-        f"**{cell_text(model)}, {cell_text(setting)}, {cell_text(metric)} {'↑' if higher else '↓'}** "
-        f"(GPTQ: {', '.join(number_text(v, decimals) for v in references) or MISSING})",
-        "",
-        table_line(["α", "GPTAQ", "GPTAQ − GPTQ", "Run"]),
-        table_line(["---:", "---:", "---:", "---"]),
-    ]
+    lines = [f"**{cell_text(model)}, {cell_text(setting)}, {cell_text(metric)} {'↑' if higher else '↓'}** "
+             f"(GPTQ: {', '.join(number_text(v, decimals) for v in references) or MISSING})", "",
+             table_line(["α", "GPTAQ", "GPTAQ − GPTQ", "Run"]), table_line(["---:", "---:", "---:", "---"])]
     for point in points:
         value = number_text(point.gptaq, decimals)
         diff = None if not references else point.gptaq - references[0]
-        lines.append(
-            table_line(
-                [
-                    f"{point.alpha:g}",
-                    f"**{value}**" if point is best else value,
-                    number_text(diff, decimals, signed=True),
-                    f"`{cell_text(point.run)}`",
-                ]
-            )
-        )
+        lines.append(table_line([f"{point.alpha:g}", f"**{value}**" if point is best else value,
+                                  number_text(diff, decimals, signed=True), f"`{cell_text(point.run)}`"]))
     return [*lines, ""]
 
 
@@ -107,20 +93,10 @@ def _lazy_update_lines(runs: Sequence[Run]) -> list[str]:
             if exact is None or official is None:
                 continue
             decimals = decimals_for([exact, official])
-            rows.append(
-                table_line(
-                    [
-                        cell_text(record.model),
-                        cell_text(record.setting),
-                        f"{cell_text(record.metric)} {'↑' if record.higher_is_better else '↓'}",
-                        f"{_alpha(run):g}",
-                        number_text(exact, decimals),
-                        number_text(official, decimals),
-                        number_text(official - exact, decimals, signed=True),
-                        f"`{cell_text(run.name)}`",
-                    ]
-                )
-            )
+            rows.append(table_line([cell_text(record.model), cell_text(record.setting),
+                                     f"{cell_text(record.metric)} {'↑' if record.higher_is_better else '↓'}",
+                                     f"{_alpha(run):g}", number_text(exact, decimals), number_text(official, decimals),
+                                     number_text(official - exact, decimals, signed=True), f"`{cell_text(run.name)}`"]))
     if not rows:
         return ["No ablation run computed both forms (methods `gptaq` and `gptaq_official`).", ""]
     header = ["Model", "Setting", "Metric", "α", "GPTAQ (exact)", "GPTAQ (official)", "Official − exact", "Run"]
@@ -136,7 +112,8 @@ def plot_alpha(sweeps: dict[tuple[str, str, str, bool], list[AlphaPoint]], path:
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
     for ax, ((model, setting, metric, higher), points) in zip(axes, panels.items(), strict=True):
-        ax.plot([p.alpha for p in points], [p.gptaq for p in points], marker="o", color=COLORS["gptaq"], label="GPTAQ")
+        ax.plot([p.alpha for p in points], [p.gptaq for p in points], marker="o", color=COLORS["gptaq"],
+                label="GPTAQ")
         for i, reference in enumerate(sorted({p.gptq for p in points if p.gptq is not None})):
             ax.axhline(reference, color=COLORS["gptq"], linestyle="--", label="GPTQ" if i == 0 else None)
         ax.set_xlabel("α (GPTAQ drift-correction scale; 0.25 in the official code)")
@@ -153,14 +130,8 @@ def ablation_markdown(folder: Path, figure_dir: Path) -> tuple[list[str], list[P
     """The ablation sections' Markdown lines from the runs in ``folder``, and the figures written to ``figure_dir``."""
     runs = load_runs(folder)
     sweeps = alpha_sweeps(runs)
-    lines = [
-        "## Ablations",
-        "",
-        f"From {len(runs)} run(s) in `{folder.name}/` (`make report-ablations`).",
-        "",
-        "### GPTAQ: α sweep",
-        "",
-    ]
+    lines = ["## Ablations", "", f"From {len(runs)} run(s) in `{folder.name}/` (`make report-ablations`).", "",
+             "### GPTAQ: α sweep", ""]
     notes = _mismatch_notes(runs)
     lines += [f"⚠ {cell_text(note)}" for note in notes] + ([""] if notes else [])
     if not sweeps:
@@ -171,11 +142,7 @@ def ablation_markdown(folder: Path, figure_dir: Path) -> tuple[list[str], list[P
     if plot_alpha(sweeps, figure_dir / ALPHA_FIGURE):
         lines += [f"![GPTAQ against α]({ALPHA_FIGURE})", ""]
         figures.append(figure_dir / ALPHA_FIGURE)
-    lines += [
-        "### GPTAQ: exact vs official lazy update",
-        "",
-        "The exact form gives the column-by-column result for any block size; the official code's "
-        "cross-block update multiplies P by the already quantized block (see `common/gptaq.py`).",
-        "",
-    ]
+    lines += ["### GPTAQ: exact vs official lazy update", "",
+              "The exact form gives the column-by-column result for any block size; the official code's "
+              "cross-block update multiplies P by the already quantized block (see `common/gptaq.py`).", ""]
     return lines + _lazy_update_lines(runs), figures

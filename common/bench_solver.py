@@ -28,17 +28,8 @@ from common.results import BENCH_SOLVER_CSV, REPO_ROOT, atomic_write_csv
 
 DEFAULT_SHAPES = ((576, 576), (576, 1536), (4096, 4096), (11008, 4096))
 FIELDS = [
-    "device",
-    "rows",
-    "columns",
-    "method",
-    "seconds",
-    "gptaq_over_gptq",
-    "gflop",
-    "gflops_achieved",
-    "floor_seconds",
-    "times_floor",
-    "matmul_gflops",
+    "device", "rows", "columns", "method", "seconds", "gptaq_over_gptq", "gflop", "gflops_achieved",
+    "floor_seconds", "times_floor", "matmul_gflops",
 ]
 
 
@@ -107,21 +98,19 @@ def run(shapes, repeats: int, device: torch.device, bits: int = 4, blocksize: in
         for method in ("gptq", "gptaq"):
             flops = solver_flops(rows, columns, method, blocksize)
             floor = flops / rate
-            rows_out.append(
-                {
-                    "device": name,
-                    "rows": rows,
-                    "columns": columns,
-                    "method": method,
-                    "seconds": round(seconds[method], 4),
-                    "gptaq_over_gptq": round(seconds["gptaq"] / seconds["gptq"], 3),
-                    "gflop": round(flops / 1e9, 2),
-                    "gflops_achieved": round(flops / seconds[method] / 1e9, 1),
-                    "floor_seconds": round(floor, 4),
-                    "times_floor": round(seconds[method] / floor, 2),
-                    "matmul_gflops": round(rate / 1e9, 1),
-                }
-            )
+            rows_out.append({
+                "device": name,
+                "rows": rows,
+                "columns": columns,
+                "method": method,
+                "seconds": round(seconds[method], 4),
+                "gptaq_over_gptq": round(seconds["gptaq"] / seconds["gptq"], 3),
+                "gflop": round(flops / 1e9, 2),
+                "gflops_achieved": round(flops / seconds[method] / 1e9, 1),
+                "floor_seconds": round(floor, 4),
+                "times_floor": round(seconds[method] / floor, 2),
+                "matmul_gflops": round(rate / 1e9, 1),
+            })
     return rows_out
 
 

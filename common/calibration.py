@@ -161,16 +161,8 @@ def quantize_model(
                     original = linear.weight.detach().clone()
                     linear.weight.copy_(_rtn(linear.weight, settings.solver))
                 report.layers.append(
-                    LayerRecord(
-                        index,
-                        name,
-                        "rtn",
-                        *original.shape,
-                        float("nan"),
-                        float("nan"),
-                        0.0,
-                        time.perf_counter() - began,
-                    )
+                    LayerRecord(index, name, "rtn", *original.shape, float("nan"), float("nan"), 0.0,
+                                time.perf_counter() - began)
                 )
         report.seconds = time.perf_counter() - start
         return report
@@ -300,9 +292,8 @@ def set_input_quantization(model: nn.Module, enabled: bool) -> None:
             module.quantize_input = enabled
 
 
-def _run(
-    adapter: ModelAdapter, block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], device: torch.device
-) -> torch.Tensor | None:
+def _run(adapter: ModelAdapter, block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any],
+         device: torch.device) -> torch.Tensor | None:
     try:
         return adapter.run_block(block, hidden.to(device), _to(kwargs, device))
     except _StopForward:
@@ -341,11 +332,8 @@ def _calibrate_block(
     for group in groups:
         stats = {
             name: CalibrationStatistics(
-                linears[name].in_features,
-                asymmetric=full_stream is not None,
-                dtype=settings.stats_dtype,
-                device=device,
-                name=f"block {index}: {name}",
+                linears[name].in_features, asymmetric=full_stream is not None, dtype=settings.stats_dtype,
+                device=device, name=f"block {index}: {name}",
             )
             for name in group
         }
@@ -360,9 +348,8 @@ def _calibrate_block(
             records.append(_solve_linear(index, name, linears[name], stats[name], settings))
             full_inputs.pop(name, None)
 
-    next_quant = [
-        _run(adapter, block, h, kw, device).to(offload) for h, kw in zip(quant_stream, block_kwargs, strict=True)
-    ]
+    next_quant = [_run(adapter, block, h, kw, device).to(offload) for h, kw in zip(quant_stream, block_kwargs,
+                                                                                     strict=True)]
     set_input_quantization(block, True)
     return records, next_quant, next_full
 
@@ -377,12 +364,7 @@ def _solve_linear(
         linear.weight.copy_(result.weight)
     logger.info(
         "block %d %-24s %s loss=%.4g output_error=%.4e damp=%.3g %.2fs",
-        index,
-        name,
-        settings.method,
-        result.loss,
-        error,
-        result.percdamp,
-        result.seconds,
+        index, name, settings.method, result.loss, error, result.percdamp, result.seconds,
     )
-    return LayerRecord(index, name, settings.method, *weight.shape, result.loss, error, result.percdamp, result.seconds)
+    return LayerRecord(index, name, settings.method, *weight.shape, result.loss, error, result.percdamp,
+                       result.seconds)

@@ -73,9 +73,8 @@ def quantize(
     report = quantize_model(model, adapter, calibration, calibration_batches)
     set_input_quantization(model, True)
     if method != "rtn":
-        logger.info(
-            "%s: mean relative output error %.4e over %d layers", method, report.mean_output_error(), len(report.layers)
-        )
+        logger.info("%s: mean relative output error %.4e over %d layers", method, report.mean_output_error(),
+                    len(report.layers))
     return report
 
 
@@ -110,11 +109,8 @@ def compare_methods(
             results[method] = evaluate(method)
     names = list(dict.fromkeys(name for values in results.values() for name in values))
     rows = [
-        MetricRow(
-            name,
-            higher_is_better=not name.endswith("_ppl"),
-            values={m: results[m][name] for m in methods if name in results[m]},
-        )
+        MetricRow(name, higher_is_better=not name.endswith("_ppl"),
+                  values={m: results[m][name] for m in methods if name in results[m]})
         for name in names
     ]
     return rows, layers

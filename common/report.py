@@ -56,22 +56,8 @@ from common.results import atomic_write_text
 
 PLOTTED = ("gptq", "gptaq", "gptaq_official")
 HIGHLIGHTED = (
-    "seed",
-    "nsamples",
-    "seqlen",
-    "calib_dataset",
-    "w_bits",
-    "a_bits",
-    "k_bits",
-    "v_bits",
-    "w_groupsize",
-    "a_groupsize",
-    "w_clip",
-    "a_clip_ratio",
-    "percdamp",
-    "act_order",
-    "alpha",
-    "lazy_update",
+    "seed", "nsamples", "seqlen", "calib_dataset", "w_bits", "a_bits", "k_bits", "v_bits", "w_groupsize",
+    "a_groupsize", "w_clip", "a_clip_ratio", "percdamp", "act_order", "alpha", "lazy_update",
 )
 
 
@@ -95,14 +81,10 @@ class TreeTable:
 
 
 def _mismatch_note(model: str, setting: str, differ: dict[str, dict[str, str]]) -> str:
-    parts = [
-        f"{key} ({'; '.join(f'`{name}`: {short(v)}' for name, v in sorted(values.items()))})"
-        for key, values in differ.items()
-    ]
-    return (
-        f"model `{model}`, setting `{setting}`: these rows come from runs with different configurations, "
-        f"do not compare them as like for like; they differ in {', '.join(parts)}"
-    )
+    parts = [f"{key} ({'; '.join(f'`{name}`: {short(v)}' for name, v in sorted(values.items()))})"
+             for key, values in differ.items()]
+    return (f"model `{model}`, setting `{setting}`: these rows come from runs with different configurations, "
+            f"do not compare them as like for like; they differ in {', '.join(parts)}")
 
 
 def build_table(tree: str, runs: Sequence[Run]) -> TreeTable:
@@ -166,12 +148,9 @@ def _row_cells(row: TableRow, before: Sequence[str], after: Sequence[str]) -> li
     diff = None if gptq is None or gptaq is None else gptaq - gptq
     marks = " ⚠" + ",".join(map(str, row.notes)) if row.notes else ""
     return [
-        cell_text(record.model),
-        cell_text(record.setting),
+        cell_text(record.model), cell_text(record.setting),
         cell_text(f"{record.metric} {'↑' if record.higher_is_better else '↓'}"),
-        *map(value, before),
-        number_text(diff, decimals, signed=True),
-        *map(value, after),
+        *map(value, before), number_text(diff, decimals, signed=True), *map(value, after),
         f"`{cell_text(row.run.name)}`{marks}",
     ]
 
@@ -179,15 +158,8 @@ def _row_cells(row: TableRow, before: Sequence[str], after: Sequence[str]) -> li
 def table_markdown(table: TreeTable) -> list[str]:
     """The Markdown lines of a tree's table (and its ⚠ notes)."""
     before, after = _methods(table.rows)
-    header = [
-        "Model",
-        "Setting",
-        "Metric",
-        *(LABELS[m] for m in before),
-        "GPTAQ − GPTQ",
-        *(LABELS[m] for m in after),
-        "Run",
-    ]
+    header = ["Model", "Setting", "Metric", *(LABELS[m] for m in before), "GPTAQ − GPTQ",
+              *(LABELS[m] for m in after), "Run"]
     lines = [table_line(header), table_line(["---"] * 3 + ["---:"] * (len(header) - 4) + ["---"])]
     lines += [table_line(_row_cells(row, before, after)) for row in table.rows]
     if table.notes:
@@ -218,10 +190,8 @@ def run_markdown(run: Run) -> list[str]:
     if run.meta is not None:
         versions = run.meta.get("versions") or {}
         data = run.meta.get("data_sha256") or {}
-        lines.append(
-            f"- Device: {run.meta.get('device', MISSING)}; git commit "
-            f"`{short(str(run.meta.get('git_commit', MISSING)))}`"
-        )
+        lines.append(f"- Device: {run.meta.get('device', MISSING)}; git commit "
+                     f"`{short(str(run.meta.get('git_commit', MISSING)))}`")
         lines.append(f"- Versions: {', '.join(f'{k} {v}' for k, v in sorted(versions.items())) or MISSING}")
         hashes = ", ".join(f"{k} `{short(str(v))}`" for k, v in sorted(data.items()))
         lines.append(f"- Data SHA-256: {hashes or MISSING}")
@@ -294,9 +264,8 @@ def _draw_bars(ax: Axes, rows: Sequence[TableRow], methods: Sequence[str], log: 
     for i, method in enumerate(methods):
         points = [(x, row.record.values[method]) for x, row in enumerate(rows) if method in row.record.values]
         offset = (i - (len(methods) - 1) / 2) * width
-        bars = ax.bar(
-            [x + offset for x, _ in points], [v for _, v in points], width, label=LABELS[method], color=COLORS[method]
-        )
+        bars = ax.bar([x + offset for x, _ in points], [v for _, v in points], width,
+                      label=LABELS[method], color=COLORS[method])
         labels = [number_text(v, decimals_for([v])) for _, v in points]
         if log:  # short bars on a log axis: values above them
             ax.bar_label(bars, labels=labels, rotation=90, fontsize=7, padding=2)
@@ -308,15 +277,8 @@ def _draw_fp(ax: Axes, rows: Sequence[TableRow]) -> None:
     """FP as a dashed reference line across each row's group of bars."""
     points = [(x, row.record.values["fp"]) for x, row in enumerate(rows) if "fp" in row.record.values]
     for j, (x, value) in enumerate(points):
-        ax.hlines(
-            value,
-            x - 0.45,
-            x + 0.45,
-            colors="black",
-            linestyles="--",
-            linewidth=1.2,
-            label="FP (reference)" if j == 0 else None,
-        )
+        ax.hlines(value, x - 0.45, x + 0.45, colors="black", linestyles="--", linewidth=1.2,
+                  label="FP (reference)" if j == 0 else None)
 
 
 def _plot_panel(ax: Axes, metric: str, rows: Sequence[TableRow]) -> None:

@@ -19,22 +19,11 @@ from common.runs import METHOD_COLUMNS
 
 TREES = ("fake_quant", "spinquant", "vit_quant")
 FIXED_COLUMNS = ("model", "setting", "metric", "higher_is_better")
-BOOKKEEPING = frozenset(
-    {
-        "name",
-        "methods",
-        "results_dir",
-        "save_qmodel_path",
-        "load_qmodel_path",
-        "eval_batch_size",
-        "calib_batch_size",
-        "offload",
-        "device",
-        "rotation_path",
-        "rotation_micro_batch_size",
-        "rotation_checkpoint_every",
-    }
-)
+BOOKKEEPING = frozenset({
+    "name", "methods", "results_dir", "save_qmodel_path", "load_qmodel_path", "eval_batch_size",
+    "calib_batch_size", "offload", "device", "rotation_path", "rotation_micro_batch_size",
+    "rotation_checkpoint_every",
+})
 """Settings that do not change a run's numbers (names, folders, batch splitting, devices)."""
 MISSING = "—"
 TRUE_TEXT, FALSE_TEXT = ("true", "1"), ("false", "0")
@@ -128,15 +117,11 @@ def read_csv(path: Path) -> tuple[list[MetricRecord], list[dict[str, str]]]:
                 if len(line) != len(header):
                     raise ReportError(f"{where}: {len(line)} fields, the header has {len(header)}")
                 values = {m: _parse_value(line[i], m, where) for m, i in methods.items()}
-                records.append(
-                    MetricRecord(
-                        model=line[fixed["model"]],
-                        setting=line[fixed["setting"]],
-                        metric=line[fixed["metric"]],
-                        higher_is_better=_parse_bool(line[fixed["higher_is_better"]], where),
-                        values={m: v for m, v in values.items() if v is not None},
-                    )
-                )
+                records.append(MetricRecord(
+                    model=line[fixed["model"]], setting=line[fixed["setting"]], metric=line[fixed["metric"]],
+                    higher_is_better=_parse_bool(line[fixed["higher_is_better"]], where),
+                    values={m: v for m, v in values.items() if v is not None},
+                ))
                 settings.append({name: line[i] for name, i in setting_columns.items()})
         except csv.Error as error:
             raise ReportError(f"{path}:{reader.line_num}: {error}") from None
@@ -169,10 +154,8 @@ def _consistency_notes(name: str, meta: dict[str, Any] | None, csv_settings: lis
     if any(line != csv_settings[0] for line in csv_settings[1:]):
         notes.append(f"run `{name}`: the settings columns differ between lines of its CSV")
     if meta is None:
-        notes.append(
-            f"run `{name}`: no sidecar JSON; git commit, versions, device, data hashes and "
-            "wall times are unknown, settings are read from the CSV"
-        )
+        notes.append(f"run `{name}`: no sidecar JSON; git commit, versions, device, data hashes and "
+                     "wall times are unknown, settings are read from the CSV")
         return notes
     if meta.get("name", name) != name:
         notes.append(f"run `{name}`: its JSON names another run, `{meta['name']}`")
@@ -226,11 +209,8 @@ def differing_keys(runs: Sequence[Run]) -> dict[str, dict[str, str]]:
     known = {run.name: provenance(run) for run in runs}
     differ: dict[str, dict[str, str]] = {}
     for key in sorted(set().union(*known.values())):
-        values = {
-            run.name: known[run.name].get(key, MISSING)
-            for run in runs
-            if run.meta is not None or key in known[run.name]
-        }
+        values = {run.name: known[run.name].get(key, MISSING) for run in runs
+                  if run.meta is not None or key in known[run.name]}
         if len(set(values.values())) > 1:
             differ[key] = values
     return differ

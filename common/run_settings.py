@@ -35,9 +35,8 @@ class RunSettings:
     device: str = field(default="auto", metadata=describe("auto, cpu, cuda or cuda:i"))
     seed: int = field(default=0, metadata=describe("seed of every random choice (rotation, calibration draw)"))
     nsamples: int = field(default=128, metadata=describe("number of calibration samples"))
-    methods: list[str] = field(
-        default_factory=lambda: ["fp", "rtn", "gptq", "gptaq"], metadata=describe(f"columns to compute, from {METHODS}")
-    )
+    methods: list[str] = field(default_factory=lambda: ["fp", "rtn", "gptq", "gptaq"],
+                               metadata=describe(f"columns to compute, from {METHODS}"))
     w_bits: int = field(default=4, metadata=describe("weight bits, 1..16"))
     w_asym: bool = field(default=True, metadata=describe("asymmetric weight grid"))
     w_groupsize: int = field(default=-1, metadata=describe("-1 = per output channel, else columns per group"))

@@ -55,16 +55,13 @@ def add_quantizers(model: LlamaForCausalLM, config: LlamaSettings) -> dict[str, 
     Raises ``ConfigError`` naming ``w_groupsize`` / ``a_groupsize`` when a group size does not divide a
     quantized linear's input size.
     """
-    linears = add_activation_quantizers(
-        model, bits=config.a_bits, sym=not config.a_asym, clip_ratio=config.a_clip_ratio, groupsize=config.a_groupsize
-    )
+    linears = add_activation_quantizers(model, bits=config.a_bits, sym=not config.a_asym,
+                                        clip_ratio=config.a_clip_ratio, groupsize=config.a_groupsize)
     for option, size in (("w_groupsize", config.w_groupsize), ("a_groupsize", config.a_groupsize)):
         for name, linear in linears.items():
             if size != -1 and linear.in_features % size != 0:
-                raise ConfigError(
-                    f"{option} must be -1 or a positive divisor of every quantized linear's input "
-                    f"size; {size} does not divide {linear.in_features} ({name})"
-                )
+                raise ConfigError(f"{option} must be -1 or a positive divisor of every quantized linear's input "
+                                  f"size; {size} does not divide {linear.in_features} ({name})")
     return linears
 
 
@@ -74,9 +71,8 @@ def load_data(
     """Calibration windows [nsamples, seqlen] (``None`` unless ``calibrate``) and ``{corpus: test windows}``."""
     calibration = None
     if calibrate:
-        calibration = calibration_windows(
-            tokenizer, config.calib_dataset, nsamples=config.nsamples, seqlen=config.seqlen, seed=config.seed
-        )
+        calibration = calibration_windows(tokenizer, config.calib_dataset, nsamples=config.nsamples,
+                                          seqlen=config.seqlen, seed=config.seed)
     eval_sets = {
         name: evaluation_windows(tokenizer, name, seqlen=config.seqlen, max_windows=config.eval_max_windows)
         for name in config.eval_datasets
@@ -96,20 +92,13 @@ def evaluate(
     model.to(device)
     metrics = {}
     for dataset, windows in eval_sets.items():
-        metrics[f"{dataset}_ppl"] = perplexity(
-            model, windows, batch_size=config.eval_batch_size, device=device, desc=f"{label} {dataset}"
-        )
+        metrics[f"{dataset}_ppl"] = perplexity(model, windows, batch_size=config.eval_batch_size, device=device,
+                                               desc=f"{label} {dataset}")
         logger.info("%s %s perplexity %.3f", label, dataset, metrics[f"{dataset}_ppl"])
     if config.tasks:
-        accuracies = zero_shot_accuracy(
-            model,
-            tokenizer,
-            config.tasks,
-            batch_size=config.eval_batch_size,
-            device=device,
-            limit=config.tasks_limit,
-            include_path=config.tasks_include_path,
-        )
+        accuracies = zero_shot_accuracy(model, tokenizer, config.tasks, batch_size=config.eval_batch_size,
+                                        device=device, limit=config.tasks_limit,
+                                        include_path=config.tasks_include_path)
         metrics.update({f"{task}_acc": value for task, value in accuracies.items()})
     return metrics
 
@@ -154,7 +143,8 @@ def compare_rotated(
         model.to("cpu")
         return metrics
 
-    return compare_methods(model, methods, prepare=prepare, evaluate=evaluate_method, timer=timer, stage_prefix=label)
+    return compare_methods(model, methods, prepare=prepare, evaluate=evaluate_method, timer=timer,
+                           stage_prefix=label)
 
 
 def write_llama_run(

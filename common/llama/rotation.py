@@ -235,9 +235,8 @@ def rotate_weights_(model: LlamaForCausalLM, *, residual: torch.Tensor, heads: S
     """Apply :func:`rotated_weights` to a prepared ``model`` in place, computing in float64."""
     state = model.state_dict()
     weights64 = {name: tensor.double() for name, tensor in state.items() if name.endswith((".weight", ".bias"))}
-    rotated = rotated_weights(
-        weights64, LlamaShape.of(model), residual=residual.double(), heads=[h.double() for h in heads]
-    )
+    rotated = rotated_weights(weights64, LlamaShape.of(model), residual=residual.double(),
+                              heads=[h.double() for h in heads])
     for name, value in rotated.items():
         _set(state[name], value)
 

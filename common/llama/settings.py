@@ -25,9 +25,8 @@ class LlamaSettings(RunSettings):
     calib_dataset: str = field(default="wiki_embedded", metadata=describe("corpus of the calibration windows"))
     nsamples: int = field(default=32, metadata=describe("number of calibration windows"))
     seqlen: int = field(default=512, metadata=describe("tokens per calibration and evaluation window"))
-    eval_datasets: list[str] = field(
-        default_factory=lambda: ["wiki_embedded"], metadata=describe("corpora for perplexity")
-    )
+    eval_datasets: list[str] = field(default_factory=lambda: ["wiki_embedded"],
+                                     metadata=describe("corpora for perplexity"))
     eval_max_windows: int | None = field(default=None, metadata=describe("evaluate the first k windows only"))
     eval_batch_size: int = field(default=4, metadata=describe("windows per perplexity forward"))
     tasks: list[str] = field(default_factory=list, metadata=describe("lm-eval zero-shot tasks (comma separated)"))

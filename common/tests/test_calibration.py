@@ -135,11 +135,11 @@ def test_gptaq_without_drift_correction_is_gptq():
     """alpha = 0 removes GPTAQ's correction: with the same protocol the engine must give GPTQ exactly."""
     model_q, data = _toy()
     model_aq = copy.deepcopy(model_q)
-    quantize_model(model_q, ToyAdapter(), _settings("gptq", act_quant_during_calibration=True), data, progress=False)
+    quantize_model(model_q, ToyAdapter(), _settings("gptq", act_quant_during_calibration=True), data,
+                   progress=False)
     solver = SolverConfig(bits=3, method="gptaq", blocksize=8, alpha=0.0)
-    settings = CalibrationSettings(
-        method="gptaq", solver=solver, stats_dtype=torch.float64, act_quant_during_calibration=True
-    )
+    settings = CalibrationSettings(method="gptaq", solver=solver, stats_dtype=torch.float64,
+                                   act_quant_during_calibration=True)
     quantize_model(model_aq, ToyAdapter(), settings, data, progress=False)
     for got, want in zip(_weights(model_aq), _weights(model_q), strict=True):
         assert torch.equal(got, want)

@@ -32,20 +32,8 @@ def _stats(x_full: torch.Tensor, x_quant: torch.Tensor) -> tuple[torch.Tensor, t
     return 2 / tokens * x_quant.T @ x_quant, 2 / tokens * (x_full - x_quant).T @ x_quant
 
 
-def _naive_solve(
-    weight,
-    hessian,
-    drift,
-    *,
-    bits,
-    sym=False,
-    groupsize=-1,
-    act_order=False,
-    static_groups=False,
-    percdamp=0.01,
-    alpha=0.25,
-    mse=False,
-):
+def _naive_solve(weight, hessian, drift, *, bits, sym=False, groupsize=-1, act_order=False, static_groups=False,
+                 percdamp=0.01, alpha=0.25, mse=False):
     """Float64 column-by-column reference: no blocks, grids from the current values, textbook inverse."""
     w = weight.clone().double()
     h = hessian.clone().double()
@@ -59,7 +47,7 @@ def _naive_solve(
     quantizer = WeightQuantizer(bits, sym=sym, mse=mse)
     static = None
     if groupsize > 0 and static_groups:
-        static = [quantizer.params(w[:, g : g + groupsize]) for g in range(0, n, groupsize)]
+        static = [quantizer.params(w[:, g:g + groupsize]) for g in range(0, n, groupsize)]
     perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(n)
     w, h = w[:, perm], h[perm][:, perm]
     h = h + percdamp * torch.diagonal(h).mean() * torch.eye(n, dtype=h.dtype)
@@ -74,14 +62,14 @@ def _naive_solve(
         if static is not None:
             scale, zero = static[int(perm[j]) // groupsize]
         elif groupsize > 0 and j % groupsize == 0:
-            scale, zero = quantizer.params(w[:, j : j + groupsize])
+            scale, zero = quantizer.params(w[:, j:j + groupsize])
         col = w[:, j].clone()
         q = quantizer.quantize(col[:, None], scale, zero)[:, 0]
         q_all[:, j] = q
         err = (col - q) / u[j, j]
-        w[:, j + 1 :] -= torch.outer(err, u[j, j + 1 :])
+        w[:, j + 1:] -= torch.outer(err, u[j, j + 1:])
         if p is not None:
-            w[:, j + 1 :] += torch.outer(col, p[j, j + 1 :])
+            w[:, j + 1:] += torch.outer(col, p[j, j + 1:])
     return q_all[:, torch.argsort(perm)]
 
 
@@ -101,7 +89,7 @@ def _naive_official(weight, hessian, drift, *, bits, blocksize, percdamp=0.01, a
         err1 = torch.zeros_like(w1)
         for i in range(i2 - i1):
             if groupsize > 0 and (i1 + i) % groupsize == 0:
-                scale, zero = quantizer.params(w[:, i1 + i : i1 + i + groupsize])
+                scale, zero = quantizer.params(w[:, i1 + i:i1 + i + groupsize])
             col = w1[:, i].clone()
             q = quantizer.quantize(col[:, None], scale, zero)[:, 0]
             q_all[:, i1 + i] = q
@@ -199,9 +187,8 @@ class TestAgainstNaiveReference:
         hessian, drift = _stats(x_full, x_quant)
         for blocksize in (7, 16):
             expected = _naive_official(weight, hessian, drift, bits=3, blocksize=blocksize, groupsize=groupsize)
-            got = quantize_weight(
-                weight, hessian, drift, bits=3, blocksize=blocksize, groupsize=groupsize, lazy_update="official"
-            )
+            got = quantize_weight(weight, hessian, drift, bits=3, blocksize=blocksize, groupsize=groupsize,
+                                  lazy_update="official")
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
 
     def test_official_form_depends_on_blocksize_exact_does_not(self):
@@ -246,12 +233,8 @@ class TestInvariants:
         weight = torch.randn(16, 32, dtype=torch.float64)
         hessian = torch.diag(torch.rand(32, dtype=torch.float64) + 0.5)
         for options in ({}, {"act_order": True}):
-            torch.testing.assert_close(
-                quantize_weight(weight, hessian, bits=3, **options),
-                rtn_quantize_weight(weight, bits=3),
-                rtol=0,
-                atol=1e-12,
-            )
+            torch.testing.assert_close(quantize_weight(weight, hessian, bits=3, **options),
+                                       rtn_quantize_weight(weight, bits=3), rtol=0, atol=1e-12)
         got = quantize_weight(weight, hessian, bits=3, groupsize=8, act_order=True, static_groups=True)
         torch.testing.assert_close(got, rtn_quantize_weight(weight, bits=3, groupsize=8), rtol=0, atol=1e-12)
 
@@ -378,14 +361,15 @@ class TestOutputError:
         quantized = weight + 0.05 * torch.randn_like(weight)
         asym = CalibrationStatistics(40, asymmetric=True, dtype=torch.float64)
         asym.add(x_quant, x_full)
-        expected = (
-            torch.linalg.norm(x_quant @ quantized.T - x_full @ weight.T) ** 2
-            / torch.linalg.norm(x_full @ weight.T) ** 2
-        )
+        expected = torch.linalg.norm(x_quant @ quantized.T - x_full @ weight.T) ** 2 / torch.linalg.norm(
+            x_full @ weight.T
+        ) ** 2
         assert asym.output_error(weight, quantized) == pytest.approx(float(expected), rel=1e-9)
         sym = CalibrationStatistics(40, asymmetric=False, dtype=torch.float64)
         sym.add(x_quant)
-        expected = torch.linalg.norm(x_quant @ (quantized - weight).T) ** 2 / torch.linalg.norm(x_quant @ weight.T) ** 2
+        expected = torch.linalg.norm(x_quant @ (quantized - weight).T) ** 2 / torch.linalg.norm(
+            x_quant @ weight.T
+        ) ** 2
         assert sym.output_error(weight, quantized) == pytest.approx(float(expected), rel=1e-9)
 
 

@@ -44,19 +44,10 @@ def write_result(
     write_csv(folder / f"{name}.csv", lines)
     if json_sidecar:
         payload = {
-            "name": name,
-            "model": model,
-            "setting": setting,
-            "settings": settings,
-            "git_commit": COMMIT,
-            "versions": {"python": "3.11.2", "torch": "2.5.1"},
-            "tree": name.split("-")[0],
-            "seed": 0,
-            "device": "cpu (test)",
-            "seconds": {"data": 1.25, "quantize gptq": 10.0},
-            "layers": {},
-            "data_sha256": {"wiki_embedded": "ab" * 32},
-            **(meta or {}),
+            "name": name, "model": model, "setting": setting, "settings": settings, "git_commit": COMMIT,
+            "versions": {"python": "3.11.2", "torch": "2.5.1"}, "tree": name.split("-")[0], "seed": 0,
+            "device": "cpu (test)", "seconds": {"data": 1.25, "quantize gptq": 10.0}, "layers": {},
+            "data_sha256": {"wiki_embedded": "ab" * 32}, **(meta or {}),
         }
         (folder / f"{name}.json").write_text(json.dumps(payload, indent=2, sort_keys=True), encoding="utf-8")
 
@@ -84,17 +75,12 @@ def report_of(folder: Path) -> str:
 
 
 def test_values_bolding_and_difference_for_both_metric_directions(tmp_path: Path) -> None:
-    write_result(
-        tmp_path,
-        "fake_quant-a",
-        [
-            ("wiki_embedded_ppl", False, {"fp": 17.4017, "rtn": 77.1721, "gptq": 35.2755, "gptaq": 42.4995}),
-            ("piqa_acc", True, {"fp": 0.71, "rtn": 0.55, "gptq": 0.61, "gptaq": 0.63}),
-        ],
-    )
-    write_result(
-        tmp_path, "vit_quant-deit", [("top1", True, {"fp": 79.8, "gptq": 72.5, "gptaq": 70.25})], model="deit_s"
-    )
+    write_result(tmp_path, "fake_quant-a", [
+        ("wiki_embedded_ppl", False, {"fp": 17.4017, "rtn": 77.1721, "gptq": 35.2755, "gptaq": 42.4995}),
+        ("piqa_acc", True, {"fp": 0.71, "rtn": 0.55, "gptq": 0.61, "gptaq": 0.63}),
+    ])
+    write_result(tmp_path, "vit_quant-deit", [("top1", True, {"fp": 79.8, "gptq": 72.5, "gptaq": 70.25})],
+                 model="deit_s")
     report = report_of(tmp_path)
     header = "| Model | Setting | Metric | FP | RTN | GPTQ | GPTAQ | GPTAQ − GPTQ | Run |"
     assert header in section(report, "fake_quant") and header in section(report, "vit_quant")
@@ -111,12 +97,9 @@ def test_values_bolding_and_difference_for_both_metric_directions(tmp_path: Path
 
 def test_missing_method_columns_and_official_column(tmp_path: Path) -> None:
     write_result(tmp_path, "fake_quant-a", [("wiki_embedded_ppl", False, {"gptq": 30.0})])
-    write_result(
-        tmp_path,
-        "fake_quant-b",
-        [("wiki_embedded_ppl", False, {"gptq": 20.0, "gptaq": 19.0, "gptaq_official": 19.5})],
-        setting="W2A4",
-    )
+    write_result(tmp_path, "fake_quant-b", [("wiki_embedded_ppl", False, {"gptq": 20.0, "gptaq": 19.0,
+                                                                             "gptaq_official": 19.5})],
+                 setting="W2A4")
     report = report_of(tmp_path)
     assert "| GPTAQ − GPTQ | GPTAQ (official) | Run |" in report
     only_gptq = cells(table_line(report, "embedded", "W4A4", "wiki_embedded_ppl ↓"))
@@ -128,22 +111,12 @@ def test_missing_method_columns_and_official_column(tmp_path: Path) -> None:
 def test_mismatched_configuration_is_flagged_and_same_configuration_is_not(tmp_path: Path) -> None:
     rows = [("wiki_embedded_ppl", False, {"gptq": 30.0, "gptaq": 29.0})]
     write_result(tmp_path, "fake_quant-a", rows)
-    write_result(
-        tmp_path,
-        "fake_quant-b",
-        rows,
-        settings={**SETTINGS, "seed": 1},
-        meta={"git_commit": "1" * 40, "data_sha256": {"wiki_embedded": "cd" * 32}},
-    )
+    write_result(tmp_path, "fake_quant-b", rows, settings={**SETTINGS, "seed": 1},
+                 meta={"git_commit": "1" * 40, "data_sha256": {"wiki_embedded": "cd" * 32}})
     write_result(tmp_path, "fake_quant-c", rows, setting="W2A4")
     # Bookkeeping settings (run name, batch sizes, methods) do not make a configuration differ.
-    write_result(
-        tmp_path,
-        "fake_quant-d",
-        rows,
-        setting="W2A4",
-        settings={**SETTINGS, "eval_batch_size": 8, "methods": ["gptq", "gptaq"]},
-    )
+    write_result(tmp_path, "fake_quant-d", rows, setting="W2A4",
+                 settings={**SETTINGS, "eval_batch_size": 8, "methods": ["gptq", "gptaq"]})
     report = report_of(tmp_path)
     for run in ("fake_quant-a", "fake_quant-b"):
         assert f"| embedded | W4A4 | wiki_embedded_ppl ↓ | — | — | 30.00 | **29.00** | -1.00 | `{run}` ⚠1 |" in report
@@ -178,13 +151,10 @@ def test_solver_benchmark_table_beside_the_runs_is_not_a_run(tmp_path: Path) -> 
 
 
 def test_duplicated_header_names_take_the_first_occurrence(tmp_path: Path) -> None:
-    write_csv(
-        tmp_path / "spinquant-x.csv",
-        [
-            "model,setting,metric,higher_is_better,gptq,gptaq,model,setting,seed",
-            "llama,W4A4,wiki_ppl,False,10.5,9.5,other-model,other-setting,0",
-        ],
-    )
+    write_csv(tmp_path / "spinquant-x.csv", [
+        "model,setting,metric,higher_is_better,gptq,gptaq,model,setting,seed",
+        "llama,W4A4,wiki_ppl,False,10.5,9.5,other-model,other-setting,0",
+    ])
     report = report_of(tmp_path)
     line = cells(table_line(report, "llama", "W4A4", "wiki_ppl ↓"))
     assert line[5:8] == ["10.50", "**9.50**", "-1.00"]
@@ -193,39 +163,24 @@ def test_duplicated_header_names_take_the_first_occurrence(tmp_path: Path) -> No
 
 def test_writer_round_trip_has_no_notes(tmp_path: Path) -> None:
     rows = [MetricRow("wiki_embedded_ppl", False, {"fp": 17.4, "rtn": 77.2, "gptq": 35.3, "gptaq": 42.5})]
-    write_run(
-        tmp_path,
-        "fake_quant-smoke",
-        model="embedded",
-        setting="W4A4",
-        rows=rows,
-        settings={"model": "embedded", "seed": 0, "eval_datasets": ["wiki_embedded"], "eval_max_windows": None},
-        metadata={"tree": "fake_quant", "seed": 0, "device": "cpu", "seconds": {"data": 1.0}},
-    )
+    write_run(tmp_path, "fake_quant-smoke", model="embedded", setting="W4A4", rows=rows,
+              settings={"model": "embedded", "seed": 0, "eval_datasets": ["wiki_embedded"], "eval_max_windows": None},
+              metadata={"tree": "fake_quant", "seed": 0, "device": "cpu", "seconds": {"data": 1.0}})
     report = report_of(tmp_path)
     assert "⚠" not in section(report, "fake_quant")
     assert cells(table_line(report, "embedded", "W4A4", "wiki_embedded_ppl ↓"))[3:8] == [
-        "17.40",
-        "77.20",
-        "**35.30**",
-        "42.50",
-        "+7.20",
-    ]
+        "17.40", "77.20", "**35.30**", "42.50", "+7.20"]
 
 
-@pytest.mark.parametrize(
-    ("lines", "line_number", "message"),
-    [
-        (["model,setting,metric,gptq", "m,s,x,1"], 1, r"missing column\(s\) higher_is_better"),
-        (["model,setting,metric,higher_is_better,gptq", "m,s,x,False,1", "m,s,y,False,1,2"], 3, "6 fields"),
-        (["model,setting,metric,higher_is_better,gptq", "m,s,x,False,abc"], 2, "column 'gptq'"),
-        (["model,setting,metric,higher_is_better,gptq", "m,s,x,maybe,1"], 2, "higher_is_better"),
-        ([""], 1, "no header row"),
-    ],
-)
-def test_malformed_csv_names_file_and_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], lines: list[str], line_number: int, message: str
-) -> None:
+@pytest.mark.parametrize(("lines", "line_number", "message"), [
+    (["model,setting,metric,gptq", "m,s,x,1"], 1, r"missing column\(s\) higher_is_better"),
+    (["model,setting,metric,higher_is_better,gptq", "m,s,x,False,1", "m,s,y,False,1,2"], 3, "6 fields"),
+    (["model,setting,metric,higher_is_better,gptq", "m,s,x,False,abc"], 2, "column 'gptq'"),
+    (["model,setting,metric,higher_is_better,gptq", "m,s,x,maybe,1"], 2, "higher_is_better"),
+    ([""], 1, "no header row"),
+])
+def test_malformed_csv_names_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           lines: list[str], line_number: int, message: str) -> None:
     path = write_csv(tmp_path / "fake_quant-bad.csv", lines)
     with pytest.raises(ReportError, match=message) as error:
         write_report(tmp_path)
@@ -260,22 +215,14 @@ def test_writes_are_atomic_and_replace_the_old_report(tmp_path: Path, capsys: py
     report = (tmp_path / "REPORT.md").read_text()
     assert "stale" not in report and report.startswith("# GPTAQ vs GPTQ")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "REPORT.md",
-        "fake_quant-a.csv",
-        "fake_quant-a.json",
-        "report_fake_quant.png",
-    ]
+        "REPORT.md", "fake_quant-a.csv", "fake_quant-a.json", "report_fake_quant.png"]
 
 
 def test_png_per_tree_is_valid_and_linked(tmp_path: Path) -> None:
-    write_result(
-        tmp_path,
-        "fake_quant-a",
-        [
-            ("wiki_embedded_ppl", False, {"fp": 17.0, "gptq": 3000.0, "gptaq": 1200.0}),
-            ("piqa_acc", True, {"gptq": 0.6, "gptaq": 0.7}),
-        ],
-    )
+    write_result(tmp_path, "fake_quant-a", [
+        ("wiki_embedded_ppl", False, {"fp": 17.0, "gptq": 3000.0, "gptaq": 1200.0}),
+        ("piqa_acc", True, {"gptq": 0.6, "gptaq": 0.7}),
+    ])
     write_result(tmp_path, "vit_quant-deit", [("top1", True, {"fp": 80.0, "gptq": 70.0, "gptaq": 72.0})])
     output = tmp_path / "out" / "summary.md"
     _, figures = write_report(tmp_path, output)
@@ -289,12 +236,8 @@ def test_png_per_tree_is_valid_and_linked(tmp_path: Path) -> None:
 
 
 def test_same_inputs_give_byte_identical_report(tmp_path: Path) -> None:
-    write_result(
-        tmp_path,
-        "fake_quant-b",
-        [("wiki_embedded_ppl", False, {"gptq": 30.0, "gptaq": 29.0})],
-        settings={**SETTINGS, "seed": 3},
-    )
+    write_result(tmp_path, "fake_quant-b", [("wiki_embedded_ppl", False, {"gptq": 30.0, "gptaq": 29.0})],
+                 settings={**SETTINGS, "seed": 3})
     write_result(tmp_path, "fake_quant-a", [("wiki_embedded_ppl", False, {"gptq": 31.0, "gptaq": 28.0})])
     write_result(tmp_path, "vit_quant-x", [("top1", True, {"gptq": 70.0, "gptaq": 71.0})], json_sidecar=False)
     output, _ = write_report(tmp_path)
@@ -306,7 +249,8 @@ def test_same_inputs_give_byte_identical_report(tmp_path: Path) -> None:
 
 
 def test_tree_from_json_overrides_the_file_name_and_unknown_trees_get_a_section(tmp_path: Path) -> None:
-    write_result(tmp_path, "custom-run", [("wiki_ppl", False, {"gptq": 5.0, "gptaq": 4.0})], meta={"tree": "spinquant"})
+    write_result(tmp_path, "custom-run", [("wiki_ppl", False, {"gptq": 5.0, "gptaq": 4.0})],
+                 meta={"tree": "spinquant"})
     write_result(tmp_path, "adhoc-run", [("wiki_ppl", False, {"gptq": 6.0, "gptaq": 7.0})], json_sidecar=False)
     report = report_of(tmp_path)
     assert "`custom-run` |" in section(report, "spinquant")
@@ -314,12 +258,8 @@ def test_tree_from_json_overrides_the_file_name_and_unknown_trees_get_a_section(
 
 
 def _ablation(folder: Path, name: str, alpha: float, values: dict[str, float], **settings: Any) -> None:
-    write_result(
-        folder,
-        name,
-        [("wiki_embedded_ppl", False, values)],
-        settings={**SETTINGS, "alpha": alpha, "lazy_update": "exact", **settings},
-    )
+    write_result(folder, name, [("wiki_embedded_ppl", False, values)],
+                 settings={**SETTINGS, "alpha": alpha, "lazy_update": "exact", **settings})
 
 
 def test_ablation_sections_alpha_sweep_and_lazy_update(tmp_path: Path) -> None:
