@@ -7,7 +7,7 @@ ENV_FILES := $(wildcard envs/*.txt) pyproject.toml
 # MODEL=embedded runs the offline CPU default; a hub id or local path runs the paper settings (GPU).
 MODEL ?= embedded
 
-.PHONY: setup test test-fast lint bench-solver reproduce-llama-w4a4 reproduce-llama-w2a4 reproduce-vit \
+.PHONY: setup test test-fast test-numerics margins lint bench-solver reproduce-llama-w4a4 reproduce-llama-w2a4 reproduce-vit \
 	reproduce-spinquant-w4a4 reproduce-spinquant-w2a4 data-fashion-mnist
 
 setup: $(STAMP)
@@ -25,6 +25,15 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# The numerically sensitive tests again on the generic kernels with one thread (CI runs this after `test`),
+# so an assertion that holds on one CPU only fails here, not on a user's machine.
+test-numerics: setup
+	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 $(PY) -m pytest -q -m numerics
+
+# Every bound those tests check, with the measured value under each kernel setting (a Markdown table).
+margins: setup
+	$(PY) -m common.tests.margin_table
 
 lint: setup
 	$(PY) -m ruff check .

@@ -16,6 +16,8 @@ from common.gptaq import (
 )
 from common.quant import ActivationQuantizer, WeightQuantizer, rtn_quantize_weight
 
+pytestmark = pytest.mark.numerics  # float results against references: CI reruns them on other kernels
+
 
 def _layer(m: int = 24, n: int = 40, tokens: int = 300, drift: float = 0.2, seed: int = 0):
     """A random layer with correlated inputs ``x`` [tokens, n] and a drifted copy ``x̃``."""
@@ -24,6 +26,17 @@ def _layer(m: int = 24, n: int = 40, tokens: int = 300, drift: float = 0.2, seed
     mixing = torch.randn(n, n, generator=g, dtype=torch.float64) / n**0.5
     x_full = torch.randn(tokens, n, generator=g, dtype=torch.float64) @ mixing
     x_quant = x_full + drift * torch.randn(tokens, n, generator=g, dtype=torch.float64)
+    return weight, x_full, x_quant
+
+
+def _structured_drift_layer(seed: int, m: int = 48, n: int = 64, tokens: int = 512, scale: float = 0.3):
+    """A layer whose quantized-stream input drifts by a linear function of the input: ``x̃ = x (I + s·E) + noise``."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(m, n, generator=g, dtype=torch.float64)
+    mixing = torch.randn(n, n, generator=g, dtype=torch.float64) / n**0.5
+    x_full = torch.randn(tokens, n, generator=g, dtype=torch.float64) @ mixing
+    upstream_error = torch.randn(n, n, generator=g, dtype=torch.float64) / n**0.5
+    x_quant = x_full + scale * x_full @ upstream_error + 0.02 * torch.randn(tokens, n, generator=g, dtype=torch.float64)
     return weight, x_full, x_quant
 
 
@@ -215,18 +228,32 @@ class TestInvariants:
         gptq = quantize_weight(w, stats.hessian(), bits=3, blocksize=16, **options)
         assert torch.equal(gptaq, gptq)
 
-    def test_gptaq_reduces_output_error_under_drift(self):
-        """Inputs drift the way activation quantization makes them drift; GPTAQ matches the FP output better."""
+    @pytest.mark.parametrize(("alpha", "bound"), [(0.25, 0.95), (1.0, 0.8)])
+    def test_gptaq_reduces_output_error_under_structured_drift(self, alpha, bound, margin):
+        """The drift an upstream quantized layer causes is a function of the input (here linear, plus a little
+        noise); GPTAQ corrects it, GPTQ cannot. Measured worst of 5 layers: 0.866 (α = 0.25), 0.654 (α = 1)."""
+        ratios = []
+        for seed in range(5):
+            weight, x_full, x_quant = _structured_drift_layer(seed)
+            hessian, drift = _stats(x_full, x_quant)
+            gptq = quantize_weight(weight, hessian, bits=4)
+            gptaq = quantize_weight(weight, hessian, drift, bits=4, alpha=alpha)
+            ratios.append(_output_error(gptaq, weight, x_full, x_quant) / _output_error(gptq, weight, x_full, x_quant))
+        margin(f"GPTAQ / GPTQ output error, worst of 5 layers, alpha {alpha}", max(ratios), below=bound)
+
+    def test_gptaq_gains_little_on_white_activation_noise(self, margin):
+        """Per-token A4 rounding of Gaussian inputs is almost independent of the input, so no weight can undo
+        it: GPTAQ's gain is small but never a loss (measured worst of 5 layers: 0.992)."""
         act_quant = ActivationQuantizer(4, clip_ratio=0.9)
-        wins = 0
+        ratios = []
         for seed in range(5):
             weight, x_full, _ = _layer(m=48, n=64, tokens=512, seed=seed)
             x_quant = act_quant(x_full)
             hessian, drift = _stats(x_full, x_quant)
             gptq = quantize_weight(weight, hessian, bits=4)
             gptaq = quantize_weight(weight, hessian, drift, bits=4)
-            wins += _output_error(gptaq, weight, x_full, x_quant) < _output_error(gptq, weight, x_full, x_quant)
-        assert wins == 5
+            ratios.append(_output_error(gptaq, weight, x_full, x_quant) / _output_error(gptq, weight, x_full, x_quant))
+        margin("GPTAQ / GPTQ output error, white A4 noise, worst of 5 layers", max(ratios), below=1.0)
 
     def test_diagonal_hessian_reduces_to_rtn(self):
         """Uncorrelated inputs: no error is propagated, so GPTQ is round-to-nearest, in any column order."""

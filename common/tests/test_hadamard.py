@@ -15,6 +15,8 @@ from common.hadamard import (
     random_signs,
 )
 
+pytestmark = pytest.mark.numerics  # float results against references: CI reruns them on other kernels
+
 LIMIT = 16384
 DENSE_LIMIT = 1024  # compare with the full dense matrix up to this size
 SMALL_M_LIMIT = 512  # exhaustive transform check for every constructible n <= LIMIT with m <= this
@@ -221,21 +223,21 @@ def test_transform_shapes_and_layouts():
 
 
 @pytest.mark.parametrize("n", [64, 160, 576, 1536, 14336])
-def test_float32_stays_float32_and_matches_float64(n):
+def test_float32_stays_float32_and_matches_float64(n, margin):
     x = torch.randn(4, n, generator=torch.Generator().manual_seed(6), dtype=torch.float32)
     y = hadamard_transform(x)
     assert y.dtype == torch.float32
     ref = hadamard_transform(x.double())
-    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
+    margin(f"relative error of float32, n={n}", (y.double() - ref).norm() / ref.norm(), below=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_keeps_dtype(dtype):
+def test_half_precision_keeps_dtype(dtype, margin):
     x = torch.randn(2, 576, generator=torch.Generator().manual_seed(7)).to(dtype)
     y = hadamard_transform(x)
     assert y.dtype == dtype
     ref = hadamard_transform(x.double())
-    assert ((y.double() - ref).norm() / ref.norm()).item() < 5e-2
+    margin(f"relative error of {dtype}", (y.double() - ref).norm() / ref.norm(), below=5e-2)
 
 
 def test_transform_is_differentiable():

@@ -141,7 +141,7 @@ def test_untie_embeddings() -> None:
 
 
 @pytest.mark.slow
-def test_embedded_model_loads_and_is_sane() -> None:
+def test_embedded_model_loads_and_is_sane(margin) -> None:
     start = time.perf_counter()
     model, tokenizer = load_llama(EMBEDDED)
     elapsed = time.perf_counter() - start
@@ -156,4 +156,4 @@ def test_embedded_model_loads_and_is_sane() -> None:
         loss = model(ids, labels=ids).loss
     perplexity = loss.exp().item()
     print(f"embedded SmolLM2: load {elapsed:.1f} s, perplexity {perplexity:.2f} on {ids.shape[1]} tokens")
-    assert 2.0 < perplexity < 40.0  # measured about 11.1 (a random model gives ~49152)
+    margin("perplexity on an English paragraph", perplexity, above=2.0, below=40.0)  # measured 11.1; random: ~49152

@@ -23,6 +23,8 @@ from spinquant.rotation import (
     save_rotation,
 )
 
+pytestmark = pytest.mark.numerics  # float results against references: CI reruns them on other kernels
+
 
 def _ids() -> torch.Tensor:
     return torch.randint(0, 256, (2, 19), generator=torch.Generator().manual_seed(1))
@@ -35,7 +37,7 @@ def _random_rotation(shape: LlamaShape, seed: int) -> SpinRotation:
 
 
 @pytest.mark.parametrize("k_bits", [16, 4])
-def test_fused_rotation_preserves_the_function(k_bits: int) -> None:
+def test_fused_rotation_preserves_the_function(k_bits: int, margin) -> None:
     """Untie, fold norms, R4, R3 (with a quantized K cache) and learned R1/R2: full-precision logits unchanged."""
     model = tiny_llama()
     ids = _ids()
@@ -54,7 +56,7 @@ def test_fused_rotation_preserves_the_function(k_bits: int) -> None:
             layer.self_attn.kv_quantizer.quantize_input = False  # compare the rotation alone
     with torch.no_grad():
         logits = rotated(ids).logits
-    assert (logits - reference).abs().max() / reference.abs().max() < 1e-5
+    margin("relative max logit difference", (logits - reference).abs().max() / reference.abs().max(), below=1e-5)
     for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.v_proj.weight"):
         assert not torch.allclose(rotated.state_dict()[name], model.state_dict()[name], atol=1e-3)
 

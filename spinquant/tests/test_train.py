@@ -17,17 +17,28 @@ from common.tests.llama_fixtures import tiny_llama
 from spinquant.rotation import SpinRotation, fuse_rotation, initial_rotation, load_rotation, prepare_model
 from spinquant.train import RotationTrainer, TrainingSettings, batch_indices, cosine_lr
 
+pytestmark = pytest.mark.numerics  # float results against references: CI reruns them on other kernels
+
 CPU = torch.device("cpu")
+OUTLIER_CHANNELS = (3, 17)
 
 
-def _ready_model(k_bits: int = 16):
-    """A tiny Llama with a confident head (untied, ×10), made ready for R1/R2, with A4 quantizers.
+def _ready_model(k_bits: int = 16, *, a_bits: int = 4, outliers: bool = False):
+    """A tiny Llama with a confident head (untied, ×10), made ready for R1/R2, with activation quantizers.
 
-    Its K cache is quantized when ``k_bits < 16``. Returns the model, its sizes and 16 windows of 24
+    Its K cache is quantized when ``k_bits < 16``. ``outliers`` plants what makes real LLMs hard to
+    quantize: two residual-stream channels 10× larger than the rest (embedding columns), a head ×30 and
+    blocks whose outputs matter (o_proj and down_proj ×2). Returns the model, its sizes and 16 windows of 24
     tokens sampled from the full-precision model itself, on which it has a low loss that quantization raises.
     """
     model = tiny_llama()
-    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() * 10)
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() * (30 if outliers else 10))
+    if outliers:
+        with torch.no_grad():
+            model.model.embed_tokens.weight[:, list(OUTLIER_CHANNELS)] *= 10
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.weight *= 2
+                layer.mlp.down_proj.weight *= 2
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         ids = torch.randint(1, 256, (16, 1), generator=generator)
@@ -35,7 +46,7 @@ def _ready_model(k_bits: int = 16):
             probs = torch.softmax(model(ids).logits[:, -1], dim=-1)
             ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator)], dim=1)
     shape = prepare_model(model, seed=0, k_bits=k_bits, v_bits=16, kv_clip_ratio=1.0)
-    add_activation_quantizers(model, bits=4, sym=False, clip_ratio=0.9, groupsize=-1)
+    add_activation_quantizers(model, bits=a_bits, sym=False, clip_ratio=0.9, groupsize=-1)
     return model, shape, ids
 
 
@@ -46,8 +57,9 @@ def _identity(shape: LlamaShape) -> SpinRotation:
 
 
 @pytest.mark.parametrize("k_bits", [16, 4])
-def test_training_loss_is_the_fused_quantized_models_loss(k_bits: int) -> None:
-    model, shape, windows = _ready_model(k_bits)
+def test_training_loss_is_the_fused_quantized_models_loss(k_bits: int, margin) -> None:
+    """Measured: relative difference 1e-7 .. 8e-7 (float32 sums in another order); A3 costs 0.16 nats."""
+    model, shape, windows = _ready_model(k_bits, a_bits=3, outliers=True)
     rotation = initial_rotation(shape, seed=4)
     ids = windows[:4]
     trainer_loss = RotationTrainer(copy.deepcopy(model), shape, TrainingSettings(steps=1, lr=1.0)).loss(
@@ -58,17 +70,20 @@ def test_training_loss_is_the_fused_quantized_models_loss(k_bits: int) -> None:
     with torch.no_grad():
         logits = fused(ids).logits[:, :-1]
     fused_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-    assert trainer_loss.item() == pytest.approx(fused_loss.item(), rel=1e-5)
+    margin("relative difference, trainer vs fused loss", abs(trainer_loss.item() / fused_loss.item() - 1), below=1e-5)
     unquantized = copy.deepcopy(fused)
     set_input_quantization(unquantized, False)
     with torch.no_grad():
         logits = unquantized(ids).logits[:, :-1]
     fp_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-    assert abs(fp_loss.item() - fused_loss.item()) > 1e-4  # the quantizers are really on
+    margin("|fp loss − quantized loss| (the quantizers are on)", abs(fp_loss.item() - fused_loss.item()), above=0.01)
 
 
-def test_training_closes_most_of_the_quantization_gap() -> None:
-    model, shape, windows = _ready_model()
+def test_training_closes_most_of_the_quantization_gap(margin) -> None:
+    """Outlier channels in the residual stream make A2 per-token quantization lose ~0.7 nats; the learned
+    rotation spreads them out. Measured: the gap is 0.70 nats and training closes 93–95 % of it under every
+    kernel setting (native AVX-512, default, AVX2, one thread)."""
+    model, shape, windows = _ready_model(a_bits=2, outliers=True)
     settings = TrainingSettings(steps=30, lr=1.5, batch_size=16, micro_batch_size=8, log_every=30)
     trainer = RotationTrainer(model, shape, settings)
     start = _identity(shape)
@@ -84,10 +99,11 @@ def test_training_closes_most_of_the_quantization_gap() -> None:
     after = loss(trained)
     assert trained.step == 30 and len(trained.losses) == 30
     assert trained.losses[0] == pytest.approx(before, rel=1e-5)
-    assert after < before - 0.5 * (before - full_precision), (full_precision, before, after)  # measured: 79%
-    for matrix in (trained.r1, *trained.r2):
-        identity = torch.eye(matrix.shape[0], dtype=torch.float64)
-        assert (matrix.T @ matrix - identity).abs().max() < 1e-12
+    margin("quantization gap (nats)", before - full_precision, above=0.3)
+    margin("share of the gap closed", (before - after) / (before - full_precision), above=0.5)
+    orthogonality = max((m.T @ m - torch.eye(m.shape[0], dtype=torch.float64)).abs().max().item()
+                        for m in (trained.r1, *trained.r2))
+    margin("max |RᵀR − I| after training", orthogonality, below=1e-12)
     assert all(not p.requires_grad for p in model.parameters())  # the model's weights stay frozen
 
 
