@@ -54,7 +54,11 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{name} must be true or false, got {value!r}")
     try:
+        if base in (int, float) and isinstance(value, bool):
+            raise ValueError
         if base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        if base is str and not isinstance(value, str):
             raise ValueError
         return base(value)
     except (TypeError, ValueError):
@@ -62,15 +66,40 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """The mapping in a YAML file (an empty file is an empty mapping)."""
+    """The mapping in a YAML file (an empty file is an empty mapping); every problem is a ``ConfigError``."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--config: {path} is a folder, not a YAML file")
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    with open(path, encoding="utf-8") as handle:
-        data = yaml.safe_load(handle) or {}
+        raise ConfigError(f"--config: config file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"--config: config file {path} is not UTF-8 text (byte {error.start}: "
+                          f"{error.reason})") from None
+    except OSError as error:
+        raise ConfigError(f"--config: cannot read config file {path} ({error.strerror or error})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"--config: {where}: not valid YAML ({problem})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
+        raise ConfigError(f"--config: config file {path} must hold a mapping of settings, got {type(data).__name__}")
+    if any(not isinstance(key, str) for key in data):
+        raise ConfigError(f"--config: config file {path}: every key must be a setting name, got {list(data)}")
     return data
+
+
+def _default_text(field: dataclasses.Field) -> str:
+    """The field's default as ``--help`` shows it (lists from their factory, e.g. ``['fp', 'rtn']``)."""
+    if field.default_factory is not dataclasses.MISSING:
+        return repr(field.default_factory())
+    if field.default is dataclasses.MISSING:
+        return "required"
+    return repr(field.default)
 
 
 def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
@@ -84,7 +113,7 @@ def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
         if base is bool:
             parser.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(f"--{field.name}", help=f"{help_text} (default: {field.default!r})".strip())
+            parser.add_argument(f"--{field.name}", help=f"{help_text} (default: {_default_text(field)})".strip())
     return parser
 
 

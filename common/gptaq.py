@@ -253,6 +253,7 @@ def solve(
     ``D`` is required for ``method="gptaq"`` and ignored for ``"gptq"``.
     """
     start = time.perf_counter()
+    _check_weight(W, name)
     columns = W.shape[1]
     _check_statistics(H, D if config.method == "gptaq" else None, columns, name)
     groupsize = check_groupsize(config.groupsize, columns)
@@ -309,7 +310,30 @@ def solve(
     quantized, loss = solver.run(config.blocksize)
     if perm is not None:
         quantized = quantized[:, torch.argsort(perm)]
-    return SolveResult(quantized.to(W.dtype), loss, used_damp, time.perf_counter() - start)
+    result = quantized.to(W.dtype)
+    if not torch.isfinite(result).all():
+        hint = f"alpha={config.alpha:g} may be too large; " if config.method == "gptaq" else ""
+        raise CalibrationError(
+            f"{name}: the solve produced NaN or Inf weights ({hint}percdamp={used_damp:g}; "
+            f"the inputs were finite)"
+        )
+    return SolveResult(result, loss, used_damp, time.perf_counter() - start)
+
+
+def _check_weight(W: torch.Tensor, name: str) -> None:
+    if not isinstance(W, torch.Tensor) or W.dim() != 2 or not W.is_floating_point():
+        shape = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
+        raise ValueError(f"{name}: W must be a 2-D floating-point tensor [rows, columns], got {shape}")
+    if W.numel() == 0:
+        raise ValueError(f"{name}: W must not be empty, got shape {tuple(W.shape)}")
+    bad = int((~torch.isfinite(W)).sum())
+    if bad:
+        raise ValueError(f"{name}: W contains {bad} NaN or Inf entries; the layer's weights are broken")
+
+
+def _symmetry_tolerance(dtype: torch.dtype) -> float:
+    """Largest ``max|H − Hᵀ| / max|H|`` accepted: float rounding of ``X̃ᵀX̃``, not a wrong matrix."""
+    return 1e-10 if dtype == torch.float64 else 1e-4
 
 
 def _check_statistics(H: torch.Tensor, D: torch.Tensor | None, columns: int, name: str) -> None:
@@ -320,6 +344,13 @@ def _check_statistics(H: torch.Tensor, D: torch.Tensor | None, columns: int, nam
             raise ValueError(f"{name}: {label} must have shape ({columns}, {columns}), got {tuple(stat.shape)}")
         if not torch.isfinite(stat).all():
             raise CalibrationError(f"{name}: calibration statistic {label} contains NaN or Inf")
+    scale = float(H.abs().max())
+    asymmetry = float((H - H.T).abs().max())
+    if scale > 0 and asymmetry > _symmetry_tolerance(H.dtype) * scale:
+        raise ValueError(
+            f"{name}: H must be symmetric (2/N Σ x̃x̃ᵀ); max |H − Hᵀ| = {asymmetry:.3g} is {asymmetry / scale:.2g} "
+            f"of max |H| (allowed: {_symmetry_tolerance(H.dtype):g})"
+        )
 
 
 def _inverse_cholesky_upper(hessian: torch.Tensor, percdamp: float, name: str) -> tuple[torch.Tensor, float]:

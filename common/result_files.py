@@ -8,6 +8,7 @@ data hashes.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common.results import BENCH_SOLVER_CSV
-from common.runs import METHOD_COLUMNS
+from common.runs import CSV_DIGEST_KEY, METHOD_COLUMNS
 
 TREES = ("fake_quant", "spinquant", "vit_quant")
 FIXED_COLUMNS = ("model", "setting", "metric", "higher_is_better")
@@ -154,8 +155,8 @@ def _consistency_notes(name: str, meta: dict[str, Any] | None, csv_settings: lis
     if any(line != csv_settings[0] for line in csv_settings[1:]):
         notes.append(f"run `{name}`: the settings columns differ between lines of its CSV")
     if meta is None:
-        notes.append(f"run `{name}`: no sidecar JSON; git commit, versions, device, data hashes and "
-                     "wall times are unknown, settings are read from the CSV")
+        notes.append(f"run `{name}`: no sidecar JSON (an interrupted run, or a file made by hand); git commit, "
+                     "versions, device, data hashes and wall times are unknown, settings are read from the CSV")
         return notes
     if meta.get("name", name) != name:
         notes.append(f"run `{name}`: its JSON names another run, `{meta['name']}`")
@@ -168,16 +169,28 @@ def _consistency_notes(name: str, meta: dict[str, Any] | None, csv_settings: lis
 
 
 def read_run(csv_path: Path) -> Run:
-    """One run from its CSV and (if present) its sidecar JSON."""
+    """One run from its CSV and (if present) its sidecar JSON.
+
+    A JSON that records another CSV's SHA-256 (a CSV rewritten by hand, or the pair of an interrupted write)
+    is not used: the run is read as one without JSON, with a note saying why.
+    """
     records, csv_settings = read_csv(csv_path)
     name = csv_path.stem
     meta = read_json(csv_path.with_suffix(".json"))
+    stale = None
+    if meta is not None and isinstance(meta.get(CSV_DIGEST_KEY), str):
+        digest = hashlib.sha256(csv_path.read_bytes()).hexdigest()
+        if digest != meta[CSV_DIGEST_KEY]:
+            stale = (f"run `{name}`: its JSON vouches for other CSV contents (csv_sha256 "
+                     f"{meta[CSV_DIGEST_KEY][:12]}…, the CSV has {digest[:12]}…); the JSON is not used")
+            meta = None
     json_settings = (meta or {}).get("settings")
     if isinstance(json_settings, dict):
         settings = {k: setting_text(v) for k, v in json_settings.items()}
     else:
         settings = csv_settings[0] if csv_settings else {}
-    return Run(name, tree_of(name, meta), records, settings, meta, _consistency_notes(name, meta, csv_settings))
+    notes = _consistency_notes(name, meta, csv_settings)
+    return Run(name, tree_of(name, meta), records, settings, meta, [stale, *notes] if stale else notes)
 
 
 def load_runs(results_dir: Path) -> list[Run]:

@@ -6,10 +6,14 @@ a subclass may redeclare a field to change its default (e.g. ``percdamp`` 0.1 fo
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from common.config import ConfigError
+from common.files import check_plain_name, check_writable_dir, sweep_stale_temporaries
 from common.gptaq import LAZY_UPDATES
 from common.quant import check_bits, check_clip_ratio
 
@@ -25,6 +29,28 @@ def describe(text: str) -> dict[str, Any]:
 def check_one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def check_positive(name: str, value: int | None, *, optional: bool = False) -> None:
+    """``value`` is an integer >= 1 (or ``None`` when ``optional``); else ``ConfigError`` naming ``name``."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        allowed = "a positive integer" + (" or None (no limit)" if optional else "")
+        raise ConfigError(f"{name} must be {allowed}, got {value!r}")
+
+
+def check_finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_device(device: str) -> None:
+    if DEVICE_PATTERN.fullmatch(device) is None:
+        raise ConfigError(f"device must be one of auto, cpu, cuda, cuda:<index>; got {device!r}")
 
 
 @dataclass
@@ -58,22 +84,48 @@ class RunSettings:
     results_dir: str = field(default="results", metadata=describe("folder of the result CSV/JSON"))
 
     def __post_init__(self) -> None:
-        check_bits(self.w_bits, "w_bits")
-        check_bits(self.a_bits, "a_bits")
-        check_clip_ratio(self.a_clip_ratio, "a_clip_ratio")
+        try:
+            check_bits(self.w_bits, "w_bits")
+            check_bits(self.a_bits, "a_bits")
+            check_clip_ratio(self.a_clip_ratio, "a_clip_ratio")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         check_one_of("lazy_update", self.lazy_update, LAZY_UPDATES)
         if not self.methods:
             raise ConfigError(f"methods must name at least one of {METHODS}")
         for method in self.methods:
             check_one_of("methods", method, METHODS)
+        repeated = sorted({m for m in self.methods if self.methods.count(m) > 1})
+        if repeated:
+            raise ConfigError(f"methods must name each method once, got {repeated} more than once")
         for name in ("nsamples", "calib_batch_size", "blocksize"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+            check_positive(name, getattr(self, name))
         for name in ("w_groupsize", "a_groupsize"):
             if getattr(self, name) != -1 and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be -1 or a positive integer, got {getattr(self, name)}")
+        check_finite("percdamp", self.percdamp)
         if self.percdamp < 0:
-            raise ConfigError(f"percdamp must be >= 0, got {self.percdamp}")
+            raise ConfigError(f"percdamp must be >= 0 (a fraction of the mean Hessian diagonal), got {self.percdamp}")
+        check_finite("alpha", self.alpha)
+        if self.alpha < 0:
+            raise ConfigError(f"alpha must be >= 0 (GPTAQ's drift-correction scale; official 0.25), got {self.alpha}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed}")
+        check_device(self.device)
+        if self.name is not None:
+            check_plain_name(self.name, "name")
+        if not self.results_dir:
+            raise ConfigError("results_dir must name a folder, got an empty string")
+
+    def output_folders(self) -> dict[str, Path]:
+        """``{setting: folder}`` of every folder this run will write into (checked before any work)."""
+        return {"results_dir": Path(self.results_dir)}
+
+    def check_outputs(self) -> None:
+        """Create and probe every output folder (``ConfigError`` naming the setting), sweep stale temporaries."""
+        for setting, folder in self.output_folders().items():
+            check_writable_dir(folder, setting)
+            sweep_stale_temporaries(folder)
 
     @property
     def precision(self) -> str:

@@ -5,12 +5,17 @@
 joined with ``+``; a setting named like a fixed column, e.g. ``model``, is that column). Accuracies are in
 percent, perplexities plain.
 ``results/<name>.json`` holds the settings, per-stage wall times, per-layer calibration errors, seed,
-package versions, device and git commit. Both are written atomically; files of an earlier run with the
-same name are first moved to ``results/history/`` (never overwritten).
+package versions, device and git commit, and the SHA-256 of the CSV (``csv_sha256``). The pair is written as
+a set: both files are complete on disk before either is renamed into place, the JSON last, so a reader
+trusts a CSV only when a JSON beside it vouches for its bytes; an interrupted write leaves either no new
+file or a CSV without its JSON, which readers refuse as incomplete. Temporary files that killed runs left
+behind are removed. Files of an earlier run with the same name are first moved to ``results/history/``
+(never overwritten).
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -18,9 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.results import atomic_write_csv, atomic_write_json, git_commit, package_versions
+from common.files import atomic_write_set, sweep_stale_temporaries
+from common.results import csv_text, git_commit, json_text, package_versions, write_text
 
 METHOD_COLUMNS = ("fp", "rtn", "gptq", "gptaq", "gptaq_official")
+CSV_DIGEST_KEY = "csv_sha256"
+"""The JSON's record of its CSV's SHA-256: the JSON is written last, so it vouches for a complete pair."""
 
 
 @dataclass
@@ -104,6 +112,7 @@ def write_run(
         }
         for row in rows
     ]
+    csv_body = csv_text(table, fieldnames)
     payload = {
         "name": name,
         "model": model,
@@ -112,10 +121,13 @@ def write_run(
         "git_commit": git_commit(),
         "versions": package_versions(),
         **metadata,
+        CSV_DIGEST_KEY: hashlib.sha256(csv_body.encode("utf-8")).hexdigest(),
     }
+    json_body = json_text(payload)
+    sweep_stale_temporaries(results_dir)
     _archive([csv_path, json_path], results_dir / "history")
-    atomic_write_json(json_path, payload)
-    atomic_write_csv(csv_path, table, fieldnames)
+    atomic_write_set([(csv_path, lambda tmp: write_text(tmp, csv_body)),
+                      (json_path, lambda tmp: write_text(tmp, json_body))])
     return csv_path, json_path
 
 

@@ -14,22 +14,25 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_model
+from safetensors.torch import load_model as load_saved_model
 
 from common.cli import run_cli
 from common.config import ConfigError
 from common.device import pick_device
+from common.files import atomic_write
 from common.llama.experiment import (
     add_quantizers,
     compare_rotated,
     load_data,
     load_model,
-    preflight_tasks,
+    preflight,
     quantizing,
     write_llama_run,
 )
 from common.llama.loading import ModelLoadError
-from common.results import atomic_write, atomic_write_json
+from common.results import atomic_write_json
 from common.runs import StageTimer
 from common.text_data import CorpusUnavailableError
 from common.zeroshot import ZeroShotUnavailableError
@@ -53,9 +56,10 @@ def build_quantizable_model(config: LlamaRunConfig):
 
 
 def save_qmodel(model, folder: Path, method: str, config: LlamaRunConfig, rotation: RotationInfo | None) -> None:
+    """Write ``<folder>/<method>.safetensors`` (tensors shared by tied weights stored once) and ``settings.json``."""
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(folder / f"{method}.safetensors", lambda tmp: save_file(state, tmp, metadata={"method": method}))
+    model.to("cpu")
+    atomic_write(folder / f"{method}.safetensors", lambda tmp: save_model(model, tmp, metadata={"method": method}))
     atomic_write_json(folder / "settings.json", {
         "settings": dataclasses.asdict(config),
         "rotation": dataclasses.asdict(rotation) if rotation else None,
@@ -67,15 +71,50 @@ def load_saved_settings(config: LlamaRunConfig) -> tuple[LlamaRunConfig, list[st
     folder = Path(config.load_qmodel_path)
     settings_file = folder / "settings.json"
     if not settings_file.is_file():
-        raise ConfigError(f"load_qmodel_path {folder} holds no settings.json (save one with --save_qmodel_path)")
-    saved = json.loads(settings_file.read_text())["settings"]
-    evaluation = {k: getattr(config, k) for k in ("name", "device", "eval_datasets", "eval_max_windows",
-                                                  "eval_batch_size", "tasks", "tasks_limit", "tasks_include_path",
-                                                  "results_dir")}
-    merged = LlamaRunConfig(**{**saved, **evaluation, "save_qmodel_path": None,
-                               "load_qmodel_path": config.load_qmodel_path})
+        raise ConfigError(f"load_qmodel_path: {folder} holds no settings.json (save one with --save_qmodel_path)")
+    try:
+        saved = json.loads(settings_file.read_text(encoding="utf-8"))["settings"]
+        evaluation = {name: getattr(config, name) for name in config.evaluation_settings()}
+        merged = LlamaRunConfig(**{**saved, **evaluation, "save_qmodel_path": None,
+                                   "load_qmodel_path": config.load_qmodel_path})
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"load_qmodel_path: {settings_file} is not a settings file this version wrote "
+                          f"({type(error).__name__}: {error})") from None
     methods = [m for m in merged.methods if m == "fp" or (folder / f"{m}.safetensors").is_file()]
     return merged, methods
+
+
+def check_saved_models(folder: Path, methods: list[str], model: torch.nn.Module) -> None:
+    """Every saved ``<method>.safetensors`` is readable and holds this model's tensors (names and shapes).
+
+    Read from the files' headers alone, before any evaluation; ``ConfigError`` names the file.
+    """
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    for method in methods:
+        if method == "fp":
+            continue
+        path = folder / f"{method}.safetensors"
+        try:
+            with safe_open(str(path), "pt") as handle:
+                shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+            load_file(str(path))  # reads every tensor: a truncated file fails here
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            raise ConfigError(f"load_qmodel_path: {path} is not a readable safetensors file ({error})") from None
+        unknown = sorted(set(shapes) - set(expected))
+        wrong = sorted(name for name in shapes.keys() & expected.keys() if shapes[name] != expected[name])
+        missing = sorted(name for name in set(expected) - set(shapes) if not _tied_alias(model, name, shapes))
+        if unknown or wrong or missing:
+            details = "; ".join(f"{label}: {', '.join(names[:3])}{' …' if len(names) > 3 else ''}"
+                                for label, names in (("unknown tensors", unknown), ("other shapes", wrong),
+                                                     ("missing tensors", missing)) if names)
+            raise ConfigError(f"load_qmodel_path: {path} does not hold this model's weights ({details})")
+
+
+def _tied_alias(model: torch.nn.Module, name: str, stored: dict[str, tuple[int, ...]]) -> bool:
+    """Whether ``name`` shares its tensor with a stored one (tied weights are saved once)."""
+    state = model.state_dict()
+    pointer = state[name].data_ptr()
+    return any(state[other].data_ptr() == pointer for other in stored if other in state)
 
 
 def run(config: LlamaRunConfig) -> tuple[Path, Path]:
@@ -83,22 +122,26 @@ def run(config: LlamaRunConfig) -> tuple[Path, Path]:
     methods = list(config.methods)
     if config.load_qmodel_path:
         config, methods = load_saved_settings(config)
+    config.check_outputs()
     torch.manual_seed(config.seed)
     device = pick_device(config.device)
     timer = StageTimer()
-    preflight_tasks(config, timer)
+    saved = Path(config.load_qmodel_path) if config.load_qmodel_path else None
+    calibrate = any(m not in ("fp", "rtn") for m in methods) and saved is None
+    preflight(config, timer, calibrate=calibrate)
     with timer("load and rotate"):
         model, tokenizer, rotation = build_quantizable_model(config)
+    if saved is not None:
+        check_saved_models(saved, methods, model)
     with timer("data"):
-        calibrate = any(m not in ("fp", "rtn") for m in methods) and not config.load_qmodel_path
         calibration, eval_sets = load_data(tokenizer, config, calibrate=calibrate)
-    saved = Path(config.load_qmodel_path) if config.load_qmodel_path else None
     quantize_method = quantizing(model, config, calibration, device)
 
     def prepare(method: str):
         if saved is not None:
             if method != "fp":
-                model.load_state_dict(load_file(str(saved / f"{method}.safetensors")))
+                where = str(next(model.parameters()).device)
+                load_saved_model(model, str(saved / f"{method}.safetensors"), device=where)
             return None
         report = quantize_method(method)
         if config.save_qmodel_path and method != "fp":

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
+from common.config import ConfigError
 from common.llama.settings import LlamaSettings
 from common.run_settings import check_one_of, describe
 from fake_quant.rotation import MODES
@@ -24,3 +26,12 @@ class LlamaRunConfig(LlamaSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_one_of("rotate_mode", self.rotate_mode, MODES)
+        if self.save_qmodel_path and self.load_qmodel_path:
+            raise ConfigError("save_qmodel_path and load_qmodel_path exclude each other: a loaded model is already "
+                              "saved; give one of them")
+
+    def output_folders(self) -> dict[str, Path]:
+        folders = super().output_folders()
+        if self.save_qmodel_path:
+            folders["save_qmodel_path"] = Path(self.save_qmodel_path)
+        return folders

@@ -18,15 +18,17 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from common.cache import cache_root
+from common.cache import CACHE_ENV_VAR, cache_root
 from common.cli import run_cli
+from common.config import ConfigError
 from common.device import pick_device
+from common.files import check_output_file
 from common.llama.experiment import (
     add_quantizers,
     compare_rotated,
     load_data,
     load_model,
-    preflight_tasks,
+    preflight,
     quantizing,
     write_llama_run,
 )
@@ -117,12 +119,27 @@ def labelled(rows: list[MetricRow], setting: str) -> list[MetricRow]:
     return [dataclasses.replace(row, setting=setting) for row in rows]
 
 
+def check_rotation_file(config: SpinQuantConfig, shape: LlamaShape) -> None:
+    """Before the model loads: the rotation file, when it exists, is one for this model (sizes, finite
+    orthogonal matrices); when it must be written (absent or partial), its folder is writable."""
+    path = rotation_file(config)
+    setting = "rotation_path" if config.rotation_path else f"rotation cache file ({CACHE_ENV_VAR})"
+    if path.is_dir():
+        raise ConfigError(f"{setting}: {path} is a folder; give the path of a rotation file (.safetensors)")
+    if path.is_file():
+        rotation, _ = load_rotation(path, shape)
+        if rotation.step >= config.rotation_steps:
+            return
+    check_output_file(path, setting)
+
+
 def run(config: SpinQuantConfig) -> tuple[Path, Path]:
     """Learn or load the rotation, compare every method under it (and the baseline), write the results."""
+    config.check_outputs()
     torch.manual_seed(config.seed)
     device = pick_device(config.device)
     timer = StageTimer()
-    preflight_tasks(config, timer)
+    check_rotation_file(config, preflight(config, timer, calibrate=True))
     with timer("load and prepare"):
         model, tokenizer = load_model(config)
         shape = prepare_model(model, seed=config.seed, k_bits=config.k_bits, v_bits=config.v_bits,

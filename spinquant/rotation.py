@@ -30,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
+from common.files import atomic_write
 from common.hadamard import random_hadamard_matrix
 from common.llama.rotation import (
     LlamaShape,
@@ -42,7 +43,6 @@ from common.llama.rotation import (
     rotate_weights_,
 )
 from common.quant import FULL_PRECISION_BITS
-from common.results import atomic_write
 
 ORTHOGONALITY_TOLERANCE = 1e-4
 """Largest ``max |RᵀR − I|`` accepted in a rotation file (float32-trained rotations reach ~1e-6)."""
@@ -157,8 +157,10 @@ def load_rotation(path: str | Path, shape: LlamaShape) -> tuple[SpinRotation, di
         if matrix is None or tuple(matrix.shape) != (size, size):
             found = "missing" if matrix is None else f"shape {tuple(matrix.shape)}"
             raise RotationFileError(f"rotation file {path}: {key} must be [{size}, {size}], {found}")
+        if not torch.isfinite(matrix).all():
+            raise RotationFileError(f"rotation file {path}: {key} contains NaN or Inf")
         error = _orthogonality_error(matrix)
-        if error > ORTHOGONALITY_TOLERANCE:
+        if not error <= ORTHOGONALITY_TOLERANCE:
             raise RotationFileError(f"rotation file {path}: {key} is not orthogonal (max |RᵀR − I| = {error:.2e})")
     rotation = SpinRotation(
         r1=tensors["R1"].double(),

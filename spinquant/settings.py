@@ -59,6 +59,9 @@ class SpinQuantConfig(LlamaSettings):
         except ValueError as error:
             raise ConfigError(f"rotation_{error}") from None
 
+    def window_settings(self) -> tuple[str, ...]:
+        return (*super().window_settings(), "rotation_seqlen")
+
     def training_settings(self) -> TrainingSettings:
         return TrainingSettings(
             steps=self.rotation_steps, lr=self.rotation_lr, momentum=self.rotation_momentum,

@@ -14,19 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import LlamaForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
 from common.calibration import CalibrationReport
 from common.config import ConfigError
 from common.device import device_description
 from common.llama.adapter import LlamaAdapter, add_activation_quantizers
-from common.llama.loading import load_llama
+from common.llama.loading import load_llama, load_llama_config
+from common.llama.rotation import LlamaShape
 from common.llama.settings import LlamaSettings
 from common.perplexity import perplexity
 from common.pipeline import compare_methods, quantize
 from common.qlinear import QuantLinear
 from common.runs import MetricRow, StageTimer, write_run
-from common.text_data import calibration_windows, corpus_fingerprint, evaluation_windows
+from common.text_data import calibration_windows, corpus_fingerprint, evaluation_windows, load_corpus
 from common.zeroshot import load_tasks, zero_shot_accuracy
 
 logger = logging.getLogger(__name__)
@@ -42,27 +43,46 @@ def load_model(config: LlamaSettings) -> tuple[LlamaForCausalLM, PreTrainedToken
     return model.eval(), tokenizer
 
 
-def preflight_tasks(config: LlamaSettings, timer: StageTimer) -> None:
-    """Load the zero-shot tasks' data up front, so a missing task fails before hours of calibration."""
-    if config.tasks:
-        with timer("zero-shot task data"):
+def preflight(config: LlamaSettings, timer: StageTimer, *, calibrate: bool) -> LlamaShape:
+    """Check everything that can be checked before the weights are read; returns the model's sizes.
+
+    Loads the zero-shot tasks' data and the corpora's texts (a Hub corpus or task that is unreachable
+    fails here, not after hours of calibration), reads the model's configuration alone and checks the
+    settings against it (:func:`check_model_settings`).
+    """
+    with timer("preflight"):
+        if config.tasks:
             load_tasks(config.tasks, include_path=config.tasks_include_path)
+        corpora = [(config.calib_dataset, "train")] if calibrate else []
+        for corpus, split in [*corpora, *((name, "test") for name in config.eval_datasets)]:
+            load_corpus(corpus, split)
+        model_config = load_llama_config(config.model)
+        shape = LlamaShape.from_config(model_config)
+        check_model_settings(config, shape, model_config)
+    return shape
+
+
+def check_model_settings(config: LlamaSettings, shape: LlamaShape, model_config: PretrainedConfig) -> None:
+    """Settings that depend on the model: group sizes divide every quantized linear's input, windows fit.
+
+    Raises ``ConfigError`` naming the setting.
+    """
+    for option, size in (("w_groupsize", config.w_groupsize), ("a_groupsize", config.a_groupsize)):
+        for name, features in shape.linear_input_sizes().items():
+            if size != -1 and features % size != 0:
+                raise ConfigError(f"{option} must be -1 or a positive divisor of every quantized linear's input "
+                                  f"size; {size} does not divide {features} ({name})")
+    limit = getattr(model_config, "max_position_embeddings", None)
+    for option in config.window_settings():
+        if limit is not None and getattr(config, option) > limit:
+            raise ConfigError(f"{option}={getattr(config, option)} is longer than the model's "
+                              f"max_position_embeddings ({limit})")
 
 
 def add_quantizers(model: LlamaForCausalLM, config: LlamaSettings) -> dict[str, QuantLinear]:
-    """Give every decoder linear an activation quantizer (see :func:`add_activation_quantizers`).
-
-    Raises ``ConfigError`` naming ``w_groupsize`` / ``a_groupsize`` when a group size does not divide a
-    quantized linear's input size.
-    """
-    linears = add_activation_quantizers(model, bits=config.a_bits, sym=not config.a_asym,
-                                        clip_ratio=config.a_clip_ratio, groupsize=config.a_groupsize)
-    for option, size in (("w_groupsize", config.w_groupsize), ("a_groupsize", config.a_groupsize)):
-        for name, linear in linears.items():
-            if size != -1 and linear.in_features % size != 0:
-                raise ConfigError(f"{option} must be -1 or a positive divisor of every quantized linear's input "
-                                  f"size; {size} does not divide {linear.in_features} ({name})")
-    return linears
+    """Give every decoder linear an activation quantizer (see :func:`add_activation_quantizers`)."""
+    return add_activation_quantizers(model, bits=config.a_bits, sym=not config.a_asym,
+                                     clip_ratio=config.a_clip_ratio, groupsize=config.a_groupsize)
 
 
 def load_data(

@@ -8,7 +8,7 @@ the float32 model and its tokenizer with ``save_pretrained`` (safetensors) to
 ``<cache root>/models/smollm2-135m-instruct/``; later loads read that folder (seconds). The cache root is
 the ``cache_dir`` argument, else ``$GPTAQ_CACHE_DIR``, else ``<repo root>/.cache`` (gitignored). The cache
 is written to a temporary sibling folder and renamed into place, so an interrupted conversion never leaves
-a partial cache behind.
+a partial cache behind; the temporary folder a killed conversion left is removed by the next one.
 
 Note: the embedded weights are the Q4_1-dequantized ones, not the original bf16 checkpoint; they are the
 "full precision" reference for every experiment that uses the embedded model.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ from transformers import (
 )
 
 from common.cache import cache_root
+from common.files import sweep_stale_temporaries, temporary_dir
 
 EMBEDDED = "embedded"
 """The special model name selecting the embedded SmolLM2-135M-Instruct."""
@@ -53,6 +53,11 @@ class ModelLoadError(RuntimeError):
 def embedded_cache_folder(cache_dir: Path | None = None) -> Path:
     """Folder holding the converted float32 embedded model and tokenizer."""
     return cache_root(cache_dir) / "models" / EMBEDDED_CACHE_NAME
+
+
+def embedded_is_converted(cache_dir: Path | None = None) -> bool:
+    """Whether the converted embedded model is already in the cache (so loading it writes nothing)."""
+    return (embedded_cache_folder(cache_dir) / "config.json").is_file()
 
 
 def embedded_gguf_folder() -> Path:
@@ -120,8 +125,8 @@ def _convert_embedded(folder: Path) -> None:
     model = _plain_copy(gguf_model)
     tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=EMBEDDED_GGUF)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+    sweep_stale_temporaries(folder.parent)  # what a killed conversion left behind
+    tmp = temporary_dir(folder)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -142,6 +147,23 @@ def _load_embedded(dtype: torch.dtype, cache_dir: Path | None) -> tuple[LlamaFor
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer
+
+
+def load_llama_config(model: str = EMBEDDED, *, cache_dir: Path | None = None) -> PretrainedConfig:
+    """The model's configuration alone (no weights read): the cached or GGUF one for the embedded model.
+
+    Raises ``ModelLoadError`` as :func:`load_llama` does (unsupported architecture, unreachable model).
+    """
+    if model == EMBEDDED:
+        folder = embedded_cache_folder(cache_dir)
+        if embedded_is_converted(cache_dir):
+            config = AutoConfig.from_pretrained(folder)
+        else:
+            config = AutoConfig.from_pretrained(embedded_gguf_folder(), gguf_file=EMBEDDED_GGUF)
+    else:
+        config = _load_config(model)
+    check_supported(config, model)
+    return config
 
 
 def load_llama(

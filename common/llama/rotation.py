@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import LlamaForCausalLM
+from transformers import LlamaForCausalLM, PretrainedConfig
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 from transformers.models.llama.modeling_llama import eager_attention_forward
@@ -62,6 +62,28 @@ class LlamaShape:
     num_kv_heads: int
     head_dim: int
     intermediate_size: int
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig) -> LlamaShape:
+        """The sizes as a model's configuration states them (before any weight is read)."""
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(
+            hidden_size=config.hidden_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            head_dim=head_dim,
+            intermediate_size=config.intermediate_size,
+        )
+
+    def linear_input_sizes(self) -> dict[str, int]:
+        """Input features of each decoder linear, by its name in a layer."""
+        return {
+            "self_attn.q_proj": self.hidden_size, "self_attn.k_proj": self.hidden_size,
+            "self_attn.v_proj": self.hidden_size, "self_attn.o_proj": self.num_heads * self.head_dim,
+            "mlp.gate_proj": self.hidden_size, "mlp.up_proj": self.hidden_size,
+            "mlp.down_proj": self.intermediate_size,
+        }
 
     @classmethod
     def of(cls, model: LlamaForCausalLM) -> LlamaShape:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
+from common.cache import CACHE_ENV_VAR
 from common.config import ConfigError
+from common.llama.loading import EMBEDDED, embedded_cache_folder, embedded_is_converted
 from common.quant import check_bits, check_clip_ratio
-from common.run_settings import RunSettings, check_one_of, describe
+from common.run_settings import RunSettings, check_one_of, check_positive, describe
+from common.text_data import CORPORA
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -38,14 +42,41 @@ class LlamaSettings(RunSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_bits(self.k_bits, "k_bits")
-        check_bits(self.v_bits, "v_bits")
-        check_clip_ratio(self.kv_clip_ratio, "kv_clip_ratio")
+        try:
+            check_bits(self.k_bits, "k_bits")
+            check_bits(self.v_bits, "v_bits")
+            check_clip_ratio(self.kv_clip_ratio, "kv_clip_ratio")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         check_one_of("dtype", self.dtype, DTYPES)
         if self.seqlen < 2:
             raise ConfigError(f"seqlen must be at least 2, got {self.seqlen}")
-        if self.eval_batch_size < 1:
-            raise ConfigError(f"eval_batch_size must be a positive integer, got {self.eval_batch_size}")
+        check_positive("eval_batch_size", self.eval_batch_size)
+        check_positive("eval_max_windows", self.eval_max_windows, optional=True)
+        check_positive("tasks_limit", self.tasks_limit, optional=True)
+        check_one_of("calib_dataset", self.calib_dataset, tuple(sorted(CORPORA)))
+        for corpus in self.eval_datasets:
+            check_one_of("eval_datasets", corpus, tuple(sorted(CORPORA)))
+        if not self.eval_datasets and not self.tasks:
+            raise ConfigError("eval_datasets and tasks are both empty: name at least one corpus or task to evaluate")
+        if not self.model:
+            raise ConfigError("model must be 'embedded', a Hugging Face Hub id or a local folder, got ''")
+
+    def output_folders(self) -> dict[str, Path]:
+        """The run's folders, and the cache when the embedded model has not been converted yet."""
+        folders = super().output_folders()
+        if self.model == EMBEDDED and not embedded_is_converted():
+            folders[f"{CACHE_ENV_VAR} (the model cache)"] = embedded_cache_folder().parent
+        return folders
+
+    def evaluation_settings(self) -> tuple[str, ...]:
+        """The settings of what and how to evaluate (a saved model is evaluated with the current ones)."""
+        return ("name", "device", "eval_datasets", "eval_max_windows", "eval_batch_size", "tasks", "tasks_limit",
+                "tasks_include_path", "results_dir")
+
+    def window_settings(self) -> tuple[str, ...]:
+        """The settings that are token counts per window (each must fit the model's positions)."""
+        return ("seqlen",)
 
     @property
     def precision(self) -> str:

@@ -382,6 +382,46 @@ class TestErrors:
             quantize_weight(torch.randn(4, 6), torch.eye(6), torch.eye(5), bits=4)
 
 
+    @pytest.mark.parametrize(
+        ("case", "error", "match"),
+        [
+            ("nan weight", ValueError, r"fc9: W contains 1 NaN or Inf entries"),
+            ("inf weight", ValueError, r"fc9: W contains 2 NaN or Inf entries"),
+            ("1-D weight", ValueError, r"fc9: W must be a 2-D floating-point tensor \[rows, columns\], got \(40,\)"),
+            ("integer weight", ValueError, r"fc9: W must be a 2-D floating-point tensor"),
+            ("empty weight", ValueError, r"fc9: W must not be empty"),
+            ("one triangle of H", ValueError, r"fc9: H must be symmetric"),
+            ("huge alpha", CalibrationError, r"fc9: the solve produced NaN or Inf weights \(alpha=1e\+30"),
+        ],
+    )
+    def test_broken_inputs_and_results_are_refused_naming_the_layer(self, case, error, match):
+        weight, x_full, x_quant = _layer()
+        hessian, drift = _stats(x_full, x_quant)
+        alpha = 0.25
+        if case == "nan weight":
+            weight[3, 5] = float("nan")
+        elif case == "inf weight":
+            weight[0, 0], weight[1, 1] = float("inf"), -float("inf")
+        elif case == "1-D weight":
+            weight = weight[0]
+        elif case == "integer weight":
+            weight = weight.round().to(torch.int32)
+        elif case == "empty weight":
+            weight = weight[:0]
+        elif case == "one triangle of H":
+            hessian = torch.triu(hessian)
+        elif case == "huge alpha":
+            alpha = 1e30
+        with pytest.raises(error, match=match):
+            solve(weight, hessian, drift, SolverConfig(bits=4, alpha=alpha), name="fc9")
+
+    def test_float_rounding_asymmetry_is_accepted(self):
+        weight, x_full, x_quant = _layer()
+        hessian, drift = _stats(x_full.float(), x_quant.float())
+        hessian[0, 1] *= 1 + 1e-6  # a float32 product's rounding, not a wrong matrix
+        assert torch.isfinite(quantize_weight(weight.float(), hessian, drift, bits=4)).all()
+
+
 class TestOutputError:
     def test_matches_direct_computation(self):
         weight, x_full, x_quant = _layer()

@@ -79,7 +79,7 @@ def test_saved_model_evaluates_identically(tiny_setup):
         (["--w_groupsize", "48"], "w_groupsize must be -1 or a positive divisor"),
         (["--rotate_mode", "learned"], "rotate_mode must be one of"),
         (["--methods", "fp,awq"], "methods must be one of"),
-        (["--calib_dataset", "nope"], "unknown corpus 'nope'"),
+        (["--calib_dataset", "nope"], "calib_dataset must be one of"),
         (["--nsamples", "many"], "nsamples must be of type int"),
     ],
 )

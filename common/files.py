@@ -1,0 +1,157 @@
+"""Writing files safely: atomic writes (one file or a set), stale temporaries, and output checks made up front.
+
+Every temporary file or folder this project writes carries the writing process's id in its name
+(``.<name>.<pid>.<random>.tmp`` for files, ``.<name>.tmp-<pid>-<random>`` for folders), so that one left
+behind by a killed process can be recognised and removed later (:func:`sweep_stale_temporaries`) without
+touching a temporary that a live process is still writing.
+
+Output locations are checked before any long work starts (:func:`check_writable_dir`,
+:func:`check_output_file`): a run that cannot write its results fails in its first second, naming the
+setting, instead of after hours of calibration.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from common.config import ConfigError
+
+_TEMP_FILE = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
+_TEMP_DIR = re.compile(r"^\..+\.tmp-(\d+)-[^.]+$")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _temporary_file(path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+def temporary_dir(folder: Path) -> Path:
+    """A new empty sibling folder of ``folder`` named for this process (rename it onto ``folder`` when done)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-{os.getpid()}-", dir=folder.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
+    return tmp
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file in ``path``'s folder, then ``os.replace`` it onto ``path``.
+
+    A reader never sees a half-written file, and an interrupted write leaves the old file (if any) intact.
+    """
+    return atomic_write_set([(Path(path), write)])[0]
+
+
+def atomic_write_set(files: Sequence[tuple[Path, Callable[[str], None]]]) -> list[Path]:
+    """Write several files so that each is complete before any of them appears.
+
+    Every ``write(tmp)`` runs first, on temporary files; only when all succeeded are they renamed into
+    place, in the given order, so the last one can serve as the set's manifest (a reader that trusts a
+    set only when its last file is present and vouches for the others never sees a partial set). On any
+    error, every temporary file is removed and no target is touched.
+    """
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, write in files:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = _temporary_file(path)
+            staged.append((tmp, path))
+            write(str(tmp))
+            os.chmod(tmp, 0o666 & ~_umask())
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    return [path for _, path in staged]
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove this project's temporary files and folders in ``folder`` whose writing process has died.
+
+    Returns what was removed. Unreadable folders and entries that vanish meanwhile are passed over.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMP_FILE.match(entry.name) if entry.is_file() else _TEMP_DIR.match(entry.name)
+        if match is None or _process_alive(int(match.group(1))):
+            continue
+        try:
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError:
+            continue
+        removed.append(entry)
+    return removed
+
+
+def check_writable_dir(path: str | Path, setting: str) -> Path:
+    """Prove that ``path`` can be written: it, or the nearest folder above it that exists, takes a probe file.
+
+    Creates nothing that stays (the folder itself is made when the first file is written). Raises
+    ``ConfigError`` naming ``setting`` when a part of the path is a file or the folder is not writable.
+    """
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{setting}: {existing} is a file, so {path} cannot be a folder")
+    try:
+        _temporary_file(existing / "write-probe").unlink()
+    except OSError as error:
+        raise ConfigError(f"{setting}: cannot write to folder {existing} ({error.strerror or error})") from None
+    return path
+
+
+def check_output_file(path: str | Path, setting: str) -> Path:
+    """``path`` can be (re)written: it is not a folder and its folder is writable; else ``ConfigError``."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{setting}: {path} is a folder; give a file path")
+    check_writable_dir(path.parent, setting)
+    if path.exists() and not os.access(path, os.R_OK):
+        raise ConfigError(f"{setting}: {path} exists but cannot be read")
+    return path
+
+
+def check_plain_name(name: str, setting: str) -> str:
+    """``name`` is a plain file name (no folder part, not hidden, printable); else ``ConfigError``."""
+    if (not name or name in (".", "..") or name.startswith(".") or "/" in name or "\\" in name
+            or not name.isprintable()):
+        raise ConfigError(
+            f"{setting} must be a plain file name (letters, digits, '-', '_', no '/' and not starting with '.'), "
+            f"got {name!r}"
+        )
+    return name
