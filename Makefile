@@ -65,14 +65,10 @@ report-ablations: setup
 	PYTHON=$(PY) bash fake_quant/run_ablations.sh
 	$(PY) -m common.report
 
-# Fashion-MNIST for the embedded ViT (Debian package; needs root or sudo). Any folder with the four IDX
-# files works too: pass it as --data_path.
-FASHION_MNIST := /usr/share/datasets/fashion-mnist
+# Fashion-MNIST for the embedded ViT (Debian package; needs root or sudo): vit_quant/get_fashion_mnist.sh.
+# Any folder with the four IDX files works too: pass it as --data_path (or DATA=... to run_deit.sh).
 data-fashion-mnist:
-	@test -d $(FASHION_MNIST) || { \
-	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  $$SUDO apt-get install -y -q dataset-fashion-mnist || { $$SUDO apt-get update -q && \
-	    $$SUDO apt-get install -y -q dataset-fashion-mnist; }; }
+	bash vit_quant/get_fashion_mnist.sh
 
-reproduce-vit: setup data-fashion-mnist
+reproduce-vit: setup
 	PYTHON=$(PY) bash vit_quant/run_deit.sh

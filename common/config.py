@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -127,7 +128,10 @@ def make_config(cls: type[T], overrides: dict[str, Any] | None = None, yaml_path
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"unknown setting(s) {unknown}; allowed: {sorted(known)}")
+        hints = {name: difflib.get_close_matches(name, sorted(known), n=1) for name in unknown}
+        guesses = "; ".join(f"{name!r}: did you mean {close[0]!r}?" for name, close in hints.items() if close)
+        raise ConfigError(f"unknown setting(s) {unknown}" + (f" ({guesses})" if guesses else "")
+                          + f"; allowed: {sorted(known)}")
     return cls(**{name: _coerce(name, value, hints[name]) for name, value in values.items()})
 
 

@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_model
 from safetensors.torch import load_model as load_saved_model
 
+from common.calibration import set_input_quantization
 from common.cli import run_cli
 from common.config import ConfigError
 from common.device import pick_device
@@ -139,7 +140,9 @@ def run(config: LlamaRunConfig) -> tuple[Path, Path]:
 
     def prepare(method: str):
         if saved is not None:
-            if method != "fp":
+            if method == "fp":
+                set_input_quantization(model, False)
+            else:
                 where = str(next(model.parameters()).device)
                 load_saved_model(model, str(saved / f"{method}.safetensors"), device=where)
             return None

@@ -53,11 +53,11 @@ _SPLIT_FILES = {
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 _HOW_TO_GET = (
-    "Install it with `sudo apt-get install dataset-fashion-mnist` (files land in "
-    f"{DEFAULT_FASHION_MNIST_DIR}), or download the four IDX files "
+    "Run `make data-fashion-mnist` (or `bash vit_quant/get_fashion_mnist.sh`; installs the Debian package "
+    f"dataset-fashion-mnist, files in {DEFAULT_FASHION_MNIST_DIR}), or download the four IDX files "
     "(train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
     "t10k-labels-idx1-ubyte.gz) from the Fashion-MNIST project (github.com/zalandoresearch/"
-    "fashion-mnist) into a folder and pass it with --data-path."
+    "fashion-mnist) into a folder and pass it with --data_path."
 )
 
 
@@ -119,6 +119,27 @@ def find_idx_file(folder: str | Path, stem: str) -> Path:
         if candidate.is_file():
             return candidate
     raise DatasetNotFoundError(f"Fashion-MNIST file {folder / stem}[.gz] is missing in {folder}. {_HOW_TO_GET}")
+
+
+def check_fashion_mnist(data_path: str | Path | None = None) -> Path:
+    """The Fashion-MNIST folder, after checking that its four files are there (nothing is read yet)."""
+    folder = Path(data_path) if data_path is not None else DEFAULT_FASHION_MNIST_DIR
+    for stems in _SPLIT_FILES.values():
+        for stem in stems:
+            find_idx_file(folder, stem)
+    return folder
+
+
+def check_imagenet(data_path: str | Path) -> Path:
+    """The ImageNet root, after checking that it holds ``train/`` and ``val/`` folders."""
+    root = Path(data_path)
+    for sub in ("train", "val"):
+        if not (root / sub).is_dir():
+            raise DatasetNotFoundError(
+                f"ImageNet folder {root / sub} does not exist: --data_path must point to an ImageNet "
+                "root holding train/ and val/ in ImageFolder layout (one sub-folder per class)."
+            )
+    return root
 
 
 class LabeledImages(TensorDataset):
@@ -221,13 +242,7 @@ def imagenet_loaders(
     from timm.data import create_transform, resolve_data_config
     from torchvision.datasets import ImageFolder
 
-    root = Path(data_path)
-    for sub in ("train", "val"):
-        if not (root / sub).is_dir():
-            raise DatasetNotFoundError(
-                f"ImageNet folder {root / sub} does not exist: --data-path must point to an ImageNet "
-                "root holding train/ and val/ in ImageFolder layout (one sub-folder per class)."
-            )
+    root = check_imagenet(data_path)
     data_config = resolve_data_config({}, model=model)
     transform = create_transform(**data_config, is_training=False)
     train_set = ImageFolder(str(root / "train"), transform=transform)

@@ -277,6 +277,12 @@ def cache_paths(recipe: EmbeddedRecipe, cache_dir: str | Path | None = None) -> 
     return folder / f"{stem}.safetensors", folder / f"{stem}.json"
 
 
+def is_cached(recipe: EmbeddedRecipe | None = None, cache_dir: str | Path | None = None) -> bool:
+    """Whether a trained model of ``recipe`` is in the cache (so loading it writes nothing)."""
+    weights_path, info_path = cache_paths(recipe or EmbeddedRecipe(), cache_dir)
+    return weights_path.is_file() and info_path.is_file()
+
+
 def save_checkpoint(model: torch.nn.Module, info: dict[str, Any], weights_path: Path, info_path: Path) -> None:
     """Write weights then info JSON, each atomically (the JSON, written last, marks completeness)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -25,6 +25,8 @@ from vit_quant.adapter import prepare_vit
 from vit_quant.data import (
     DEFAULT_FASHION_MNIST_DIR,
     calibration_images,
+    check_fashion_mnist,
+    check_imagenet,
     imagenet_loaders,
     load_fashion_mnist,
 )
@@ -48,11 +50,6 @@ def load_model(config: VitRunConfig) -> tuple[torch.nn.Module, dict]:
                                     "recipe": info["recipe"]}
     import timm
 
-    if not timm.is_model(config.model):
-        raise ModelNotFoundError(
-            f"unknown model {config.model!r}: use 'embedded' or a timm model name such as "
-            "deit_small_patch16_224, deit_base_patch16_224, eva02_large_patch14_448.mim_m38m_ft_in22k_in1k"
-        )
     pretrained = config.checkpoint is None
     model = timm.create_model(config.model, pretrained=pretrained,
                               **({"checkpoint_path": config.checkpoint} if config.checkpoint else {}))
@@ -67,8 +64,6 @@ def load_data(config: VitRunConfig, model: torch.nn.Module):
         if config.eval_max_images is not None:
             test = torch.utils.data.Subset(test, range(min(config.eval_max_images, len(test))))
         return calibration, test
-    if config.data_path is None:
-        raise ConfigError("data_path must point to an ImageNet root (train/ and val/) for timm models")
     data = imagenet_loaders(config.data_path, model, calib_size=config.nsamples, batch_size=config.eval_batch_size,
                             workers=config.workers, seed=config.seed)
     return data.calibration, data.val_loader
@@ -82,11 +77,33 @@ def data_identity(config: VitRunConfig) -> dict[str, str]:
     return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.glob("*-ubyte*"))}
 
 
+def preflight(config: VitRunConfig) -> None:
+    """What can be checked before the model is loaded (or trained): its name, its weights file, the data."""
+    if config.model == EMBEDDED:
+        check_fashion_mnist(config.data_path)
+        return
+    import timm
+
+    if not timm.is_model(config.model):
+        raise ModelNotFoundError(
+            f"unknown model {config.model!r}: use 'embedded' or a timm model name such as "
+            "deit_small_patch16_224, deit_base_patch16_224, eva02_large_patch14_448.mim_m38m_ft_in22k_in1k"
+        )
+    if config.checkpoint is not None and not Path(config.checkpoint).is_file():
+        raise ConfigError(f"checkpoint: {config.checkpoint} is not a file")
+    if config.data_path is None:
+        raise ConfigError("data_path must point to an ImageNet root (train/ and val/) for timm models")
+    check_imagenet(config.data_path)
+
+
 def run(config: VitRunConfig) -> tuple[Path, Path]:
     """Run every method of ``config`` and write the result files; returns their paths."""
+    config.check_outputs()
     torch.manual_seed(config.seed)
     device = pick_device(config.device)
     timer = StageTimer()
+    with timer("preflight"):
+        preflight(config)
     with timer("load model"):
         model, source = load_model(config)
     with timer("data"):

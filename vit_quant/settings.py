@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from common.cache import CACHE_ENV_VAR
 from common.config import ConfigError
-from common.run_settings import RunSettings, describe
+from common.run_settings import RunSettings, check_positive, describe
+from vit_quant.embedded_model import default_cache_dir, is_cached
 
 EMBEDDED = "embedded"
 
@@ -30,8 +33,21 @@ class VitRunConfig(RunSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.eval_batch_size < 1:
-            raise ConfigError(f"eval_batch_size must be a positive integer, got {self.eval_batch_size}")
+        check_positive("eval_batch_size", self.eval_batch_size)
+        check_positive("eval_max_images", self.eval_max_images, optional=True)
+        if self.workers < 0:
+            raise ConfigError(f"workers must be 0 (load in the main process) or a positive integer, got {self.workers}")
+        if not self.model:
+            raise ConfigError("model must be 'embedded' or a timm model name, got ''")
+        if self.model == EMBEDDED and self.checkpoint is not None:
+            raise ConfigError("checkpoint is for timm models; the embedded model is trained and cached by this repo")
+
+    def output_folders(self) -> dict[str, Path]:
+        """The run's folders, and the cache when the embedded model has not been trained yet."""
+        folders = super().output_folders()
+        if self.model == EMBEDDED and not is_cached():
+            folders[f"{CACHE_ENV_VAR} (the embedded ViT cache)"] = default_cache_dir()
+        return folders
 
     @property
     def run_name(self) -> str:

@@ -51,6 +51,8 @@ def preflight(config: LlamaSettings, timer: StageTimer, *, calibrate: bool) -> L
     settings against it (:func:`check_model_settings`).
     """
     with timer("preflight"):
+        if config.tasks_include_path and not Path(config.tasks_include_path).is_dir():
+            raise ConfigError(f"tasks_include_path: {config.tasks_include_path} is not a folder")
         if config.tasks:
             load_tasks(config.tasks, include_path=config.tasks_include_path)
         corpora = [(config.calib_dataset, "train")] if calibrate else []

@@ -71,35 +71,6 @@ def test_saved_model_evaluates_identically(tiny_setup):
     assert json.loads(json_path.read_text())["layers"] == {}  # evaluated without calibrating
 
 
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["--w_bits", "17"], "w_bits must be an integer in 1..16"),
-        (["--a_clip_ratio", "1.5"], "a_clip_ratio must be in (0, 1]"),
-        (["--w_groupsize", "48"], "w_groupsize must be -1 or a positive divisor"),
-        (["--rotate_mode", "learned"], "rotate_mode must be one of"),
-        (["--methods", "fp,awq"], "methods must be one of"),
-        (["--calib_dataset", "nope"], "calib_dataset must be one of"),
-        (["--nsamples", "many"], "nsamples must be of type int"),
-    ],
-)
-def test_bad_input_is_one_clear_line(tiny_setup, capsys, argv, message):
-    results = tiny_setup / "results"
-    code = fq_main.main(["--results_dir", str(results), "--calib_dataset", "tiny_text", "--eval_datasets",
-                         "tiny_text", "--seqlen", "32", "--nsamples", "4", *argv])
-    assert code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: ") and message in err
-    assert not results.exists() or not any(results.iterdir())
-
-
-def test_unknown_config_key(tmp_path, capsys):
-    config = tmp_path / "bad.yaml"
-    config.write_text("w_bitz: 4\n")
-    assert fq_main.main(["--config", str(config)]) == 2
-    assert "unknown setting(s) ['w_bitz']" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("path", sorted(fq_main.CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
     config = make_config(LlamaRunConfig, yaml_path=path)

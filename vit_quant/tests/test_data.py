@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from common.config import build_parser
 from vit_quant import data
 from vit_quant.data import (
     FASHION_MNIST_CLASSES,
@@ -19,10 +21,12 @@ from vit_quant.data import (
     IdxFormatError,
     LabeledImages,
     calibration_images,
+    check_fashion_mnist,
     imagenet_loaders,
     load_fashion_mnist,
     read_idx,
 )
+from vit_quant.settings import VitRunConfig
 from vit_quant.tests.fake_data import write_fashion_folder, write_idx
 
 
@@ -70,13 +74,22 @@ def test_load_fashion_mnist_shapes_and_normalization(tmp_path: Path, gz: bool) -
     assert len(load_fashion_mnist("test", tmp_path)) == 20
 
 
+def _vit_flags() -> set[str]:
+    parser = build_parser(VitRunConfig, "vit")
+    return {option for action in parser._actions for option in action.option_strings}
+
+
 def test_missing_folder_and_file_errors_say_how_to_get_data(tmp_path: Path) -> None:
-    with pytest.raises(DatasetNotFoundError, match=r"does not exist.*apt-get install dataset-fashion-mnist"):
+    with pytest.raises(DatasetNotFoundError, match=r"does not exist.*make data-fashion-mnist") as info:
         load_fashion_mnist("train", tmp_path / "nowhere")
+    flags = set(re.findall(r"--[a-z_]+", str(info.value)))
+    assert flags == {"--data_path"} and flags <= _vit_flags()  # the hint names a flag the entry point has
     write_fashion_folder(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
-    with pytest.raises(FileNotFoundError, match=r"t10k-labels-idx1-ubyte.*--data-path"):
+    with pytest.raises(FileNotFoundError, match=r"t10k-labels-idx1-ubyte.*--data_path"):
         load_fashion_mnist("test", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"t10k-labels-idx1-ubyte"):
+        check_fashion_mnist(tmp_path)
     with pytest.raises(ValueError, match="split"):
         load_fashion_mnist("validation", tmp_path)
 

@@ -1,0 +1,235 @@
+"""Every bad input of ``python -m fake_quant.main`` is one clear line naming the setting, before any long work.
+
+Each case runs the entry point on the tiny model (``tiny_setup``). Cases in :data:`BEFORE_LOAD` must fail
+before the model's weights are read; :data:`BEFORE_EVALUATION` cases (which need the model's tensors to be
+checked) before anything is evaluated or calibrated. Nothing is left in the results folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from common.llama import experiment
+from common.tests.bad_inputs import BadInput, expect_refusal
+from fake_quant import main as fq_main
+
+BASE = ["--calib_dataset", "tiny_text", "--eval_datasets", "tiny_text", "--seqlen", "32", "--nsamples", "4",
+        "--eval_max_windows", "2", "--device", "cpu"]
+
+
+def _config_file(text: str | bytes):
+    def setup(folder: Path) -> list[str]:
+        path = folder / "config.yaml"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return ["--config", str(path)]
+
+    return setup
+
+
+def _file_in_the_way(flag: str):
+    def setup(folder: Path) -> list[str]:
+        (folder / "a_file").write_text("")
+        return [flag, str(folder / "a_file" / "sub")]
+
+    return setup
+
+
+def _folder(flag: str, name: str = "empty"):
+    def setup(folder: Path) -> list[str]:
+        (folder / name).mkdir()
+        return [flag, str(folder / name)]
+
+    return setup
+
+
+BEFORE_LOAD = [
+    BadInput("weight bits too high", ["--w_bits", "17"], "w_bits must be an integer in 1..16"),
+    BadInput("weight bits zero", ["--w_bits", "0"], "w_bits"),
+    BadInput("activation bits not an integer", ["--a_bits", "2.5"], "a_bits must be of type int"),
+    BadInput("clip ratio above 1", ["--a_clip_ratio", "1.5"], "a_clip_ratio must be in (0, 1]"),
+    BadInput("clip ratio NaN", ["--a_clip_ratio", "nan"], "a_clip_ratio"),
+    BadInput("KV clip ratio zero", ["--kv_clip_ratio", "0"], "kv_clip_ratio"),
+    BadInput("K bits too high", ["--k_bits", "20"], "k_bits"),
+    BadInput("weight group not dividing the model", ["--w_groupsize", "48"], "w_groupsize must be -1 or a positive "
+             "divisor"),
+    BadInput("weight group zero", ["--w_groupsize", "0"], "w_groupsize"),
+    BadInput("activation group not dividing", ["--a_groupsize", "48"], "a_groupsize"),
+    BadInput("unknown rotation", ["--rotate_mode", "learned"], "rotate_mode must be one of"),
+    BadInput("unknown method", ["--methods", "fp,awq"], "methods must be one of"),
+    BadInput("no method", ["--methods", ""], "methods must name at least one"),
+    BadInput("a method twice", ["--methods", "gptq,gptq"], "methods must name each method once"),
+    BadInput("unknown calibration corpus", ["--calib_dataset", "nope"], "calib_dataset must be one of"),
+    BadInput("unknown evaluation corpus", ["--eval_datasets", "tiny_text,nope"], "eval_datasets must be one of"),
+    BadInput("nothing to evaluate", ["--eval_datasets", ""], "eval_datasets and tasks are both empty"),
+    BadInput("samples not a number", ["--nsamples", "many"], "nsamples must be of type int"),
+    BadInput("no samples", ["--nsamples", "0"], "nsamples must be a positive integer"),
+    BadInput("window of one token", ["--seqlen", "1"], "seqlen must be at least 2"),
+    BadInput("window beyond the model's positions", ["--seqlen", "129"], "seqlen=129 is longer than the model's "
+             "max_position_embeddings (128)"),
+    BadInput("zero evaluation windows", ["--eval_max_windows", "0"], "eval_max_windows must be a positive integer"),
+    BadInput("zero evaluation batch", ["--eval_batch_size", "0"], "eval_batch_size"),
+    BadInput("zero calibration batch", ["--calib_batch_size", "0"], "calib_batch_size"),
+    BadInput("zero block size", ["--blocksize", "0"], "blocksize"),
+    BadInput("negative damping", ["--percdamp", "-1"], "percdamp must be >= 0"),
+    BadInput("NaN damping", ["--percdamp", "nan"], "percdamp must be a finite number"),
+    BadInput("infinite alpha", ["--alpha", "inf"], "alpha must be a finite number"),
+    BadInput("negative alpha", ["--alpha", "-0.5"], "alpha must be >= 0"),
+    BadInput("unknown lazy update", ["--lazy_update", "fast"], "lazy_update must be one of"),
+    BadInput("unknown dtype", ["--dtype", "float8"], "dtype must be one of"),
+    BadInput("device name", ["--device", "gpu0"], "device must be one of auto, cpu, cuda, cuda:<index>"),
+    BadInput("negative seed", ["--seed", "-1"], "seed must be a non-negative integer"),
+    BadInput("zero task limit", ["--tasks_limit", "0"], "tasks_limit must be a positive integer or None"),
+    BadInput("name with a folder", ["--name", "../x"], "name must be a plain file name"),
+    BadInput("hidden name", ["--name", ".x"], "name must be a plain file name"),
+    BadInput("results folder under a file", [], "results_dir: ", _file_in_the_way("--results_dir")),
+    BadInput("save and load at once", ["--save_qmodel_path", "a", "--load_qmodel_path", "b"],
+             "save_qmodel_path and load_qmodel_path exclude each other"),
+    BadInput("save folder under a file", [], "save_qmodel_path: ", _file_in_the_way("--save_qmodel_path")),
+    BadInput("load folder without settings", [], "load_qmodel_path: ", _folder("--load_qmodel_path")),
+    BadInput("task folder missing", ["--tasks", "x", "--tasks_include_path", "/nonexistent/tasks"],
+             "tasks_include_path: /nonexistent/tasks is not a folder"),
+    BadInput("config file missing", ["--config", "/nonexistent.yaml"], "--config: config file /nonexistent.yaml does "
+             "not exist"),
+    BadInput("config is a folder", [], "--config: ", _folder("--config")),
+    BadInput("config not YAML", [], "config.yaml:2:", _config_file("w_bits: 4\nseed: 1: 2\n")),
+    BadInput("config not UTF-8", [], "--config: ", _config_file(b"name: caf\xe9\n")),
+    BadInput("config a list", [], "must hold a mapping of settings", _config_file("- w_bits\n")),
+    BadInput("config unknown key", [], "unknown setting(s) ['w_bitz'] ('w_bitz': did you mean 'w_bits'?)",
+             _config_file("w_bitz: 4\n")),
+    BadInput("config wrong type", [], "w_bits must be of type int", _config_file("w_bits: four\n")),
+    BadInput("config boolean for a count", [], "eval_batch_size must be of type int",
+             _config_file("eval_batch_size: true\n")),
+    BadInput("unknown flag", ["--w_bitz", "4"], "--w_bitz"),
+]
+
+
+def _saved_models(folder: Path) -> Path:
+    """A folder saved by a real tiny run (RTN only, fast)."""
+    saved = folder / "saved"
+    config = fq_main.LlamaRunConfig(name="save", calib_dataset="tiny_text", eval_datasets=["tiny_text"], seqlen=32,
+                                    nsamples=4, eval_max_windows=1, device="cpu", methods=["rtn"],
+                                    results_dir=str(folder / "save-results"), save_qmodel_path=str(saved))
+    fq_main.run(config)
+    return saved
+
+
+def _truncated(folder: Path) -> list[str]:
+    saved = _saved_models(folder)
+    data = (saved / "rtn.safetensors").read_bytes()
+    (saved / "rtn.safetensors").write_bytes(data[: len(data) // 2])
+    return ["--load_qmodel_path", str(saved)]
+
+
+def _foreign(folder: Path) -> list[str]:
+    saved = _saved_models(folder)
+    save_file({"encoder.weight": torch.zeros(3, 3)}, str(saved / "rtn.safetensors"))
+    return ["--load_qmodel_path", str(saved)]
+
+
+def _broken_settings(folder: Path) -> list[str]:
+    saved = _saved_models(folder)
+    (saved / "settings.json").write_text('{"settings": {"w_bits": 99}}')
+    return ["--load_qmodel_path", str(saved)]
+
+
+BEFORE_EVALUATION = [
+    BadInput("truncated saved model", [], "rtn.safetensors is not a readable safetensors file", _truncated),
+    BadInput("another model's weights", [], "rtn.safetensors does not hold this model's weights", _foreign),
+    BadInput("saved settings of another version", [], "settings.json is not a settings file", _broken_settings),
+]
+
+
+@pytest.fixture
+def watched(tiny_setup, monkeypatch):
+    """The tiny setup, recording whether a model was loaded and whether evaluation or calibration started."""
+    events: list[str] = []
+    load = experiment.load_llama
+
+    def loading(*args, **kwargs):
+        events.append("load")
+        return load(*args, **kwargs)
+
+    def forbidden(stage: str):
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"{stage} started before the bad input was refused")
+
+        return refuse
+
+    monkeypatch.setattr(experiment, "load_llama", loading)
+    monkeypatch.setattr(experiment, "perplexity", forbidden("evaluation"))
+    monkeypatch.setattr(experiment, "quantize", forbidden("calibration"))
+    return tiny_setup, events
+
+
+def _run_case(case: BadInput, folder: Path, capsys) -> str:
+    results = folder / "results"
+    extra = case.setup(folder) if case.setup else []
+    capsys.readouterr()
+    return expect_refusal(fq_main.main, ["--results_dir", str(results), *BASE, *case.argv, *extra], capsys)
+
+
+@pytest.mark.parametrize("case", BEFORE_LOAD, ids=lambda c: c.case)
+def test_refused_before_the_model_loads(case: BadInput, watched, capsys) -> None:
+    folder, events = watched
+    line = _run_case(case, folder, capsys)
+    assert case.names in line
+    assert events == [], "the model was loaded before the bad input was refused"
+    assert not (folder / "results").exists()
+
+
+@pytest.mark.parametrize("case", BEFORE_EVALUATION, ids=lambda c: c.case)
+def test_refused_before_evaluating(case: BadInput, tiny_setup, capsys, monkeypatch) -> None:
+    folder = tiny_setup
+    extra = case.setup(folder)  # a real run saves the models first; then evaluating or calibrating fails the test
+    monkeypatch.setattr(experiment, "perplexity", lambda *a, **k: pytest.fail("evaluation started"))
+    monkeypatch.setattr(experiment, "quantize", lambda *a, **k: pytest.fail("calibration started"))
+    capsys.readouterr()
+    line = expect_refusal(fq_main.main, ["--results_dir", str(folder / "results"), *BASE, *extra], capsys)
+    assert case.names in line
+    assert not (folder / "results").exists()
+
+
+def test_unwritable_results_folder_is_refused_first(watched, unwritable_dir, capsys) -> None:
+    _, events = watched
+    line = expect_refusal(fq_main.main, ["--results_dir", str(unwritable_dir / "results"), *BASE], capsys)
+    assert "results_dir: cannot write to folder" in line and events == []
+
+
+def test_unwritable_save_folder_is_refused_first(watched, unwritable_dir, capsys) -> None:
+    folder, events = watched
+    argv = ["--results_dir", str(folder / "results"), *BASE, "--save_qmodel_path", str(unwritable_dir / "q")]
+    line = expect_refusal(fq_main.main, argv, capsys)
+    assert "save_qmodel_path: cannot write to folder" in line and events == []
+
+
+def test_cases_are_distinct() -> None:
+    names = [case.case for case in BEFORE_LOAD + BEFORE_EVALUATION]
+    assert len(names) == len(set(names))
+
+
+def test_diverging_solve_names_the_first_layer_it_breaks(tiny_setup, capsys) -> None:
+    """A huge α makes GPTAQ's update overflow: the first linear solved (q_proj of block 0) is named, no result."""
+    argv = ["--results_dir", str(tiny_setup / "results"), *BASE, "--methods", "gptaq", "--alpha", "1e30"]
+    line = expect_refusal(fq_main.main, argv, capsys)
+    assert "block 0: self_attn.q_proj: the solve produced NaN or Inf weights (alpha=1e+30" in line
+    assert not (tiny_setup / "results").exists() or not any((tiny_setup / "results").iterdir())
+
+
+def test_unrotated_tied_model_saves_and_reloads(tiny_setup) -> None:
+    """``--no-rotate`` keeps the tiny model's tied embeddings: saved once, reloaded as the same numbers."""
+    saved = tiny_setup / "saved"
+    config = fq_main.LlamaRunConfig(name="tied", calib_dataset="tiny_text", eval_datasets=["tiny_text"], seqlen=32,
+                                    nsamples=4, eval_max_windows=2, device="cpu", methods=["fp", "rtn"],
+                                    rotate=False, results_dir=str(tiny_setup / "results"),
+                                    save_qmodel_path=str(saved))
+    first, _ = fq_main.run(config)
+    again = fq_main.LlamaRunConfig(name="tied-again", calib_dataset="tiny_text", eval_datasets=["tiny_text"],
+                                   seqlen=32, eval_max_windows=2, device="cpu", results_dir=str(tiny_setup / "results"),
+                                   load_qmodel_path=str(saved))
+    second, _ = fq_main.run(again)
+    rows = [line.split(",")[4:6] for path in (first, second) for line in path.read_text().splitlines()[1:]]
+    assert rows[0] == rows[1]  # fp too: the reloaded run's fp column has activation quantization off
