@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,15 @@ class RunSettings:
     def output_folders(self) -> dict[str, Path]:
         """``{setting: folder}`` of every folder this run will write into (checked before any work)."""
         return {"results_dir": Path(self.results_dir)}
+
+    def check_group_sizes(self, input_sizes: Mapping[str, int]) -> None:
+        """Both group sizes divide every quantized linear's input size (``{linear name: in_features}``)."""
+        for option in ("w_groupsize", "a_groupsize"):
+            size = getattr(self, option)
+            for name, features in input_sizes.items():
+                if size != -1 and features % size != 0:
+                    raise ConfigError(f"{option} must be -1 or a positive divisor of every quantized linear's input "
+                                      f"size; {size} does not divide {features} ({name})")
 
     def check_outputs(self) -> None:
         """Create and probe every output folder (``ConfigError`` naming the setting), sweep stale temporaries."""

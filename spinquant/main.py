@@ -64,6 +64,37 @@ def rotation_file(config: SpinQuantConfig) -> Path:
     return cache_root() / "spinquant" / f"{config.model_label}-{config.rotation_key()}.safetensors"
 
 
+def saved_rotation(config: SpinQuantConfig, shape: LlamaShape) -> tuple[SpinRotation, dict] | None:
+    """The rotation file's rotation and the settings it was trained with, checked; ``None`` when absent.
+
+    Raises ``ConfigError`` when the path is a folder and :class:`RotationFileError` when the file is not one
+    for this model (sizes, finite orthogonal matrices) or is partial and was trained with other settings
+    (it could not be resumed).
+    """
+    path = rotation_file(config)
+    if path.is_dir():
+        setting = "rotation_path" if config.rotation_path else f"rotation cache file ({CACHE_ENV_VAR})"
+        raise ConfigError(f"{setting}: {path} is a folder; give the path of a rotation file (.safetensors)")
+    if not path.is_file():
+        return None
+    rotation, saved_settings = load_rotation(path, shape)
+    if rotation.step < config.rotation_steps and saved_settings != config.rotation_settings():
+        raise RotationFileError(
+            f"rotation file {path} holds {rotation.step} of {config.rotation_steps} steps trained with other "
+            f"settings; to resume, use the settings it was made with: {saved_settings}"
+        )
+    return rotation, saved_settings
+
+
+def check_rotation_file(config: SpinQuantConfig, shape: LlamaShape) -> None:
+    """Before the model loads: the rotation file is usable (:func:`saved_rotation`) and, when it must be
+    written (absent or partial), its folder is writable."""
+    saved = saved_rotation(config, shape)
+    if saved is None or saved[0].step < config.rotation_steps:
+        setting = "rotation_path" if config.rotation_path else f"rotation cache file ({CACHE_ENV_VAR})"
+        check_output_file(rotation_file(config), setting)
+
+
 def learned_rotation(
     trainer: RotationTrainer,
     tokenizer: PreTrainedTokenizerBase,
@@ -78,16 +109,12 @@ def learned_rotation(
     path = rotation_file(config)
     settings = config.rotation_settings()
     rotation = initial_rotation(shape, config.seed)
-    if path.is_file():
-        rotation, saved_settings = load_rotation(path, shape)
+    saved = saved_rotation(config, shape)
+    if saved is not None:
+        rotation, saved_settings = saved
         if rotation.step >= config.rotation_steps:
             logger.info("using the rotation in %s (%d steps)", path, rotation.step)
             return rotation, path, saved_settings
-        if saved_settings != settings:
-            raise RotationFileError(
-                f"rotation file {path} holds {rotation.step} of {config.rotation_steps} steps trained with other "
-                f"settings; to resume, use the settings it was made with: {saved_settings}"
-            )
         logger.info("resuming rotation training from %s at step %d", path, rotation.step)
     windows = calibration_windows(tokenizer, config.calib_dataset, nsamples=config.rotation_nsamples,
                                   seqlen=config.rotation_seqlen, seed=config.seed)
@@ -117,20 +144,6 @@ def monitor_losses(
 
 def labelled(rows: list[MetricRow], setting: str) -> list[MetricRow]:
     return [dataclasses.replace(row, setting=setting) for row in rows]
-
-
-def check_rotation_file(config: SpinQuantConfig, shape: LlamaShape) -> None:
-    """Before the model loads: the rotation file, when it exists, is one for this model (sizes, finite
-    orthogonal matrices); when it must be written (absent or partial), its folder is writable."""
-    path = rotation_file(config)
-    setting = "rotation_path" if config.rotation_path else f"rotation cache file ({CACHE_ENV_VAR})"
-    if path.is_dir():
-        raise ConfigError(f"{setting}: {path} is a folder; give the path of a rotation file (.safetensors)")
-    if path.is_file():
-        rotation, _ = load_rotation(path, shape)
-        if rotation.step >= config.rotation_steps:
-            return
-    check_output_file(path, setting)
 
 
 def run(config: SpinQuantConfig) -> tuple[Path, Path]:

@@ -27,6 +27,12 @@ def _blocks(model: nn.Module) -> Sequence[nn.Module]:
     return blocks
 
 
+def block_linear_input_sizes(model: nn.Module) -> dict[str, int]:
+    """``{name: in_features}`` of the linears in the first block (the ones that are quantized)."""
+    return {name: module.in_features for name, module in _blocks(model)[0].named_modules()
+            if isinstance(module, nn.Linear | QuantLinear)}
+
+
 def discover_linear_groups(block: nn.Module, hidden: torch.Tensor) -> list[list[str]]:
     """Linears of ``block`` grouped by shared input, in execution order, from one forward on ``hidden``."""
     # The inputs themselves are kept (not their ids): a freed tensor's id can be reused by a later input.

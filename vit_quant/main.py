@@ -21,7 +21,7 @@ from common.config import ConfigError
 from common.device import device_description, pick_device
 from common.pipeline import compare_methods, quantize
 from common.runs import StageTimer, write_run
-from vit_quant.adapter import prepare_vit
+from vit_quant.adapter import block_linear_input_sizes, prepare_vit
 from vit_quant.data import (
     DEFAULT_FASHION_MNIST_DIR,
     calibration_images,
@@ -30,7 +30,7 @@ from vit_quant.data import (
     imagenet_loaders,
     load_fashion_mnist,
 )
-from vit_quant.embedded_model import evaluate_top1, load_or_train_embedded_vit
+from vit_quant.embedded_model import EmbeddedRecipe, evaluate_top1, load_or_train_embedded_vit
 from vit_quant.settings import EMBEDDED, VitRunConfig
 
 logger = logging.getLogger("vit_quant")
@@ -81,6 +81,7 @@ def preflight(config: VitRunConfig) -> None:
     """What can be checked before the model is loaded (or trained): its name, its weights file, the data."""
     if config.model == EMBEDDED:
         check_fashion_mnist(config.data_path)
+        config.check_group_sizes(block_linear_input_sizes(EmbeddedRecipe().build_model()))
         return
     import timm
 
@@ -94,6 +95,9 @@ def preflight(config: VitRunConfig) -> None:
     if config.data_path is None:
         raise ConfigError("data_path must point to an ImageNet root (train/ and val/) for timm models")
     check_imagenet(config.data_path)
+    with torch.device("meta"):  # the architecture alone: no weights allocated or downloaded
+        architecture = timm.create_model(config.model, pretrained=False)
+    config.check_group_sizes(block_linear_input_sizes(architecture))
 
 
 def run(config: VitRunConfig) -> tuple[Path, Path]:

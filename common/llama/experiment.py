@@ -69,11 +69,7 @@ def check_model_settings(config: LlamaSettings, shape: LlamaShape, model_config:
 
     Raises ``ConfigError`` naming the setting.
     """
-    for option, size in (("w_groupsize", config.w_groupsize), ("a_groupsize", config.a_groupsize)):
-        for name, features in shape.linear_input_sizes().items():
-            if size != -1 and features % size != 0:
-                raise ConfigError(f"{option} must be -1 or a positive divisor of every quantized linear's input "
-                                  f"size; {size} does not divide {features} ({name})")
+    config.check_group_sizes(shape.linear_input_sizes())
     limit = getattr(model_config, "max_position_embeddings", None)
     for option in config.window_settings():
         if limit is not None and getattr(config, option) > limit:

@@ -104,30 +104,6 @@ def test_alpha_zero_gptaq_equals_gptq_through_the_whole_model():
     assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
 
 
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["--model", "not_a_vit"], "unknown model 'not_a_vit'"),
-        (["--w_bits", "0"], "w_bits must be an integer in 1..16"),
-        (["--a_bits", "32"], "a_bits must be an integer in 1..16"),
-        (["--methods", "fp,smoothquant"], "methods must be one of"),
-    ],
-)
-def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, message):
-    results = tmp_path / "results"
-    assert vq_main.main(["--results_dir", str(results), *argv]) == 2
-    assert message in capsys.readouterr().err
-    assert not results.exists()
-
-
-def test_missing_data_path_is_explained(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(vq_main, "load_or_train_embedded_vit",
-                        lambda data_path: (_tiny_vit(), {"test_top1": 0.0, "recipe": {}}))
-    assert vq_main.main(["--data_path", str(tmp_path / "nowhere"), "--results_dir", str(tmp_path / "r")]) == 2
-    err = capsys.readouterr().err
-    assert "nowhere" in err and "dataset-fashion-mnist" in err
-
-
 @pytest.mark.parametrize("path", sorted(vq_main.CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
     assert make_config(VitRunConfig, yaml_path=path).run_name.startswith("vit_quant-")
