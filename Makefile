@@ -58,12 +58,12 @@ endif
 
 .PHONY: report report-ablations
 report: setup
-	$(PY) -m common.report
+	$(PY) -m common.results.report
 
 # GPTAQ's α sweep and exact vs official lazy update on the embedded default (results/ablations/), then the report.
 report-ablations: setup
 	PYTHON=$(PY) bash fake_quant/run_ablations.sh
-	$(PY) -m common.report
+	$(PY) -m common.results.report
 
 # Fashion-MNIST for the embedded ViT (Debian package; needs root or sudo): vit_quant/get_fashion_mnist.sh.
 # Any folder with the four IDX files works too: pass it as --data_path (or DATA=... to run_deit.sh).

@@ -1,16 +1,15 @@
-"""Benchmark of the layer solver: ``python -m common.bench_solver`` (``make bench-solver``).
+"""Benchmark of the layer solvers: ``python -m common.bench_solver`` (``make bench-solver``).
 
-Times :func:`common.gptaq.quantize_weight` for GPTQ and GPTAQ on layer shapes ``m × n`` (weight rows ×
-columns) on the current device, and compares each time with a FLOP floor: the solver's floating-point
-operations divided by the ``torch.matmul`` rate measured in the same run. Prints a table and writes
+Times the solve function of every calibrated method of :mod:`common.methods` on layer shapes ``m × n``
+(weight rows × columns) on the current device, reports each as a ratio to GPTQ's time in the same run, and
+compares each with its FLOP floor: the method's floating-point operations (its registry entry's FLOP model)
+divided by the ``torch.matmul`` rate measured in the same run. Prints a table and writes
 ``results/bench_solver.csv``.
 
-FLOP model (``b`` = blocksize):
-
-* inverse Cholesky factor ``U``: Cholesky ``n³/3`` + triangular inverse ``n³/3``;
-* error propagation: ``m·n·(n − b)`` across blocks plus ``m·n·b`` inside them (fused multiply-adds count 2);
-* GPTAQ also forms ``P`` (``2n³/3`` with the triangular structure) and propagates ``w·P`` (the same
-  ``m·n·n`` again), so its floor is twice GPTQ's.
+GPTQ's FLOP model (``b`` = blocksize): inverse Cholesky factor ``U`` (Cholesky ``n³/3`` + triangular
+inverse ``n³/3``) and error propagation (``m·n·(n − b)`` across blocks plus ``m·n·b`` inside them; fused
+multiply-adds count 2). GPTAQ also forms ``P`` and propagates ``w·P`` (twice GPTQ's); QEP and Qronos add
+the correction ``W D (H + λI)⁻¹``.
 """
 
 from __future__ import annotations
@@ -23,21 +22,18 @@ from pathlib import Path
 import torch
 
 from common.device import device_description, pick_device
-from common.gptaq import quantize_weight
-from common.results import BENCH_SOLVER_CSV, REPO_ROOT, atomic_write_csv
+from common.files import atomic_write_csv
+from common.gptaq import SolverConfig
+from common.methods import BASELINE, GPTAQ_OFFICIAL, METHODS, Method
+from common.results.provenance import BENCH_SOLVER_CSV, REPO_ROOT
 
 DEFAULT_SHAPES = ((576, 576), (576, 1536), (4096, 4096), (11008, 4096))
 FIELDS = [
-    "device", "rows", "columns", "method", "seconds", "gptaq_over_gptq", "gflop", "gflops_achieved",
+    "device", "rows", "columns", "method", "seconds", "over_gptq", "gflop", "gflops_achieved",
     "floor_seconds", "times_floor", "matmul_gflops",
 ]
-
-
-def solver_flops(rows: int, columns: int, method: str, blocksize: int = 128) -> float:
-    """Floating-point operations of one solve under the module's FLOP model."""
-    n = columns
-    per_term = 2 * n**3 / 3 + rows * n * (n + blocksize)
-    return 2 * per_term if method == "gptaq" else per_term
+BENCHED = tuple(name for name, method in METHODS.items() if method.calibrated and name != GPTAQ_OFFICIAL.name)
+"""The solvers timed (the official lazy update is GPTAQ's cost)."""
 
 
 def matmul_rate(device: torch.device, size: int = 4096, repeats: int = 3) -> float:
@@ -70,33 +66,33 @@ def _problem(rows: int, columns: int, device: torch.device, seed: int = 0):
     return weight.to(device), hessian.to(device), drift.to(device)
 
 
-def time_solve(weight, hessian, drift, repeats: int, **options) -> float:
-    """Median wall time in seconds of ``quantize_weight`` (after one warm-up call)."""
+def time_solve(method: Method, weight, hessian, drift, repeats: int, config: SolverConfig) -> float:
+    """Median wall time in seconds of ``method``'s solve (after one warm-up call)."""
     device = weight.device
-    quantize_weight(weight, hessian, drift, **options)
+    config = method.solver_config(config)
+    method.solve(weight, hessian, drift, config)
     times = []
     for _ in range(repeats):
         _sync(device)
         start = time.perf_counter()
-        quantize_weight(weight, hessian, drift, **options)
+        method.solve(weight, hessian, drift, config)
         _sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def run(shapes, repeats: int, device: torch.device, bits: int = 4, blocksize: int = 128) -> list[dict]:
+def run(shapes, repeats: int, device: torch.device, bits: int = 4, blocksize: int = 128,
+        methods: tuple[str, ...] = BENCHED) -> list[dict]:
+    """Time ``methods`` on every shape; a row per (shape, method)."""
     rate = matmul_rate(device)
     name = device_description(device)
+    config = SolverConfig(bits=bits, blocksize=blocksize)
     rows_out = []
     for rows, columns in shapes:
         weight, hessian, drift = _problem(rows, columns, device)
-        seconds = {}
-        for method in ("gptq", "gptaq"):
-            seconds[method] = time_solve(
-                weight, hessian, drift if method == "gptaq" else None, repeats, bits=bits, blocksize=blocksize
-            )
-        for method in ("gptq", "gptaq"):
-            flops = solver_flops(rows, columns, method, blocksize)
+        seconds = {m: time_solve(METHODS[m], weight, hessian, drift, repeats, config) for m in methods}
+        for method in methods:
+            flops = METHODS[method].flops(rows, columns, blocksize)
             floor = flops / rate
             rows_out.append({
                 "device": name,
@@ -104,7 +100,7 @@ def run(shapes, repeats: int, device: torch.device, bits: int = 4, blocksize: in
                 "columns": columns,
                 "method": method,
                 "seconds": round(seconds[method], 4),
-                "gptaq_over_gptq": round(seconds["gptaq"] / seconds["gptq"], 3),
+                "over_gptq": round(seconds[method] / seconds[BASELINE], 3),
                 "gflop": round(flops / 1e9, 2),
                 "gflops_achieved": round(flops / seconds[method] / 1e9, 1),
                 "floor_seconds": round(floor, 4),
@@ -115,12 +111,12 @@ def run(shapes, repeats: int, device: torch.device, bits: int = 4, blocksize: in
 
 
 def format_table(rows: list[dict]) -> str:
-    header = f"{'shape':>12} {'method':>6} {'seconds':>9} {'aq/q':>6} {'GFLOP/s':>8} {'floor s':>8} {'x floor':>8}"
+    header = f"{'shape':>12} {'method':>7} {'seconds':>9} {'/gptq':>6} {'GFLOP/s':>8} {'floor s':>8} {'x floor':>8}"
     lines = [header, "-" * len(header)]
     for row in rows:
         lines.append(
-            f"{row['rows']:>5}x{row['columns']:<6} {row['method']:>6} {row['seconds']:>9.3f} "
-            f"{row['gptaq_over_gptq']:>6.2f} {row['gflops_achieved']:>8.1f} {row['floor_seconds']:>8.3f} "
+            f"{row['rows']:>5}x{row['columns']:<6} {row['method']:>7} {row['seconds']:>9.3f} "
+            f"{row['over_gptq']:>6.2f} {row['gflops_achieved']:>8.1f} {row['floor_seconds']:>8.3f} "
             f"{row['times_floor']:>8.2f}"
         )
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Two-stream, layer-by-layer calibration engine for GPTQ, GPTAQ and RTN.
+"""Two-stream, layer-by-layer calibration engine for every method of :mod:`common.methods`.
 
 The engine knows nothing of Llama or ViT. A model family supplies a :class:`ModelAdapter`: which modules
 are the blocks, which linears of a block share an input (true-sequential groups, e.g. q,k,v → o →
@@ -6,20 +6,21 @@ gate,up → down), how to run the model up to its first block, and how to run on
 
 Calibration walks the blocks in order and keeps two streams of block inputs, each [samples, ...]:
 
-* the full-precision stream ``X``: the model with neither weight nor activation quantization (GPTAQ only);
+* the full-precision stream ``X``: the model with neither weight nor activation quantization (methods whose
+  statistics include ``D``);
 * the quantized stream ``X̃``: the model with every earlier block (and earlier groups of this block)
   already quantized.
 
 For each group of linears it runs the quantized block on ``X̃`` (stopping as soon as the group's inputs
 are seen), accumulates ``H`` (and, with the full-precision inputs of the same linears cached from one
-full-precision pass of the block, ``D``), solves every linear of the group and writes its fake-quantized
-weight in place. Then both streams advance through the block.
+full-precision pass of the block, ``D``), solves every linear of the group with the method's solve
+function and writes its fake-quantized weight in place. Then both streams advance through the block.
 
-Protocols: by default GPTAQ calibrates with activation quantization on (the quantized stream quantizes
-every linear's input) and GPTQ with it off (weights first, activations quantized afterwards), as in the
-paper; ``act_quant_during_calibration`` overrides this for either method.
+Protocols: each method declares whether activations are quantized in the quantized stream while it
+calibrates (the paper's protocol: on for the asymmetric methods, off for GPTQ: weights first, activations
+quantized afterwards); ``act_quant_during_calibration`` overrides this for every method.
 
-The linears named by the adapter must be :class:`common.qlinear.QuantLinear` (their activation
+The linears named by the adapter must be :class:`common.quant.qlinear.QuantLinear` (their activation
 quantizers configured by the caller). Blocks are moved to ``device`` one at a time; the streams and the
 full-precision input cache live on ``offload_device`` so large models fit one GPU.
 """
@@ -29,22 +30,23 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from common.gptaq import CalibrationStatistics, SolverConfig, solve
-from common.qlinear import QuantLinear
-from common.quant import rtn_quantize_weight
+from common.gptaq import CalibrationStatistics, SolverConfig
+from common.methods import METHODS, Method
+from common.methods import method as get_method
+from common.quant.qlinear import QuantLinear
+from common.quant.quantizers import rtn_quantize_weight
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("rtn", "gptq", "gptaq")
 
 
 class ModelAdapter(Protocol):
@@ -68,13 +70,15 @@ class CalibrationSettings:
     """How to quantize the weights of the adapter's linears.
 
     Attributes:
-        method: ``"rtn"``, ``"gptq"`` or ``"gptaq"``.
-        solver: solver settings (bits, groups, damping, ...); its ``method`` is set from ``method``.
-        act_quant_during_calibration: ``None`` for the paper's protocol (on for GPTAQ, off for GPTQ).
+        method: the name of a quantizing method of :data:`common.methods.METHODS` (``rtn`` or calibrated).
+        solver: solver settings (bits, groups, damping, ...); the method's own overrides are applied.
+        act_quant_during_calibration: ``None`` for the method's protocol; ``True``/``False`` for any method.
         batch_size: samples per block forward.
         device: where each block is computed.
         offload_device: where the streams and the full-precision input cache are kept (default ``device``).
         stats_dtype: accumulation dtype of ``H`` and ``D``.
+        linear_solvers: solver settings for particular linears, by name within a block (e.g. QEP's
+            excluded linears with ``qep_alpha = 0``).
     """
 
     method: str
@@ -84,21 +88,30 @@ class CalibrationSettings:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     offload_device: torch.device | None = None
     stats_dtype: torch.dtype = torch.float32
+    linear_solvers: Mapping[str, SolverConfig] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not get_method(self.method).quantized:
+            raise ValueError(f"method must be a quantizing method, one of "
+                             f"{tuple(n for n, m in METHODS.items() if m.quantized)}, got {self.method!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        if self.method != "rtn" and self.solver.method != self.method:
-            object.__setattr__(self, "solver", SolverConfig(**{**asdict(self.solver), "method": self.method}))
+
+    @property
+    def spec(self) -> Method:
+        """The method's registry entry."""
+        return METHODS[self.method]
 
     @property
     def quantize_activations(self) -> bool:
         """Whether the quantized stream quantizes activations while calibrating."""
         if self.act_quant_during_calibration is not None:
             return self.act_quant_during_calibration
-        return self.method == "gptaq"
+        return self.spec.act_quant_during_calibration
+
+    def solver_for(self, linear: str) -> SolverConfig:
+        """The solver settings of ``linear`` (a name within a block), the method's overrides applied."""
+        return self.spec.solver_config(self.linear_solvers.get(linear, self.solver))
 
 
 @dataclass(frozen=True)
@@ -153,15 +166,15 @@ def quantize_model(
     start = time.perf_counter()
     report = CalibrationReport(settings.method)
     blocks = adapter.blocks(model)
-    if settings.method == "rtn":
-        for index, block in enumerate(tqdm(blocks, desc="rtn", disable=not progress)):
+    if not settings.spec.calibrated:
+        for index, block in enumerate(tqdm(blocks, desc=settings.method, disable=not progress)):
             for name, linear in _group_linears(adapter, block):
                 began = time.perf_counter()
                 with torch.no_grad():
                     original = linear.weight.detach().clone()
-                    linear.weight.copy_(_rtn(linear.weight, settings.solver))
+                    linear.weight.copy_(_rtn(linear.weight, settings.solver_for(name)))
                 report.layers.append(
-                    LayerRecord(index, name, "rtn", *original.shape, float("nan"), float("nan"), 0.0,
+                    LayerRecord(index, name, settings.method, *original.shape, float("nan"), float("nan"), 0.0,
                                 time.perf_counter() - began)
                 )
         report.seconds = time.perf_counter() - start
@@ -173,7 +186,7 @@ def quantize_model(
     with torch.no_grad():
         quant_stream, block_kwargs = _first_block_inputs(model, adapter, blocks[0], calibration_batches, settings)
         quant_stream = [h.to(offload) for h in quant_stream]
-        full_stream = [h.clone() for h in quant_stream] if settings.method == "gptaq" else None
+        full_stream = [h.clone() for h in quant_stream] if settings.spec.needs_full_precision_stream else None
         bar = tqdm(list(enumerate(blocks)), desc=settings.method, disable=not progress)
         for index, block in bar:
             original_device = _module_device(block)
@@ -201,7 +214,8 @@ def _group_linears(adapter: ModelAdapter, block: nn.Module) -> Iterator[tuple[st
 def _quant_linear(block: nn.Module, name: str) -> QuantLinear:
     module = block.get_submodule(name)
     if not isinstance(module, QuantLinear):
-        raise TypeError(f"{name} must be a common.qlinear.QuantLinear to be calibrated, got {type(module).__name__}")
+        raise TypeError(f"{name} must be a QuantLinear (common.quant.qlinear) to be calibrated, got "
+                        f"{type(module).__name__}")
     return module
 
 
@@ -358,7 +372,7 @@ def _solve_linear(
     index: int, name: str, linear: QuantLinear, stats: CalibrationStatistics, settings: CalibrationSettings
 ) -> LayerRecord:
     weight = linear.weight.detach()
-    result = solve(weight, stats.hessian(), stats.drift(), settings.solver, name=stats.name)
+    result = settings.spec.solve(weight, stats.hessian(), stats.drift(), settings.solver_for(name), name=stats.name)
     error = stats.output_error(weight, result.weight)
     with torch.no_grad():
         linear.weight.copy_(result.weight)

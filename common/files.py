@@ -1,4 +1,4 @@
-"""Writing files safely: atomic writes (one file or a set), stale temporaries, and output checks made up front.
+"""Writing files safely: atomic writes (one file or a set; text, CSV, JSON), stale temporaries, output checks.
 
 Every temporary file or folder this project writes carries the writing process's id in its name
 (``.<name>.<pid>.<random>.tmp`` for files, ``.<name>.tmp-<pid>-<random>`` for folders), so that one left
@@ -12,12 +12,16 @@ setting, instead of after hours of calibration.
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from common.config import ConfigError
 
@@ -76,6 +80,41 @@ def atomic_write_set(files: Sequence[tuple[Path, Callable[[str], None]]]) -> lis
             tmp.unlink(missing_ok=True)
         raise
     return [path for _, path in staged]
+
+
+def write_text(tmp: str | Path, text: str) -> None:
+    """Write ``text`` to ``tmp`` as UTF-8 with the line endings as given."""
+    Path(tmp).write_text(text, encoding="utf-8", newline="")
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: write_text(tmp, text))
+
+
+def csv_text(rows: Iterable[Mapping[str, Any]], fieldnames: list[str]) -> str:
+    """``rows`` (dicts keyed by ``fieldnames``) as CSV text with a header line."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+def json_text(payload: Any) -> str:
+    """``payload`` as indented, key-sorted JSON text."""
+    return json.dumps(payload, indent=2, sort_keys=True) + "\n"
+
+
+def atomic_write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]], fieldnames: list[str]) -> Path:
+    """Write ``rows`` (dicts keyed by ``fieldnames``) as CSV, atomically."""
+    return atomic_write_text(path, csv_text(rows, fieldnames))
+
+
+def atomic_write_json(path: str | Path, payload: Any) -> Path:
+    """Write ``payload`` as indented, key-sorted JSON, atomically."""
+    return atomic_write_text(path, json_text(payload))
 
 
 def _process_alive(pid: int) -> bool:

@@ -32,15 +32,15 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from common.quant import FULL_PRECISION_BITS, WeightQuantizer, check_bits, check_groupsize, working_dtype
+from common.quant.quantizers import FULL_PRECISION_BITS, WeightQuantizer, check_bits, check_groupsize, working_dtype
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("gptq", "gptaq")
 LAZY_UPDATES = ("exact", "official")
 _DAMP_RETRIES = 6
 _STRUCTURE_BLOCK = 512
@@ -52,10 +52,12 @@ class CalibrationError(RuntimeError):
 
 @dataclass(frozen=True)
 class SolverConfig:
-    """Settings of one GPTQ/GPTAQ solve (see :func:`quantize_weight` for their meaning)."""
+    """Settings of one layer solve, shared by every method (see :func:`quantize_weight` for their meaning).
+
+    ``alpha`` and ``lazy_update`` are GPTAQ's; ``qep_alpha`` is QEP's (:mod:`common.qep`).
+    """
 
     bits: int
-    method: str = "gptaq"
     sym: bool = False
     groupsize: int = -1
     act_order: bool = False
@@ -65,21 +67,65 @@ class SolverConfig:
     alpha: float = 0.25
     mse: bool = False
     lazy_update: str = "exact"
+    qep_alpha: float = 0.5
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.lazy_update not in LAZY_UPDATES:
             raise ValueError(f"lazy_update must be one of {LAZY_UPDATES}, got {self.lazy_update!r}")
         if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1:
             raise ValueError(f"blocksize must be a positive integer, got {self.blocksize!r}")
         if not 0.0 <= self.percdamp:
             raise ValueError(f"percdamp must be >= 0 (a fraction of the mean Hessian diagonal), got {self.percdamp}")
-        if not math.isfinite(self.alpha):
-            raise ValueError(f"alpha must be a finite number, got {self.alpha}")
+        for name in ("alpha", "qep_alpha"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.groupsize != -1 and (not isinstance(self.groupsize, int) or self.groupsize < 1):
             raise ValueError(f"groupsize must be -1 or a positive integer, got {self.groupsize!r}")
+
+
+@dataclass(frozen=True)
+class Factorization:
+    """The damped Hessian ``H_λ = H + λI`` [n, n] (solve order) in the two factored forms the solvers use.
+
+    Attributes:
+        upper: ``U``, upper triangular, ``H_λ⁻¹ = UᵀU`` (GPTQ's error propagation).
+        root: ``R = U⁻¹``, upper triangular, ``H_λ = R Rᵀ`` (solves with ``H_λ`` by two triangular solves).
+        damp: the damping used, as a fraction of the mean diagonal of ``H`` (grows on retries).
+        diagonal: the diagonal of ``H_λ`` [n].
+    """
+
+    upper: torch.Tensor
+    root: torch.Tensor
+    damp: float
+    diagonal: torch.Tensor
+
+    def solve_right(self, rhs: torch.Tensor) -> torch.Tensor:
+        """``rhs · H_λ⁻¹`` for ``rhs`` [m, n], by two triangular solves (``m·n²`` multiply-adds)."""
+        half = torch.linalg.solve_triangular(self.root.T, rhs, upper=False, left=False)
+        return torch.linalg.solve_triangular(self.root, half, upper=True, left=False)
+
+
+@dataclass(frozen=True)
+class StartingPoint:
+    """Where the column loop starts, as a method prepares it (solve order, columns permuted).
+
+    Attributes:
+        work: the weight [m, n] the columns are quantized from (GPTQ, GPTAQ: ``W``; QEP: the corrected
+            ``W*``; Qronos: the least-squares target).
+        first_column: values [m] quantized for the first column instead of ``work[:, 0]`` (its error is
+            still measured against ``work[:, 0]``), or ``None``.
+        first_grid: values [m, k] the first group's grid (or, without groups, the row's grid) is computed
+            from instead of the current values, or ``None``.
+    """
+
+    work: torch.Tensor
+    first_column: torch.Tensor | None = None
+    first_grid: torch.Tensor | None = None
+
+
+Prepare = Callable[[torch.Tensor, torch.Tensor, Factorization, SolverConfig], StartingPoint]
+"""``prepare(work, drift, factorization, config) -> StartingPoint``: a method's own start (QEP, Qronos)."""
 
 
 @dataclass(frozen=True)
@@ -225,7 +271,6 @@ def quantize_weight(
     """
     config = SolverConfig(
         bits=bits,
-        method="gptq" if D is None else "gptaq",
         sym=sym,
         groupsize=groupsize,
         act_order=act_order,
@@ -247,15 +292,36 @@ def solve(
     *,
     name: str = "layer",
 ) -> SolveResult:
-    """Run GPTQ or GPTAQ (``config.method``) on one layer; see the module docstring for the algorithm.
+    """GPTQ (``D is None``) or GPTAQ (``D`` given) on one layer; see the module docstring for the algorithm.
 
     Computation runs in float64 when ``W`` is float64, else in float32, on ``W``'s device.
-    ``D`` is required for ``method="gptaq"`` and ignored for ``"gptq"``.
+    """
+    return solve_layer(W, H, D, config, name=name, gptaq_correction=D is not None)
+
+
+def solve_layer(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    D: torch.Tensor | None,
+    config: SolverConfig,
+    *,
+    name: str = "layer",
+    gptaq_correction: bool = False,
+    prepare: Prepare | None = None,
+) -> SolveResult:
+    """The column loop every method shares, with its checks, damping, ``act_order`` and groups.
+
+    ``gptaq_correction`` adds GPTAQ's ``P`` term (needs ``D``); ``prepare`` (QEP, Qronos; needs ``D``)
+    turns the weight into the method's starting point once ``H_λ`` is factored. Static group grids are
+    computed from the starting point's weights.
     """
     start = time.perf_counter()
     _check_weight(W, name)
     columns = W.shape[1]
-    _check_statistics(H, D if config.method == "gptaq" else None, columns, name)
+    needs_drift = gptaq_correction or prepare is not None
+    if needs_drift and D is None:
+        raise ValueError(f"{name}: this method needs the drift statistic D; got D=None")
+    _check_statistics(H, D if needs_drift else None, columns, name)
     groupsize = check_groupsize(config.groupsize, columns)
     if config.bits >= FULL_PRECISION_BITS:
         return SolveResult(W.clone(), 0.0, 0.0, time.perf_counter() - start)
@@ -263,9 +329,7 @@ def solve(
     dtype = working_dtype(W)
     work = W.detach().to(dtype=dtype, copy=True)
     hessian = H.detach().to(device=W.device, dtype=dtype, copy=True)
-    drift = None
-    if config.method == "gptaq":
-        drift = D.detach().to(device=W.device, dtype=dtype, copy=True)
+    drift = D.detach().to(device=W.device, dtype=dtype, copy=True) if needs_drift else None
 
     if not torch.any(hessian):
         raise CalibrationError(f"{name}: the Hessian is all zeros (no calibration data reached this layer)")
@@ -275,11 +339,6 @@ def solve(
     if drift is not None:
         drift[:, dead] = 0
 
-    quantizer = WeightQuantizer(config.bits, sym=config.sym, mse=config.mse)
-    static_params = None
-    if groupsize > 0 and config.static_groups:
-        static_params = [quantizer.params(work[:, g : g + groupsize]) for g in range(0, columns, groupsize)]
-
     perm = None
     if config.act_order:
         perm = torch.argsort(torch.diagonal(hessian), descending=True)
@@ -288,18 +347,22 @@ def solve(
         if drift is not None:
             drift = drift[perm][:, perm]
 
-    upper, used_damp = _inverse_cholesky_upper(hessian, config.percdamp, name)
+    factorization = _factorize(hessian, config.percdamp, name)
     del hessian
-    correction = None if drift is None else _drift_correction(drift, upper, config.alpha)
+    start_point = StartingPoint(work) if prepare is None else prepare(work, drift, factorization, config)
+    correction = _drift_correction(drift, factorization.upper, config.alpha) if gptaq_correction else None
 
-    group_of_column = None
-    if static_params is not None:
+    quantizer = WeightQuantizer(config.bits, sym=config.sym, mse=config.mse)
+    static_params = group_of_column = None
+    if groupsize > 0 and config.static_groups:
+        original_order = start_point.work if perm is None else start_point.work[:, torch.argsort(perm)]
+        static_params = [quantizer.params(original_order[:, g : g + groupsize]) for g in range(0, columns, groupsize)]
         order = perm if perm is not None else torch.arange(columns, device=W.device)
         group_of_column = (order // groupsize).tolist()
 
     solver = _BlockSolver(
-        work=work,
-        upper=upper,
+        start=start_point,
+        upper=factorization.upper,
         correction=correction,
         quantizer=quantizer,
         groupsize=groupsize,
@@ -312,12 +375,13 @@ def solve(
         quantized = quantized[:, torch.argsort(perm)]
     result = quantized.to(W.dtype)
     if not torch.isfinite(result).all():
-        hint = f"alpha={config.alpha:g} may be too large; " if config.method == "gptaq" else ""
+        scales = f"alpha={config.alpha:g}, qep_alpha={config.qep_alpha:g}, " if needs_drift else ""
+        hint = "lower the drift-correction scale or raise percdamp" if needs_drift else "raise percdamp"
         raise CalibrationError(
-            f"{name}: the solve produced NaN or Inf weights ({hint}percdamp={used_damp:g}; "
-            f"the inputs were finite)"
+            f"{name}: the solve produced NaN or Inf weights from finite inputs ({scales}"
+            f"percdamp={factorization.damp:g}): {hint}"
         )
-    return SolveResult(result, loss, used_damp, time.perf_counter() - start)
+    return SolveResult(result, loss, factorization.damp, time.perf_counter() - start)
 
 
 def _check_weight(W: torch.Tensor, name: str) -> None:
@@ -353,12 +417,12 @@ def _check_statistics(H: torch.Tensor, D: torch.Tensor | None, columns: int, nam
         )
 
 
-def _inverse_cholesky_upper(hessian: torch.Tensor, percdamp: float, name: str) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` with ``λ = percdamp · mean(diag H)``.
+def _factorize(hessian: torch.Tensor, percdamp: float, name: str) -> Factorization:
+    """``H_λ = H + λI`` with ``λ = percdamp · mean(diag H)``, factored (see :class:`Factorization`).
 
     Uses one Cholesky and one triangular inverse: with ``J`` the reversal permutation and
-    ``J H J = L Lᵀ``, ``R = J L J`` is upper triangular with ``H = R Rᵀ``, so ``H⁻¹ = R⁻ᵀ R⁻¹`` and
-    ``U = R⁻¹``. If ``H + λI`` is not positive definite, ``percdamp`` grows tenfold (with a warning).
+    ``J H_λ J = L Lᵀ``, ``R = J L J`` is upper triangular with ``H_λ = R Rᵀ``, so ``H_λ⁻¹ = R⁻ᵀ R⁻¹`` and
+    ``U = R⁻¹``. If ``H_λ`` is not positive definite, ``percdamp`` grows tenfold (with a warning).
     """
     n = hessian.shape[0]
     mean_diag = torch.diagonal(hessian).mean()
@@ -368,9 +432,10 @@ def _inverse_cholesky_upper(hessian: torch.Tensor, percdamp: float, name: str) -
         damped = hessian + (damp * mean_diag) * identity
         lower, info = torch.linalg.cholesky_ex(damped.flip(0, 1))
         if info.item() == 0:
-            upper = _upper_triangular_inverse(lower.flip(0, 1))
+            root = lower.flip(0, 1)
+            upper = _upper_triangular_inverse(root)
             if torch.isfinite(upper).all():
-                return upper, damp
+                return Factorization(upper, root, damp, torch.diagonal(damped).clone())
         next_damp = max(damp * 10, 1e-6)
         if attempt + 1 < _DAMP_RETRIES:
             warnings.warn(
@@ -435,7 +500,7 @@ class _BlockSolver:
     def __init__(
         self,
         *,
-        work: torch.Tensor,
+        start: StartingPoint,
         upper: torch.Tensor,
         correction: torch.Tensor | None,
         quantizer: WeightQuantizer,
@@ -444,7 +509,9 @@ class _BlockSolver:
         group_of_column: list[int] | None,
         official: bool,
     ) -> None:
-        self.work = work
+        self.work = start.work
+        self.first_column = start.first_column
+        self.first_grid = start.first_grid
         self.upper = upper
         self.correction = correction
         self.quantizer = quantizer
@@ -452,7 +519,10 @@ class _BlockSolver:
         self.static_params = static_params
         self.group_of_column = group_of_column
         self.official = official
-        self.scale, self.zero = (None, None) if groupsize > 0 else quantizer.params(work)
+        if groupsize > 0:
+            self.scale, self.zero = None, None
+        else:
+            self.scale, self.zero = quantizer.params(start.work if start.first_grid is None else start.first_grid)
 
     def run(self, blocksize: int) -> tuple[torch.Tensor, float]:
         """Quantize every column; returns the quantized weight [m, n] and the proxy loss."""
@@ -470,7 +540,8 @@ class _BlockSolver:
                 column = i1 + i
                 w = block[:, i].clone()
                 self._update_params(column, i1, i2, i, block, errors, originals)
-                q = self.quantizer.quantize(w.unsqueeze(1), self.scale, self.zero).squeeze(1)
+                target = self.first_column if column == 0 and self.first_column is not None else w
+                q = self.quantizer.quantize(target.unsqueeze(1), self.scale, self.zero).squeeze(1)
                 quantized[:, column] = q
                 err = (w - q) / upper[column, column]
                 errors[:, i] = err
@@ -520,6 +591,9 @@ class _BlockSolver:
         if column % self.groupsize != 0:
             return
         end = column + self.groupsize
+        if column == 0 and self.first_grid is not None:
+            self.scale, self.zero = self.quantizer.params(self.first_grid[:, :end])
+            return
         if self.official:
             values = self.work[:, column:end]
         else:

@@ -1,4 +1,4 @@
-"""The comparison every tree runs: one model, several methods (fp, rtn, gptq, gptaq, ...), same data.
+"""The comparison every tree runs: one model, several methods of :mod:`common.methods`, the same data.
 
 Trees describe their run with a :class:`common.run_settings.RunSettings` subclass and supply how to
 prepare and evaluate the model.
@@ -23,17 +23,17 @@ from common.calibration import (
     set_input_quantization,
 )
 from common.gptaq import SolverConfig
-from common.run_settings import METHODS, RunSettings
-from common.runs import MetricRow, StageTimer
+from common.methods import method as get_method
+from common.results.runs import MetricRow, StageTimer
+from common.run_settings import RunSettings
 
 logger = logging.getLogger(__name__)
 
 
-def solver_config(settings: RunSettings, method: str) -> SolverConfig:
-    """The layer-solver settings of ``method`` (``rtn`` uses only the grid settings)."""
+def solver_config(settings: RunSettings) -> SolverConfig:
+    """The layer-solver settings of a run (each method applies its own overrides; RTN uses the grid only)."""
     return SolverConfig(
         bits=settings.w_bits,
-        method="gptaq" if method.startswith("gptaq") else "gptq",
         sym=not settings.w_asym,
         groupsize=settings.w_groupsize,
         act_order=settings.act_order,
@@ -42,7 +42,8 @@ def solver_config(settings: RunSettings, method: str) -> SolverConfig:
         blocksize=settings.blocksize,
         alpha=settings.alpha,
         mse=settings.w_clip,
-        lazy_update="official" if method == "gptaq_official" else settings.lazy_update,
+        lazy_update=settings.lazy_update,
+        qep_alpha=settings.qep_alpha,
     )
 
 
@@ -56,23 +57,25 @@ def quantize(
     device: torch.device,
     offload_device: torch.device | None = None,
 ) -> CalibrationReport | None:
-    """Quantize ``model`` in place with ``method``; ``fp`` switches activation quantization off instead."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method == "fp":
+    """Quantize ``model`` in place with ``method``; the full-precision reference switches activation
+    quantization off instead."""
+    spec = get_method(method, "methods")
+    if not spec.quantized:
         set_input_quantization(model, False)
         return None
+    solver = solver_config(settings)
     calibration = CalibrationSettings(
-        method="gptaq" if method == "gptaq_official" else method,
-        solver=solver_config(settings, method),
+        method=method,
+        solver=solver,
         act_quant_during_calibration=settings.act_quant_during_calibration,
         batch_size=settings.calib_batch_size,
         device=device,
         offload_device=offload_device,
+        linear_solvers={name: dataclasses.replace(solver, qep_alpha=0.0) for name in settings.qep_exclude},
     )
     report = quantize_model(model, adapter, calibration, calibration_batches)
     set_input_quantization(model, True)
-    if method != "rtn":
+    if spec.calibrated:
         logger.info("%s: mean relative output error %.4e over %d layers", method, report.mean_output_error(),
                     len(report.layers))
     return report

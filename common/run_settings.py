@@ -16,10 +16,8 @@ from typing import Any
 from common.config import ConfigError
 from common.files import check_plain_name, check_writable_dir, sweep_stale_temporaries
 from common.gptaq import LAZY_UPDATES
-from common.quant import check_bits, check_clip_ratio
-
-METHODS = ("fp", "rtn", "gptq", "gptaq", "gptaq_official")
-"""``fp``: no quantization; ``gptaq_official``: GPTAQ with the official code's lazy update."""
+from common.methods import DEFAULT_METHODS, METHOD_NAMES, METHODS
+from common.quant.quantizers import check_bits, check_clip_ratio
 
 
 def describe(text: str) -> dict[str, Any]:
@@ -62,8 +60,8 @@ class RunSettings:
     device: str = field(default="auto", metadata=describe("auto, cpu, cuda or cuda:i"))
     seed: int = field(default=0, metadata=describe("seed of every random choice (rotation, calibration draw)"))
     nsamples: int = field(default=128, metadata=describe("number of calibration samples"))
-    methods: list[str] = field(default_factory=lambda: ["fp", "rtn", "gptq", "gptaq"],
-                               metadata=describe(f"columns to compute, from {METHODS}"))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS),
+                               metadata=describe(f"columns to compute, from {METHOD_NAMES}"))
     w_bits: int = field(default=4, metadata=describe("weight bits, 1..16"))
     w_asym: bool = field(default=True, metadata=describe("asymmetric weight grid"))
     w_groupsize: int = field(default=-1, metadata=describe("-1 = per output channel, else columns per group"))
@@ -78,8 +76,12 @@ class RunSettings:
     blocksize: int = field(default=128, metadata=describe("solver lazy-update block size"))
     alpha: float = field(default=0.25, metadata=describe("GPTAQ drift-correction scale (official code: 0.25)"))
     lazy_update: str = field(default="exact", metadata=describe(f"GPTAQ lazy update form, one of {LAZY_UPDATES}"))
+    qep_alpha: float = field(default=0.5, metadata=describe("QEP's correction scale (OneComp's perccorr: 0.5)"))
+    qep_exclude: list[str] = field(default_factory=list, metadata=describe(
+        "linears QEP leaves uncorrected, by name within a block (e.g. mlp.down_proj)"))
     act_quant_during_calibration: bool | None = field(
-        default=None, metadata=describe("None = paper protocol (GPTAQ on, GPTQ off); true/false for both")
+        default=None, metadata=describe("None = each method's protocol (asymmetric ones on, GPTQ off); "
+                                        "true/false for all")
     )
     calib_batch_size: int = field(default=8, metadata=describe("samples per block forward during calibration"))
     results_dir: str = field(default="results", metadata=describe("folder of the result CSV/JSON"))
@@ -93,9 +95,9 @@ class RunSettings:
             raise ConfigError(str(error)) from None
         check_one_of("lazy_update", self.lazy_update, LAZY_UPDATES)
         if not self.methods:
-            raise ConfigError(f"methods must name at least one of {METHODS}")
+            raise ConfigError(f"methods must name at least one of {METHOD_NAMES}")
         for method in self.methods:
-            check_one_of("methods", method, METHODS)
+            check_one_of("methods", method, METHOD_NAMES)
         repeated = sorted({m for m in self.methods if self.methods.count(m) > 1})
         if repeated:
             raise ConfigError(f"methods must name each method once, got {repeated} more than once")
@@ -110,6 +112,9 @@ class RunSettings:
         check_finite("alpha", self.alpha)
         if self.alpha < 0:
             raise ConfigError(f"alpha must be >= 0 (GPTAQ's drift-correction scale; official 0.25), got {self.alpha}")
+        check_finite("qep_alpha", self.qep_alpha)
+        if self.qep_alpha < 0:
+            raise ConfigError(f"qep_alpha must be >= 0 (QEP's correction scale; 0 = GPTQ), got {self.qep_alpha}")
         if self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed}")
         check_device(self.device)
@@ -122,8 +127,18 @@ class RunSettings:
         """``{setting: folder}`` of every folder this run will write into (checked before any work)."""
         return {"results_dir": Path(self.results_dir)}
 
-    def check_group_sizes(self, input_sizes: Mapping[str, int]) -> None:
-        """Both group sizes divide every quantized linear's input size (``{linear name: in_features}``)."""
+    @property
+    def calibrates(self) -> bool:
+        """Whether any of the methods needs calibration data."""
+        return any(METHODS[name].calibrated for name in self.methods)
+
+    def check_model_linears(self, input_sizes: Mapping[str, int]) -> None:
+        """Settings that name or divide the quantized linears (``{name within a block: in_features}``):
+        both group sizes divide every input size; ``qep_exclude`` names existing linears."""
+        unknown = [name for name in self.qep_exclude if name not in input_sizes]
+        if unknown:
+            raise ConfigError(f"qep_exclude names {unknown}, which are not quantized linears of this model; "
+                              f"allowed: {sorted(input_sizes)}")
         for option in ("w_groupsize", "a_groupsize"):
             size = getattr(self, option)
             for name, features in input_sizes.items():

@@ -22,7 +22,7 @@ from common.calibration import set_input_quantization
 from common.cli import run_cli
 from common.config import ConfigError
 from common.device import pick_device
-from common.files import atomic_write
+from common.files import atomic_write, atomic_write_json
 from common.llama.experiment import (
     add_quantizers,
     compare_rotated,
@@ -33,10 +33,10 @@ from common.llama.experiment import (
     write_llama_run,
 )
 from common.llama.loading import ModelLoadError
-from common.results import atomic_write_json
-from common.runs import StageTimer
-from common.text_data import CorpusUnavailableError
-from common.zeroshot import ZeroShotUnavailableError
+from common.lm.corpora import CorpusUnavailableError
+from common.lm.zeroshot import ZeroShotUnavailableError
+from common.methods import METHODS
+from common.results.runs import StageTimer
 from fake_quant.rotation import RotationInfo, rotate_model
 from fake_quant.settings import LlamaRunConfig
 
@@ -81,7 +81,7 @@ def load_saved_settings(config: LlamaRunConfig) -> tuple[LlamaRunConfig, list[st
     except (ValueError, KeyError, TypeError) as error:
         raise ConfigError(f"load_qmodel_path: {settings_file} is not a settings file this version wrote "
                           f"({type(error).__name__}: {error})") from None
-    methods = [m for m in merged.methods if m == "fp" or (folder / f"{m}.safetensors").is_file()]
+    methods = [m for m in merged.methods if not METHODS[m].quantized or (folder / f"{m}.safetensors").is_file()]
     return merged, methods
 
 
@@ -92,7 +92,7 @@ def check_saved_models(folder: Path, methods: list[str], model: torch.nn.Module)
     """
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     for method in methods:
-        if method == "fp":
+        if not METHODS[method].quantized:
             continue
         path = folder / f"{method}.safetensors"
         try:
@@ -128,7 +128,7 @@ def run(config: LlamaRunConfig) -> tuple[Path, Path]:
     device = pick_device(config.device)
     timer = StageTimer()
     saved = Path(config.load_qmodel_path) if config.load_qmodel_path else None
-    calibrate = any(m not in ("fp", "rtn") for m in methods) and saved is None
+    calibrate = config.calibrates and saved is None
     preflight(config, timer, calibrate=calibrate)
     with timer("load and rotate"):
         model, tokenizer, rotation = build_quantizable_model(config)
@@ -140,14 +140,14 @@ def run(config: LlamaRunConfig) -> tuple[Path, Path]:
 
     def prepare(method: str):
         if saved is not None:
-            if method == "fp":
+            if not METHODS[method].quantized:
                 set_input_quantization(model, False)
             else:
                 where = str(next(model.parameters()).device)
                 load_saved_model(model, str(saved / f"{method}.safetensors"), device=where)
             return None
         report = quantize_method(method)
-        if config.save_qmodel_path and method != "fp":
+        if config.save_qmodel_path and METHODS[method].quantized:
             save_qmodel(model, Path(config.save_qmodel_path), method, config, rotation)
         return report
 

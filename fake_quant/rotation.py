@@ -17,8 +17,8 @@ Built from the shared pieces of :mod:`common.llama.rotation` (see its docstring 
 6. Optional K rotation (``H_d`` on queries and keys after RoPE) and KV-cache fake quantization.
 
 Online transforms are installed by replacing ``self_attn.o_proj`` and ``mlp.down_proj`` with
-:class:`common.qlinear.QuantLinear` (``input_transform=`` the online module); other linears stay
-``nn.Linear``. Fallback: any transform whose size has no Hadamard construction (see :mod:`common.hadamard`)
+:class:`common.quant.qlinear.QuantLinear` (``input_transform=`` the online module); other linears stay
+``nn.Linear``. Fallback: any transform whose size has no Hadamard construction (see :mod:`common.quant.hadamard`)
 becomes a fixed seeded random orthogonal matrix, with a warning.
 """
 
@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaForCausalLM
 
-from common.hadamard import is_constructible, random_hadamard_matrix, random_orthogonal_matrix
 from common.llama.rotation import (
     LlamaShape,
     check_kv_attention,
@@ -43,7 +42,8 @@ from common.llama.rotation import (
     rotate_weights_,
     transform_matrix,
 )
-from common.quant import FULL_PRECISION_BITS, check_bits, check_clip_ratio
+from common.quant.hadamard import is_constructible, random_hadamard_matrix, random_orthogonal_matrix
+from common.quant.quantizers import FULL_PRECISION_BITS, check_bits, check_clip_ratio
 
 MODES = ("hadamard", "random")
 """Allowed residual-rotation modes."""

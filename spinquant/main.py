@@ -34,9 +34,9 @@ from common.llama.experiment import (
 )
 from common.llama.loading import ModelLoadError
 from common.llama.rotation import LlamaShape
-from common.runs import MetricRow, StageTimer
-from common.text_data import CorpusUnavailableError, calibration_windows
-from common.zeroshot import ZeroShotUnavailableError
+from common.lm.corpora import CorpusUnavailableError, calibration_windows
+from common.lm.zeroshot import ZeroShotUnavailableError
+from common.results.runs import MetricRow, StageTimer
 from spinquant.rotation import (
     RotationFileError,
     SpinRotation,
@@ -159,8 +159,7 @@ def run(config: SpinQuantConfig) -> tuple[Path, Path]:
                               kv_clip_ratio=config.kv_clip_ratio)
         add_quantizers(model, config)
     with timer("data"):
-        calibration, eval_sets = load_data(tokenizer, config,
-                                           calibrate=any(m not in ("fp", "rtn") for m in config.methods))
+        calibration, eval_sets = load_data(tokenizer, config, calibrate=config.calibrates)
     trainer = RotationTrainer(model, shape, config.training_settings())
     with timer("rotation training"):
         learned, path, trained_with = learned_rotation(trainer, tokenizer, shape, config, device)

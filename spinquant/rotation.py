@@ -31,7 +31,6 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 from common.files import atomic_write
-from common.hadamard import random_hadamard_matrix
 from common.llama.rotation import (
     LlamaShape,
     OnlineTransform,
@@ -42,7 +41,8 @@ from common.llama.rotation import (
     prepare_for_rotation,
     rotate_weights_,
 )
-from common.quant import FULL_PRECISION_BITS
+from common.quant.hadamard import random_hadamard_matrix
+from common.quant.quantizers import FULL_PRECISION_BITS
 
 ORTHOGONALITY_TOLERANCE = 1e-4
 """Largest ``max |RᵀR − I|`` accepted in a rotation file (float32-trained rotations reach ~1e-6)."""

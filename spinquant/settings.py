@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 from common.config import ConfigError
 from common.llama.settings import LlamaSettings
-from common.quant import check_bits
+from common.quant.quantizers import check_bits
 from common.run_settings import describe
 from spinquant.train import TrainingSettings
 

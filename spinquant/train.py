@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
 from common.llama.rotation import LlamaShape, rotated_weights
-from common.quant import FULL_PRECISION_BITS, ActivationQuantizer, check_bits, rtn_quantize_weight
+from common.quant.quantizers import FULL_PRECISION_BITS, ActivationQuantizer, check_bits, rtn_quantize_weight
 from spinquant.cayley import CayleySGD
 from spinquant.rotation import SpinRotation, save_rotation
 

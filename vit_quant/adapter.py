@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.qlinear import QuantLinear, wrap_linears
-from common.quant import ActivationQuantizer
+from common.quant.qlinear import QuantLinear, wrap_linears
+from common.quant.quantizers import ActivationQuantizer
 
 
 def _blocks(model: nn.Module) -> Sequence[nn.Module]:

@@ -32,8 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from common.cache import cache_root
-from common.files import atomic_write
-from common.results import atomic_write_json
+from common.files import atomic_write, atomic_write_json
 from vit_quant.data import FASHION_MNIST_BACKGROUND, LabeledImages, load_fashion_mnist
 
 log = logging.getLogger(__name__)

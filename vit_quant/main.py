@@ -20,7 +20,7 @@ from common.cli import run_cli
 from common.config import ConfigError
 from common.device import device_description, pick_device
 from common.pipeline import compare_methods, quantize
-from common.runs import StageTimer, write_run
+from common.results.runs import StageTimer, write_run
 from vit_quant.adapter import block_linear_input_sizes, prepare_vit
 from vit_quant.data import (
     DEFAULT_FASHION_MNIST_DIR,
@@ -81,7 +81,7 @@ def preflight(config: VitRunConfig) -> None:
     """What can be checked before the model is loaded (or trained): its name, its weights file, the data."""
     if config.model == EMBEDDED:
         check_fashion_mnist(config.data_path)
-        config.check_group_sizes(block_linear_input_sizes(EmbeddedRecipe().build_model()))
+        config.check_model_linears(block_linear_input_sizes(EmbeddedRecipe().build_model()))
         return
     import timm
 
@@ -97,7 +97,7 @@ def preflight(config: VitRunConfig) -> None:
     check_imagenet(config.data_path)
     with torch.device("meta"):  # the architecture alone: no weights allocated or downloaded
         architecture = timm.create_model(config.model, pretrained=False)
-    config.check_group_sizes(block_linear_input_sizes(architecture))
+    config.check_model_linears(block_linear_input_sizes(architecture))
 
 
 def run(config: VitRunConfig) -> tuple[Path, Path]:

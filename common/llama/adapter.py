@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from common.qlinear import QuantLinear, wrap_linears
-from common.quant import ActivationQuantizer
+from common.quant.qlinear import QuantLinear, wrap_linears
+from common.quant.quantizers import ActivationQuantizer
 
 LINEAR_GROUPS = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),

@@ -23,12 +23,12 @@ from common.llama.adapter import LlamaAdapter, add_activation_quantizers
 from common.llama.loading import load_llama, load_llama_config
 from common.llama.rotation import LlamaShape
 from common.llama.settings import LlamaSettings
-from common.perplexity import perplexity
+from common.lm.corpora import calibration_windows, corpus_fingerprint, evaluation_windows, load_corpus
+from common.lm.perplexity import perplexity
+from common.lm.zeroshot import load_tasks, zero_shot_accuracy
 from common.pipeline import compare_methods, quantize
-from common.qlinear import QuantLinear
-from common.runs import MetricRow, StageTimer, write_run
-from common.text_data import calibration_windows, corpus_fingerprint, evaluation_windows, load_corpus
-from common.zeroshot import load_tasks, zero_shot_accuracy
+from common.quant.qlinear import QuantLinear
+from common.results.runs import MetricRow, StageTimer, write_run
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def check_model_settings(config: LlamaSettings, shape: LlamaShape, model_config:
 
     Raises ``ConfigError`` naming the setting.
     """
-    config.check_group_sizes(shape.linear_input_sizes())
+    config.check_model_linears(shape.linear_input_sizes())
     limit = getattr(model_config, "max_position_embeddings", None)
     for option in config.window_settings():
         if limit is not None and getattr(config, option) > limit:

@@ -15,7 +15,7 @@ rotating a space by an orthogonal ``M`` maps ``x -> x @ M``.
   o_proj's columns of every attention head ``W_o[:, h] <- W_o[:, h] M_l``, so o_proj's output is unchanged.
 * **Online transforms** ``T(x) = x @ A.T`` (orthogonal ``A``) are *fused* into a linear that reads ``T(x)`` by
   ``W <- T(W)`` (``T`` applied to ``W``'s rows), so that ``T(x) @ T(W).T == x @ W.T``; the linear becomes a
-  :class:`common.qlinear.QuantLinear` that applies ``T`` to its input at run time (QuaRot's and SpinQuant's
+  :class:`common.quant.qlinear.QuantLinear` that applies ``T`` to its input at run time (QuaRot's and SpinQuant's
   Hadamard on the down_proj input).
 * **K rotation and KV-cache quantization** (:class:`KVQuantizer`): a registered attention function rotates
   queries and keys by an orthogonal transform after RoPE (``q kᵀ`` unchanged; SpinQuant's ``R3``) and then
@@ -40,10 +40,10 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from common.hadamard import hadamard_transform, is_constructible, random_orthogonal_matrix
 from common.llama.loading import untie_embeddings
-from common.qlinear import QuantLinear
-from common.quant import ActivationQuantizer
+from common.quant.hadamard import hadamard_transform, is_constructible, random_orthogonal_matrix
+from common.quant.qlinear import QuantLinear
+from common.quant.quantizers import ActivationQuantizer
 
 KV_ATTENTION_PREFIX = "rotated_kv_"
 """Registered attention implementations ``rotated_kv_sdpa`` / ``rotated_kv_eager``."""
@@ -288,7 +288,7 @@ class KVQuantizer(nn.Module):
         k_bits, v_bits: 1..16 (16 = not quantized), asymmetric grids.
         clip_ratio: range shrink of both quantizers, in (0, 1].
 
-    ``quantize_input`` (a flag, as on :class:`common.qlinear.QuantLinear`) turns the quantizers off so
+    ``quantize_input`` (a flag, as on :class:`common.quant.qlinear.QuantLinear`) turns the quantizers off so
     the full-precision stream and column see unquantized K/V (the rotation stays: it is exact).
     """
 

@@ -9,9 +9,9 @@ from typing import ClassVar
 from common.cache import CACHE_ENV_VAR
 from common.config import ConfigError
 from common.llama.loading import EMBEDDED, embedded_cache_folder, embedded_is_converted
-from common.quant import check_bits, check_clip_ratio
+from common.lm.corpora import CORPORA
+from common.quant.quantizers import check_bits, check_clip_ratio
 from common.run_settings import RunSettings, check_one_of, check_positive, describe
-from common.text_data import CORPORA
 
 DTYPES = ("float32", "float16", "bfloat16")
 

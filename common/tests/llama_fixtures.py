@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import common.text_data as text_data
+import common.lm.corpora as corpora
 from common.llama import experiment
 
 SENTENCES = [
@@ -48,7 +48,7 @@ def tiny_llama(layers: int = 2) -> LlamaForCausalLM:
 def install_tiny_corpus(monkeypatch: pytest.MonkeyPatch) -> None:
     """Register the corpus ``tiny_text`` (train and test splits made of :data:`SENTENCES`)."""
     texts = {"train": " ".join(SENTENCES * 40), "test": " ".join(reversed(SENTENCES * 10))}
-    monkeypatch.setitem(text_data.CORPORA, TINY_CORPUS, lambda split: texts[split])
+    monkeypatch.setitem(corpora.CORPORA, TINY_CORPUS, lambda split: texts[split])
 
 
 def install_tiny_model(monkeypatch: pytest.MonkeyPatch, tokenizer: object | None = None) -> None:

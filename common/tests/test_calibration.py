@@ -10,8 +10,8 @@ from torch import nn
 
 from common.calibration import CalibrationSettings, quantize_model
 from common.gptaq import CalibrationStatistics, SolverConfig, quantize_weight
-from common.qlinear import QuantLinear, wrap_linears
-from common.quant import ActivationQuantizer, rtn_quantize_weight
+from common.quant.qlinear import QuantLinear, wrap_linears
+from common.quant.quantizers import ActivationQuantizer, rtn_quantize_weight
 
 pytestmark = pytest.mark.numerics  # float results against references: CI reruns them on other kernels
 
@@ -69,7 +69,7 @@ def _toy(seed: int = 0, act_bits: int = 4) -> tuple[ToyModel, list[torch.Tensor]
 
 
 def _settings(method: str, **overrides) -> CalibrationSettings:
-    solver = SolverConfig(bits=3, method="gptaq" if method == "rtn" else method, blocksize=8)
+    solver = SolverConfig(bits=3, blocksize=8)
     return CalibrationSettings(method=method, solver=solver, stats_dtype=torch.float64, **overrides)
 
 
@@ -139,7 +139,7 @@ def test_gptaq_without_drift_correction_is_gptq():
     model_aq = copy.deepcopy(model_q)
     quantize_model(model_q, ToyAdapter(), _settings("gptq", act_quant_during_calibration=True), data,
                    progress=False)
-    solver = SolverConfig(bits=3, method="gptaq", blocksize=8, alpha=0.0)
+    solver = SolverConfig(bits=3, blocksize=8, alpha=0.0)
     settings = CalibrationSettings(method="gptaq", solver=solver, stats_dtype=torch.float64,
                                    act_quant_during_calibration=True)
     quantize_model(model_aq, ToyAdapter(), settings, data, progress=False)
@@ -164,12 +164,14 @@ def test_input_quantization_is_restored_for_evaluation():
 
 def test_errors():
     model, data = _toy()
-    with pytest.raises(ValueError, match=r"method must be one of \('rtn', 'gptq', 'gptaq'\)"):
+    with pytest.raises(ValueError, match=r"method must be one of \('fp', 'rtn', 'gptq'"):
         CalibrationSettings(method="awq", solver=SolverConfig(bits=4))
+    with pytest.raises(ValueError, match="method must be a quantizing method"):
+        CalibrationSettings(method="fp", solver=SolverConfig(bits=4))
     with pytest.raises(ValueError, match="calibration_batches must not be empty"):
         quantize_model(model, ToyAdapter(), _settings("gptaq"), [], progress=False)
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         _settings("gptq", batch_size=0)
     plain = ToyModel().double()
-    with pytest.raises(TypeError, match=r"fc1 must be a common\.qlinear\.QuantLinear"):
+    with pytest.raises(TypeError, match=r"fc1 must be a QuantLinear \(common\.quant\.qlinear\)"):
         quantize_model(plain, ToyAdapter(), _settings("gptq"), data, progress=False)

@@ -21,8 +21,8 @@ from common.files import (
     sweep_stale_temporaries,
     temporary_dir,
 )
-from common.result_files import load_runs
-from common.runs import MetricRow, write_run
+from common.results.reading import load_runs
+from common.results.runs import MetricRow, write_run
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,11 +1,11 @@
-"""Tests for common.hadamard: constructions, fast transform vs dense product, random rotations."""
+"""Tests for common.quant.hadamard: constructions, fast transform vs dense product, random rotations."""
 
 import math
 
 import pytest
 import torch
 
-from common.hadamard import (
+from common.quant.hadamard import (
     _paley,
     hadamard_matrix,
     hadamard_transform,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.quant import ActivationQuantizer, WeightQuantizer, rtn_quantize_weight
+from common.quant.quantizers import ActivationQuantizer, WeightQuantizer, rtn_quantize_weight
 
 pytestmark = pytest.mark.numerics  # float results against references: CI reruns them on other kernels
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from common.report import ReportError, main, write_report
-from common.runs import MetricRow, write_run
+from common.results.report import ReportError, main, write_report
+from common.results.runs import MetricRow, write_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COMMIT = "7aa080d" + "0" * 33
@@ -101,11 +101,11 @@ def test_missing_method_columns_and_official_column(tmp_path: Path) -> None:
                                                                              "gptaq_official": 19.5})],
                  setting="W2A4")
     report = report_of(tmp_path)
-    assert "| GPTAQ − GPTQ | GPTAQ (official) | Run |" in report
+    assert "| GPTQ | GPTAQ | GPTAQ (official) | GPTAQ − GPTQ | GPTAQ (official) − GPTQ | Run |" in report
     only_gptq = cells(table_line(report, "embedded", "W4A4", "wiki_embedded_ppl ↓"))
-    assert only_gptq[3:10] == ["—", "—", "30.00", "—", "—", "—", "`fake_quant-a`"]
+    assert only_gptq[3:11] == ["—", "—", "30.00", "—", "—", "—", "—", "`fake_quant-a`"]
     official = cells(table_line(report, "embedded", "W2A4", "wiki_embedded_ppl ↓"))
-    assert official[5:9] == ["20.00", "**19.00**", "-1.00", "19.50"]
+    assert official[5:10] == ["20.00", "**19.00**", "19.50", "-1.00", "-0.50"]
 
 
 def test_mismatched_configuration_is_flagged_and_same_configuration_is_not(tmp_path: Path) -> None:
@@ -213,7 +213,7 @@ def test_writes_are_atomic_and_replace_the_old_report(tmp_path: Path, capsys: py
     assert main(["--results-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'REPORT.md'}")
     report = (tmp_path / "REPORT.md").read_text()
-    assert "stale" not in report and report.startswith("# GPTAQ vs GPTQ")
+    assert "stale" not in report and report.startswith("# Error-correcting quantization methods")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "REPORT.md", "fake_quant-a.csv", "fake_quant-a.json", "report_fake_quant.png"]
 
@@ -230,8 +230,8 @@ def test_png_per_tree_is_valid_and_linked(tmp_path: Path) -> None:
     for figure in figures:
         assert figure.parent == output.parent and figure.read_bytes()[:8] == PNG_SIGNATURE
     report = output.read_text()
-    assert "![fake_quant: GPTQ vs GPTAQ](report_fake_quant.png)" in report
-    assert "![vit_quant: GPTQ vs GPTAQ](report_vit_quant.png)" in report
+    assert "![fake_quant: the calibrated methods against FP](report_fake_quant.png)" in report
+    assert "![vit_quant: the calibrated methods against FP](report_vit_quant.png)" in report
     assert not (tmp_path / "out" / "report_spinquant.png").exists()
 
 

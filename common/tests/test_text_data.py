@@ -1,4 +1,4 @@
-"""Tests for common.text_data: wiki markup stripping, embedded corpora, hub loaders, token windows."""
+"""Tests for common.lm.corpora: wiki markup stripping, embedded corpora, hub loaders, token windows."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import text_data as td
+from common.lm import corpora as td
+from common.lm import wikitext as wt
 
 # ---------------------------------------------------------------------------------------------------------
 # Toy tokenizers (HF-like: tokenizer(text, return_tensors="pt")["input_ids"] is [1, n])
@@ -62,20 +63,20 @@ def tiny_corpus(monkeypatch: pytest.MonkeyPatch) -> str:
 
 def test_nested_templates_are_removed() -> None:
     text = "Before {{infobox|name=X|map={{location map|{{coord|1|2}}}}|note=[[a|b]]}} after."
-    assert td.strip_templates(text) == "Before  after."
-    assert td.strip_templates("a {{x|{{y}}}}{{z}} b {{w}}") == "a  b "
+    assert wt.strip_templates(text) == "Before  after."
+    assert wt.strip_templates("a {{x|{{y}}}}{{z}} b {{w}}") == "a  b "
 
 
 def test_inline_templates_keep_their_text() -> None:
-    assert td.strip_templates("about {{convert|55|to|80|cm|in}} long") == "about 55 to 80 cm long"
-    assert td.strip_templates("weighs {{convert|15|kg|lb|abbr=on}}") == "weighs 15 kg"
-    assert td.strip_templates("{{lang|fr|{{nowrap|mot juste}}}} and {{lang-de|Wort}}") == "mot juste and Wort"
-    assert td.strip_templates("a{{!}}b") == "a|b"
+    assert wt.strip_templates("about {{convert|55|to|80|cm|in}} long") == "about 55 to 80 cm long"
+    assert wt.strip_templates("weighs {{convert|15|kg|lb|abbr=on}}") == "weighs 15 kg"
+    assert wt.strip_templates("{{lang|fr|{{nowrap|mot juste}}}} and {{lang-de|Wort}}") == "mot juste and Wort"
+    assert wt.strip_templates("a{{!}}b") == "a|b"
 
 
 def test_unbalanced_template_delimiters() -> None:
-    assert td.strip_templates("a {{b c") == "a b c"  # unclosed opening dropped, text kept
-    assert td.strip_templates("a }} b {{x}}") == "a }} b "  # stray closing kept
+    assert wt.strip_templates("a {{b c") == "a b c"  # unclosed opening dropped, text kept
+    assert wt.strip_templates("a }} b {{x}}") == "a }} b "  # stray closing kept
 
 
 def test_refs_comments_and_tags() -> None:
@@ -83,8 +84,8 @@ def test_refs_comments_and_tags() -> None:
         'Fact.<ref name="a">{{cite web|url=http://x}}</ref> More<ref name=b/> text<!-- hidden -->.'
         "<ref group=nb>note</ref> E = <math>mc^2</math> x<br />y <span style='c'>kept</span>"
     )
-    assert td.strip_html(text) == "Fact. More text. E =  xy kept"
-    assert "<references/>" not in td.strip_html("a<references/>b") and td.strip_html("a <b") == "a <b"
+    assert wt.strip_html(text) == "Fact. More text. E =  xy kept"
+    assert "<references/>" not in wt.strip_html("a<references/>b") and wt.strip_html("a <b") == "a <b"
 
 
 def test_links_labels_files_and_categories() -> None:
@@ -93,17 +94,17 @@ def test_links_labels_files_and_categories() -> None:
         "[[mammal]]s, see [[wikt:mane|mane]] and [[:Category:Hyenas]]. [[Foo (bar)|]] "
         "[[File:B.png]][[Category:Hyenas]][[Category:Mammals of Africa|Aardwolf]][[de:Erdwolf]]"
     )
-    assert td.strip_links(text) == "The chordates and mammals, see mane and Category:Hyenas. Foo "
+    assert wt.strip_links(text) == "The chordates and mammals, see mane and Category:Hyenas. Foo "
 
 
 def test_external_links() -> None:
     text = "See [http://example.org/a?b=1 the site] and [https://x.org] or http://bare.org."
-    assert td.strip_external_links(text) == "See the site and  or http://bare.org."
+    assert wt.strip_external_links(text) == "See the site and  or http://bare.org."
 
 
 def test_tables_are_removed_with_nesting() -> None:
     text = "Intro.\n{| class=wikitable\n|-\n! A\n|\n{|\n| inner\n|}\n| cell\n|}\nOutro."
-    assert td.strip_tables(text) == "Intro.\n\nOutro."
+    assert wt.strip_tables(text) == "Intro.\n\nOutro."
 
 
 def test_wikitext_to_plain_document() -> None:
@@ -139,13 +140,13 @@ def test_wikitext_to_plain_document() -> None:
             "second use",
         ]
     )
-    assert td.wikitext_to_plain(markup) == expected
+    assert wt.wikitext_to_plain(markup) == expected
 
 
 def test_heading_format() -> None:
-    assert td.wikitext_heading("Title", 1) == " = Title = "
-    assert td.wikitext_heading("Section", 2) == " = = Section = = "
-    assert td.is_heading_line(td.wikitext_heading("Sub", 3)) and not td.is_heading_line("Text = 1")
+    assert wt.wikitext_heading("Title", 1) == " = Title = "
+    assert wt.wikitext_heading("Section", 2) == " = = Section = = "
+    assert wt.is_heading_line(wt.wikitext_heading("Sub", 3)) and not wt.is_heading_line("Text = 1")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -259,7 +260,7 @@ def test_hub_offline_fails_fast() -> None:
         "attempts = []\n"
         "def refuse(self, address):\n    attempts.append(address)\n    raise OSError('network is off')\n"
         "socket.socket.connect = refuse\n"
-        "from common import text_data as td\n"
+        "from common.lm import corpora as td\n"
         "try:\n    td.load_corpus('wikitext2', 'test')\n"
         "except td.CorpusUnavailableError as exc:\n    print('UNAVAILABLE', exc)\n"
         "print('CONNECTIONS', len(attempts))\n"

@@ -14,7 +14,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from common.zeroshot import ZeroShotUnavailableError, zero_shot_accuracy
+from common.lm.zeroshot import ZeroShotUnavailableError, zero_shot_accuracy
 
 # Single-word answers, distinct across items; label = index of the gold choice.
 ITEMS = [

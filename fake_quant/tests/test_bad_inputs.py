@@ -215,7 +215,7 @@ def test_diverging_solve_names_the_first_layer_it_breaks(tiny_setup, capsys) -> 
     """A huge α makes GPTAQ's update overflow: the first linear solved (q_proj of block 0) is named, no result."""
     argv = ["--results_dir", str(tiny_setup / "results"), *BASE, "--methods", "gptaq", "--alpha", "1e30"]
     line = expect_refusal(fq_main.main, argv, capsys)
-    assert "block 0: self_attn.q_proj: the solve produced NaN or Inf weights (alpha=1e+30" in line
+    assert "block 0: self_attn.q_proj: the solve produced NaN or Inf weights from finite inputs (alpha=1e+30" in line
     assert not (tiny_setup / "results").exists() or not any((tiny_setup / "results").iterdir())
 
 
@@ -233,3 +233,22 @@ def test_unrotated_tied_model_saves_and_reloads(tiny_setup) -> None:
     second, _ = fq_main.run(again)
     rows = [line.split(",")[4:6] for path in (first, second) for line in path.read_text().splitlines()[1:]]
     assert rows[0] == rows[1]  # fp too: the reloaded run's fp column has activation quantization off
+
+
+def test_unwritable_model_cache_is_refused_before_converting(watched, unwritable_dir, capsys, monkeypatch) -> None:
+    """The embedded model is converted into the cache on first use: a cache that cannot take it is refused first."""
+    _, events = watched
+    monkeypatch.setenv("GPTAQ_CACHE_DIR", str(unwritable_dir / "cache"))
+    line = expect_refusal(fq_main.main, ["--results_dir", str(watched[0] / "results"), *BASE], capsys)
+    assert "GPTAQ_CACHE_DIR (the model cache): cannot write to folder" in line and events == []
+
+
+@pytest.mark.parametrize("tree", ["fake_quant", "spinquant", "vit_quant"])
+def test_help_shows_every_default(tree: str, capsys) -> None:
+    module = __import__(f"{tree}.main", fromlist=["main"])
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "_MISSING_TYPE" not in text and "object at 0x" not in text
+    assert "(default: ['fp', 'rtn', 'gptq', 'gptaq'])" in " ".join(text.split())

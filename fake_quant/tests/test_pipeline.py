@@ -9,9 +9,9 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-import common.text_data as text_data
+import common.lm.corpora as corpora
 from common.config import make_config
-from common.perplexity import perplexity
+from common.lm.perplexity import perplexity
 from common.tests.llama_fixtures import (
     SENTENCES,
     CharTokenizer,
@@ -42,7 +42,7 @@ def test_run_writes_every_column(tiny_setup):
     assert row["metric"] == "tiny_text_ppl" and row["setting"] == "W4A4" and row["higher_is_better"] == "False"
     values = {m: float(row[m]) for m in ("fp", "rtn", "gptq", "gptaq")}
     assert all(v > 1 for v in values.values())
-    windows = text_data.evaluation_windows(CharTokenizer(), "tiny_text", seqlen=32, max_windows=6)
+    windows = corpora.evaluation_windows(CharTokenizer(), "tiny_text", seqlen=32, max_windows=6)
     unrotated = perplexity(tiny_llama(), windows, progress=False)
     assert values["fp"] == pytest.approx(unrotated, rel=1e-4)  # the rotation preserves the function
     meta = json.loads(json_path.read_text())

@@ -12,10 +12,10 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from common.hadamard import hadamard_transform
 from common.llama.rotation import KVQuantizer, OnlineHadamard, OnlineOrthogonal, fold_rms_norms
-from common.qlinear import QuantLinear
-from common.quant import ActivationQuantizer
+from common.quant.hadamard import hadamard_transform
+from common.quant.qlinear import QuantLinear
+from common.quant.quantizers import ActivationQuantizer
 from fake_quant.rotation import rotate_model
 
 pytestmark = pytest.mark.numerics  # float results against references: CI reruns them on other kernels

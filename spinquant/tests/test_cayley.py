@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.hadamard import random_orthogonal_matrix
+from common.quant.hadamard import random_orthogonal_matrix
 from spinquant.cayley import CayleySGD
 
 pytestmark = pytest.mark.numerics  # float results against references: CI reruns them on other kernels

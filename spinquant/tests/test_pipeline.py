@@ -9,13 +9,13 @@ import pytest
 import yaml
 
 from common.config import make_config
-from common.perplexity import perplexity
+from common.lm.corpora import evaluation_windows
+from common.lm.perplexity import perplexity
 from common.tests.llama_fixtures import (
     TINY_CORPUS,
     CharTokenizer,
     tiny_llama,
 )
-from common.text_data import evaluation_windows
 from spinquant import main as sq_main
 from spinquant.settings import SpinQuantConfig
 

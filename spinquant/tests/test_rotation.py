@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from common.hadamard import random_orthogonal_matrix
 from common.llama.rotation import LlamaShape, OnlineHadamard
-from common.qlinear import QuantLinear
+from common.quant.hadamard import random_orthogonal_matrix
+from common.quant.qlinear import QuantLinear
 from common.tests.llama_fixtures import tiny_llama
 from spinquant.rotation import (
     RotationFileError,

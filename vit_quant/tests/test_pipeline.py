@@ -14,7 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 from common.calibration import CalibrationSettings, quantize_model
 from common.config import make_config
 from common.gptaq import SolverConfig
-from common.qlinear import QuantLinear
+from common.quant.qlinear import QuantLinear
 from vit_quant import main as vq_main
 from vit_quant.adapter import discover_linear_groups, prepare_vit
 from vit_quant.settings import VitRunConfig
@@ -80,7 +80,7 @@ def test_gptaq_with_identical_streams_equals_gptq():
     for method in ("gptq", "gptaq"):
         model = _tiny_vit(depth=1)
         adapter = prepare_vit(model, images[:2], bits=4, sym=False, clip_ratio=1.0, groupsize=-1)
-        settings = CalibrationSettings(method=method, solver=SolverConfig(bits=4, method=method),
+        settings = CalibrationSettings(method=method, solver=SolverConfig(bits=4),
                                        act_quant_during_calibration=False)
         quantize_model(model, adapter, settings, [images], progress=False)
         models[method] = model
@@ -97,7 +97,7 @@ def test_alpha_zero_gptaq_equals_gptq_through_the_whole_model():
     weights = []
     for method, alpha in (("gptq", 0.25), ("gptaq", 0.0)):
         model = copy.deepcopy(base)
-        settings = CalibrationSettings(method=method, solver=SolverConfig(bits=4, method=method, alpha=alpha),
+        settings = CalibrationSettings(method=method, solver=SolverConfig(bits=4, alpha=alpha),
                                        act_quant_during_calibration=True)
         quantize_model(model, adapter, settings, [images], progress=False)
         weights.append([m.weight for m in model.modules() if isinstance(m, QuantLinear)])

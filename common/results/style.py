@@ -10,10 +10,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from common.files import atomic_write
-from common.result_files import MISSING
+from common.results.reading import MISSING
 
-LABELS = {"fp": "FP", "rtn": "RTN", "gptq": "GPTQ", "gptaq": "GPTAQ", "gptaq_official": "GPTAQ (official)"}
-COLORS = {"gptq": "#4C72B0", "gptaq": "#DD8452", "gptaq_official": "#55A868"}
 HASH = re.compile(r"([0-9a-f]{32,64})(\+dirty)?")
 
 

@@ -1,10 +1,12 @@
-"""One comparison report across all trees: ``python -m common.report [--results-dir D] [--output F]``.
+"""One comparison report across all trees: ``python -m common.results.report [--results-dir D] [--output F]``.
 
-Reads every ``<results-dir>/*.csv`` (the schema of :mod:`common.runs`) with its sidecar JSON and writes a
+Reads every ``<results-dir>/*.csv`` (the schema of :mod:`common.results.runs`) with its sidecar JSON and writes a
 Markdown report (default ``<results-dir>/REPORT.md``) with one section per tree (fake_quant, spinquant,
-vit_quant): a table of model x setting x metric with the FP, RTN, GPTQ, GPTAQ (and GPTAQ official) values,
-the better of GPTQ and GPTAQ in bold, the runs' settings, versions and wall times, and one figure per tree
-(``report_<tree>.png`` beside the report) of the main metric: perplexity for the LLM trees, top-1 for ViTs.
+vit_quant): a table of model x setting x metric with a column per method of :mod:`common.methods` (the
+default ones always, the others when a run computed them), the best quantized value in bold, a
+``method − baseline`` column for every other calibrated method (``--baseline``, default GPTQ), the runs'
+settings, versions and wall times, and one figure per tree (``report_<tree>.png`` beside the report) of the
+main metric: perplexity for the LLM trees, top-1 for ViTs.
 
 Provenance: runs of the same model and setting whose configurations differ (any setting but bookkeeping
 ones such as the run name or batch sizes, the device, the git commit, the data hashes) get a numbered ⚠
@@ -15,7 +17,7 @@ missing results folder (no report is written). The command line prints ``error: 
 The same inputs give a byte-identical report (sorted order, no timestamps).
 
 Ablations: when ``<results-dir>/ablations/`` holds result files (``make report-ablations``), the report ends
-with the sections of :mod:`common.ablations` (GPTAQ's α sweep, exact vs official lazy update).
+with the sections of :mod:`common.results.ablations` (GPTAQ's α sweep, exact vs official lazy update).
 """
 
 from __future__ import annotations
@@ -32,18 +34,10 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from common.ablations import ABLATIONS_DIR, ablation_markdown
-from common.report_style import (
-    COLORS,
-    LABELS,
-    cell_text,
-    decimals_for,
-    number_text,
-    save_png,
-    short,
-    table_line,
-)
-from common.result_files import (
+from common.files import atomic_write_text
+from common.methods import BASELINE, DEFAULT_METHODS, METHOD_NAMES, METHODS
+from common.results.ablations import ABLATIONS_DIR, ablation_markdown
+from common.results.reading import (
     MISSING,
     TREES,
     MetricRecord,
@@ -52,9 +46,15 @@ from common.result_files import (
     differing_keys,
     load_runs,
 )
-from common.results import atomic_write_text
+from common.results.style import (
+    cell_text,
+    decimals_for,
+    number_text,
+    save_png,
+    short,
+    table_line,
+)
 
-PLOTTED = ("gptq", "gptaq", "gptaq_official")
 HIGHLIGHTED = (
     "seed", "nsamples", "seqlen", "calib_dataset", "w_bits", "a_bits", "k_bits", "v_bits", "w_groupsize",
     "a_groupsize", "w_clip", "a_clip_ratio", "percdamp", "act_order", "alpha", "lazy_update",
@@ -72,12 +72,13 @@ class TableRow:
 
 @dataclass
 class TreeTable:
-    """The rows of one tree's table and the texts of its numbered notes."""
+    """The rows of one tree's table, the texts of its numbered notes, and the method compared against."""
 
     tree: str
     runs: list[Run]
     rows: list[TableRow]
     notes: list[str]
+    baseline: str = BASELINE
 
 
 def _mismatch_note(model: str, setting: str, differ: dict[str, dict[str, str]]) -> str:
@@ -87,7 +88,7 @@ def _mismatch_note(model: str, setting: str, differ: dict[str, dict[str, str]]) 
             f"do not compare them as like for like; they differ in {', '.join(parts)}")
 
 
-def build_table(tree: str, runs: Sequence[Run]) -> TreeTable:
+def build_table(tree: str, runs: Sequence[Run], baseline: str = BASELINE) -> TreeTable:
     """The sorted rows of one tree with their ⚠ notes: mismatched configurations first, then run notes."""
     groups: dict[tuple[str, str], dict[str, Run]] = {}
     for run in runs:
@@ -112,7 +113,7 @@ def build_table(tree: str, runs: Sequence[Run]) -> TreeTable:
             numbers = ([group] if group is not None else []) + run_notes.get(run.name, [])
             rows.append(TableRow(run, record, tuple(sorted(numbers))))
     rows.sort(key=lambda r: (r.record.model, r.record.setting, r.record.metric, r.run.name))
-    return TreeTable(tree, sorted(runs, key=lambda r: r.name), rows, notes)
+    return TreeTable(tree, sorted(runs, key=lambda r: r.name), rows, notes, baseline)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -120,48 +121,57 @@ def build_table(tree: str, runs: Sequence[Run]) -> TreeTable:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def better_method(record: MetricRecord) -> str | None:
-    """``gptq`` or ``gptaq``, whichever is better for the record's metric; None on a tie or a missing value."""
-    gptq, gptaq = record.values.get("gptq"), record.values.get("gptaq")
-    if gptq is None or gptaq is None or gptq == gptaq or math.isnan(gptq) or math.isnan(gptaq):
-        return None
-    gptaq_wins = gptaq > gptq if record.higher_is_better else gptaq < gptq
-    return "gptaq" if gptaq_wins else "gptq"
+def best_methods(record: MetricRecord) -> set[str]:
+    """The quantized methods with the best value of the record's metric (all of them on a tie); empty when
+    fewer than two quantized methods have a value."""
+    values = {m: v for m, v in record.values.items() if METHODS[m].quantized and not math.isnan(v)}
+    if len(values) < 2:
+        return set()
+    best = max(values.values()) if record.higher_is_better else min(values.values())
+    return {m for m, v in values.items() if v == best}
 
 
-def _methods(rows: Sequence[TableRow]) -> tuple[list[str], list[str]]:
-    """The method columns before and after the GPTAQ − GPTQ column (GPTAQ official only when present)."""
-    official = any("gptaq_official" in row.record.values for row in rows)
-    return ["fp", "rtn", "gptq", "gptaq"], ["gptaq_official"] if official else []
+def table_methods(rows: Sequence[TableRow]) -> list[str]:
+    """The method columns of a table: the default methods, then any other present, in registry order."""
+    present = {m for row in rows for m in row.record.values}
+    return [m for m in METHOD_NAMES if m in DEFAULT_METHODS or m in present]
 
 
-def _row_cells(row: TableRow, before: Sequence[str], after: Sequence[str]) -> list[str]:
+def compared_methods(methods: Sequence[str], baseline: str) -> list[str]:
+    """The calibrated methods that get a ``method − baseline`` column."""
+    return [m for m in methods if METHODS[m].calibrated and m != baseline]
+
+
+def _row_cells(row: TableRow, methods: Sequence[str], baseline: str) -> list[str]:
     record = row.record
     decimals = decimals_for(record.values.values())
-    best = better_method(record)
+    best = best_methods(record)
 
     def value(method: str) -> str:
         text = number_text(record.values.get(method), decimals)
-        return f"**{text}**" if method == best else text
+        return f"**{text}**" if method in best else text
 
-    gptq, gptaq = record.values.get("gptq"), record.values.get("gptaq")
-    diff = None if gptq is None or gptaq is None else gptaq - gptq
+    def difference(method: str) -> str:
+        own, base = record.values.get(method), record.values.get(baseline)
+        return number_text(None if own is None or base is None else own - base, decimals, signed=True)
+
     marks = " ⚠" + ",".join(map(str, row.notes)) if row.notes else ""
     return [
         cell_text(record.model), cell_text(record.setting),
         cell_text(f"{record.metric} {'↑' if record.higher_is_better else '↓'}"),
-        *map(value, before), number_text(diff, decimals, signed=True), *map(value, after),
+        *map(value, methods), *map(difference, compared_methods(methods, baseline)),
         f"`{cell_text(row.run.name)}`{marks}",
     ]
 
 
 def table_markdown(table: TreeTable) -> list[str]:
     """The Markdown lines of a tree's table (and its ⚠ notes)."""
-    before, after = _methods(table.rows)
-    header = ["Model", "Setting", "Metric", *(LABELS[m] for m in before), "GPTAQ − GPTQ",
-              *(LABELS[m] for m in after), "Run"]
+    methods = table_methods(table.rows)
+    base = METHODS[table.baseline].label
+    header = ["Model", "Setting", "Metric", *(METHODS[m].label for m in methods),
+              *(f"{METHODS[m].label} − {base}" for m in compared_methods(methods, table.baseline)), "Run"]
     lines = [table_line(header), table_line(["---"] * 3 + ["---:"] * (len(header) - 4) + ["---"])]
-    lines += [table_line(_row_cells(row, before, after)) for row in table.rows]
+    lines += [table_line(_row_cells(row, methods, table.baseline)) for row in table.rows]
     if table.notes:
         lines += ["", "Notes:", ""] + [f"- ⚠{i}: {cell_text(text)}" for i, text in enumerate(table.notes, 1)]
     return lines
@@ -206,7 +216,7 @@ def tree_markdown(table: TreeTable, figure: str | None) -> list[str]:
         return [*lines, "No results for this tree.", ""]
     lines += [*table_markdown(table), ""]
     if figure is not None:
-        lines += [f"![{table.tree}: GPTQ vs GPTAQ]({figure})", ""]
+        lines += [f"![{table.tree}: the calibrated methods against FP]({figure})", ""]
     lines += ["### Runs", ""]
     for run in table.runs:
         lines += run_markdown(run)
@@ -216,13 +226,15 @@ def tree_markdown(table: TreeTable, figure: str | None) -> list[str]:
 def report_markdown(tables: Sequence[TreeTable], figures: dict[str, str]) -> str:
     """The whole report: a header, then a section per tree."""
     count = sum(len(table.runs) for table in tables)
+    base = METHODS[tables[0].baseline].label if tables else METHODS[BASELINE].label
     lines = [
-        "# GPTAQ vs GPTQ: comparison report",
+        "# Error-correcting quantization methods: comparison report",
         "",
-        f"Generated by `python -m common.report` from {count} result file(s) (`*.csv` with sidecar `*.json`).",
+        f"Generated by `python -m common.results.report` from {count} result file(s) (`*.csv` with sidecar "
+        "`*.json`).",
         "",
-        "- **Bold**: the better of GPTQ and GPTAQ for the row's metric (↓ lower is better, ↑ higher is better).",
-        "- GPTAQ − GPTQ: the difference of the two (negative is better for ↓ metrics, positive for ↑).",
+        "- **Bold**: the best quantized method for the row's metric (↓ lower is better, ↑ higher is better).",
+        f"- Method − {base}: the difference to the baseline (negative is better for ↓ metrics, positive for ↑).",
         f"- {MISSING}: not computed by that run.",
         "- ⚠n: see note n under the table (configurations that differ, missing provenance).",
         "",
@@ -265,7 +277,7 @@ def _draw_bars(ax: Axes, rows: Sequence[TableRow], methods: Sequence[str], log: 
         points = [(x, row.record.values[method]) for x, row in enumerate(rows) if method in row.record.values]
         offset = (i - (len(methods) - 1) / 2) * width
         bars = ax.bar([x + offset for x, _ in points], [v for _, v in points], width,
-                      label=LABELS[method], color=COLORS[method])
+                      label=METHODS[method].label, color=METHODS[method].color)
         labels = [number_text(v, decimals_for([v])) for _, v in points]
         if log:  # short bars on a log axis: values above them
             ax.bar_label(bars, labels=labels, rotation=90, fontsize=7, padding=2)
@@ -275,16 +287,18 @@ def _draw_bars(ax: Axes, rows: Sequence[TableRow], methods: Sequence[str], log: 
 
 def _draw_fp(ax: Axes, rows: Sequence[TableRow]) -> None:
     """FP as a dashed reference line across each row's group of bars."""
-    points = [(x, row.record.values["fp"]) for x, row in enumerate(rows) if "fp" in row.record.values]
+    reference = next(name for name, method in METHODS.items() if not method.quantized)
+    points = [(x, row.record.values[reference]) for x, row in enumerate(rows) if reference in row.record.values]
     for j, (x, value) in enumerate(points):
         ax.hlines(value, x - 0.45, x + 0.45, colors="black", linestyles="--", linewidth=1.2,
                   label="FP (reference)" if j == 0 else None)
 
 
 def _plot_panel(ax: Axes, metric: str, rows: Sequence[TableRow]) -> None:
-    """GPTQ, GPTAQ (and GPTAQ official) bars per model/setting with FP as reference, for one metric."""
-    methods = [m for m in PLOTTED if any(m in row.record.values for row in rows)]
-    plotted = [v for row in rows for m in (*methods, "fp") if (v := row.record.values.get(m)) is not None]
+    """A bar per calibrated method and model/setting with FP as reference, for one metric."""
+    methods = [m for m in METHOD_NAMES if METHODS[m].calibrated and any(m in row.record.values for row in rows)]
+    plotted = [v for row in rows for m in row.record.values if (m in methods or not METHODS[m].quantized)
+               for v in [row.record.values[m]]]
     positive = [v for v in plotted if v > 0 and math.isfinite(v)]
     log = not rows[0].record.higher_is_better and bool(positive) and max(positive) > 10 * min(positive)
     if methods:
@@ -306,7 +320,7 @@ def _plot_panel(ax: Axes, metric: str, rows: Sequence[TableRow]) -> None:
 
 
 def plot_tree(table: TreeTable, path: Path) -> bool:
-    """Bars of GPTQ vs GPTAQ (FP as a dashed line) per model/setting, a panel per main metric.
+    """Bars of the calibrated methods (FP as a dashed line) per model/setting, a panel per main metric.
 
     Returns False (and writes nothing) when the tree has no main metric to plot.
     """
@@ -320,7 +334,7 @@ def plot_tree(table: TreeTable, path: Path) -> bool:
     axes = fig.subplots(len(metrics), 1, squeeze=False)[:, 0]
     for ax, metric in zip(axes, metrics, strict=True):
         _plot_panel(ax, metric, panels[metric])
-    fig.suptitle(f"{table.tree}: GPTQ vs GPTAQ")
+    fig.suptitle(f"{table.tree}: calibrated methods")
     save_png(fig, path)
     return True
 
@@ -330,17 +344,21 @@ def plot_tree(table: TreeTable, path: Path) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def build_tables(runs: Sequence[Run]) -> list[TreeTable]:
+def build_tables(runs: Sequence[Run], baseline: str = BASELINE) -> list[TreeTable]:
     """A table per tree: the three known trees (even when empty), then any other tree name, sorted."""
     extra = sorted({run.tree for run in runs} - set(TREES))
-    return [build_table(tree, [run for run in runs if run.tree == tree]) for tree in (*TREES, *extra)]
+    return [build_table(tree, [run for run in runs if run.tree == tree], baseline) for tree in (*TREES, *extra)]
 
 
-def write_report(results_dir: str | Path, output: str | Path | None = None) -> tuple[Path, list[Path]]:
+def write_report(results_dir: str | Path, output: str | Path | None = None,
+                 baseline: str = BASELINE) -> tuple[Path, list[Path]]:
     """Write the report (default ``<results_dir>/REPORT.md``) and its figures; returns their paths."""
+    if baseline not in METHODS or not METHODS[baseline].quantized:
+        raise ReportError(f"baseline must be a quantized method, one of "
+                          f"{tuple(m for m in METHOD_NAMES if METHODS[m].quantized)}, got {baseline!r}")
     results_dir = Path(results_dir)
     output = Path(output) if output is not None else results_dir / "REPORT.md"
-    tables = build_tables(load_runs(results_dir))
+    tables = build_tables(load_runs(results_dir), baseline)
     figures: dict[str, str] = {}
     for table in tables:
         name = f"report_{table.tree}.png"
@@ -362,9 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results-dir", type=Path, default=Path("results"), help="folder of the result CSV/JSON")
     parser.add_argument("--output", type=Path, default=None, help="report file (default: <results-dir>/REPORT.md)")
+    parser.add_argument("--baseline", default=BASELINE, help=f"method the others are compared with ({BASELINE})")
     args = parser.parse_args(argv)
     try:
-        output, figures = write_report(args.results_dir, args.output)
+        output, figures = write_report(args.results_dir, args.output, args.baseline)
     except ReportError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common.quant import ActivationQuantizer
+from common.quant.quantizers import ActivationQuantizer
 
 
 class QuantLinear(nn.Module):

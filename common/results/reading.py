@@ -1,4 +1,4 @@
-"""Reading result files: a run's CSV (the schema of :mod:`common.runs`) and sidecar JSON, and their provenance.
+"""Reading result files: a run's CSV (the schema of :mod:`common.results.runs`) and sidecar JSON, and their provenance.
 
 A malformed CSV or JSON raises :class:`ReportError` naming the file and line. :func:`differing_keys` lists
 what two runs' numbers depend on that differs: their settings (bookkeeping aside), device, git commit and
@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.results import BENCH_SOLVER_CSV
-from common.runs import CSV_DIGEST_KEY, METHOD_COLUMNS
+from common.methods import METHOD_NAMES
+from common.results.provenance import BENCH_SOLVER_CSV
+from common.results.runs import CSV_DIGEST_KEY
 
 TREES = ("fake_quant", "spinquant", "vit_quant")
 FIXED_COLUMNS = ("model", "setting", "metric", "higher_is_better")
@@ -94,7 +95,7 @@ def _column_roles(header: list[str], where: str) -> tuple[dict[str, int], dict[s
     if missing:
         raise ReportError(f"{where}: missing column(s) {', '.join(missing)} (header: {','.join(header)})")
     fixed = {name: first[name] for name in FIXED_COLUMNS}
-    methods = {name: first[name] for name in METHOD_COLUMNS if name in first}
+    methods = {name: first[name] for name in METHOD_NAMES if name in first}
     taken = set(fixed.values()) | set(methods.values())
     settings = {name: index for index, name in enumerate(header) if index not in taken}
     return fixed, methods, settings

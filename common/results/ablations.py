@@ -1,6 +1,6 @@
 """Optional report sections from ablation runs: GPTAQ's ``α`` and its exact vs official lazy update.
 
-Ablation runs are ordinary result files (the schema of :mod:`common.runs`) in ``<results>/ablations/``
+Ablation runs are ordinary result files (the schema of :mod:`common.results.runs`) in ``<results>/ablations/``
 (:data:`ABLATIONS_DIR`),
 written by ``make report-ablations`` (``fake_quant/run_ablations.sh``). :func:`ablation_markdown` turns them
 into two sections of the report:
@@ -24,8 +24,9 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from common.report_style import COLORS, cell_text, decimals_for, number_text, save_png, short, table_line
-from common.result_files import MISSING, ReportError, Run, differing_keys, load_runs
+from common.methods import GPTAQ, GPTAQ_OFFICIAL, GPTQ
+from common.results.reading import MISSING, ReportError, Run, differing_keys, load_runs
+from common.results.style import cell_text, decimals_for, number_text, save_png, short, table_line
 
 ABLATIONS_DIR = "ablations"
 ALPHA_FIGURE = "report_ablation_alpha.png"
@@ -53,9 +54,9 @@ def alpha_sweeps(runs: Sequence[Run]) -> dict[tuple[str, str, str, bool], list[A
     sweeps: dict[tuple[str, str, str, bool], list[AlphaPoint]] = {}
     for run in runs:
         for record in run.records:
-            if "gptaq" in record.values:
+            if GPTAQ.name in record.values:
                 key = (record.model, record.setting, record.metric, record.higher_is_better)
-                point = AlphaPoint(_alpha(run), record.values["gptaq"], record.values.get("gptq"), run.name)
+                point = AlphaPoint(_alpha(run), record.values[GPTAQ.name], record.values.get(GPTQ.name), run.name)
                 sweeps.setdefault(key, []).append(point)
     return {key: sorted(points, key=lambda p: (p.alpha, p.run)) for key, points in sorted(sweeps.items())}
 
@@ -89,7 +90,7 @@ def _lazy_update_lines(runs: Sequence[Run]) -> list[str]:
     rows = []
     for run in runs:
         for record in run.records:
-            exact, official = record.values.get("gptaq"), record.values.get("gptaq_official")
+            exact, official = record.values.get(GPTAQ.name), record.values.get(GPTAQ_OFFICIAL.name)
             if exact is None or official is None:
                 continue
             decimals = decimals_for([exact, official])
@@ -98,8 +99,9 @@ def _lazy_update_lines(runs: Sequence[Run]) -> list[str]:
                                      f"{_alpha(run):g}", number_text(exact, decimals), number_text(official, decimals),
                                      number_text(official - exact, decimals, signed=True), f"`{cell_text(run.name)}`"]))
     if not rows:
-        return ["No ablation run computed both forms (methods `gptaq` and `gptaq_official`).", ""]
-    header = ["Model", "Setting", "Metric", "α", "GPTAQ (exact)", "GPTAQ (official)", "Official − exact", "Run"]
+        return [f"No ablation run computed both forms (methods `{GPTAQ.name}` and `{GPTAQ_OFFICIAL.name}`).", ""]
+    header = ["Model", "Setting", "Metric", "α", f"{GPTAQ.label} (exact)", GPTAQ_OFFICIAL.label, "Official − exact",
+              "Run"]
     return [table_line(header), table_line(["---"] * 3 + ["---:"] * 4 + ["---"]), *sorted(rows), ""]
 
 
@@ -112,10 +114,10 @@ def plot_alpha(sweeps: dict[tuple[str, str, str, bool], list[AlphaPoint]], path:
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
     for ax, ((model, setting, metric, higher), points) in zip(axes, panels.items(), strict=True):
-        ax.plot([p.alpha for p in points], [p.gptaq for p in points], marker="o", color=COLORS["gptaq"],
-                label="GPTAQ")
+        ax.plot([p.alpha for p in points], [p.gptaq for p in points], marker="o", color=GPTAQ.color,
+                label=GPTAQ.label)
         for i, reference in enumerate(sorted({p.gptq for p in points if p.gptq is not None})):
-            ax.axhline(reference, color=COLORS["gptq"], linestyle="--", label="GPTQ" if i == 0 else None)
+            ax.axhline(reference, color=GPTQ.color, linestyle="--", label=GPTQ.label if i == 0 else None)
         ax.set_xlabel("α (GPTAQ drift-correction scale; 0.25 in the official code)")
         ax.set_ylabel(metric + (" (higher is better)" if higher else " (lower is better)"))
         ax.set_title(f"{model}, {setting}")

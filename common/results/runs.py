@@ -1,7 +1,7 @@
 """The shared result schema: one CSV per run (a row per metric, a column per method) and a sidecar JSON.
 
 ``results/<name>.csv`` columns: ``model, setting, metric, higher_is_better`` then one column per method
-(``fp, rtn, gptq, gptaq`` and any extra such as ``gptaq_official``), then the run's scalar settings (lists
+(the methods of :mod:`common.methods` that the run computed, in registry order), then the run's scalar settings (lists
 joined with ``+``; a setting named like a fixed column, e.g. ``model``, is that column). Accuracies are in
 percent, perplexities plain.
 ``results/<name>.json`` holds the settings, per-stage wall times, per-layer calibration errors, seed,
@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.files import atomic_write_set, sweep_stale_temporaries
-from common.results import csv_text, git_commit, json_text, package_versions, write_text
+from common.files import atomic_write_set, csv_text, json_text, sweep_stale_temporaries, write_text
+from common.methods import METHOD_NAMES
+from common.results.provenance import git_commit, package_versions
 
-METHOD_COLUMNS = ("fp", "rtn", "gptq", "gptaq", "gptaq_official")
 CSV_DIGEST_KEY = "csv_sha256"
 """The JSON's record of its CSV's SHA-256: the JSON is written last, so it vouches for a complete pair."""
 
@@ -95,7 +95,7 @@ def write_run(
     """Write ``<results_dir>/<name>.csv`` and ``.json`` (see the module docstring); returns both paths."""
     results_dir = Path(results_dir)
     csv_path, json_path = results_dir / f"{name}.csv", results_dir / f"{name}.json"
-    methods = [m for m in METHOD_COLUMNS if any(m in row.values for row in rows)]
+    methods = [m for m in METHOD_NAMES if any(m in row.values for row in rows)]
     scalars = {k: v for k, v in settings.items() if isinstance(v, str | int | float | bool) or v is None}
     lists = {k: "+".join(map(str, v)) for k, v in settings.items() if isinstance(v, list | tuple)}
     fixed = ["model", "setting", "metric", "higher_is_better", *methods]

@@ -1,0 +1,1 @@
+"""Quantizers and transforms: uniform fake quantizers, Hadamard transforms, the quantized linear layer."""
