@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from common.calibration import CalibrationSettings, quantize_model
-from common.gptaq import CalibrationStatistics, SolverConfig, quantize_weight
+from common.gptaq import CalibrationStatistics, SolverConfig
+from common.methods import METHODS
 from common.quant.qlinear import QuantLinear, wrap_linears
 from common.quant.quantizers import ActivationQuantizer, rtn_quantize_weight
 
@@ -99,9 +100,11 @@ def _naive_reference(model: ToyModel, data: list[torch.Tensor], settings: Calibr
                 linear = block.get_submodule(name)
                 stats = CalibrationStatistics(linear.in_features, asymmetric=True, dtype=torch.float64)
                 stats.add(captured[("quant", name)], captured[("full", name)])
-                drift = stats.drift() if settings.method == "gptaq" else None
+                spec = METHODS[settings.method]
+                drift = stats.drift() if spec.needs_full_precision_stream else None
+                solved = spec.solve(linear.weight, stats.hessian(), drift, settings.solver_for(name)).weight
                 with torch.no_grad():
-                    linear.weight.copy_(quantize_weight(linear.weight, stats.hessian(), drift, bits=3, blocksize=8))
+                    linear.weight.copy_(solved)
     return reference
 
 
@@ -109,7 +112,10 @@ def _weights(model: ToyModel) -> list[torch.Tensor]:
     return [m.weight.detach() for m in model.modules() if isinstance(m, QuantLinear)]
 
 
-@pytest.mark.parametrize("method", ["gptq", "gptaq"])
+CALIBRATED = [name for name, method in METHODS.items() if method.calibrated]
+
+
+@pytest.mark.parametrize("method", CALIBRATED)
 @pytest.mark.parametrize("act_quant", [None, True, False])
 def test_engine_matches_naive_reference(method, act_quant):
     model, data = _toy()
@@ -145,6 +151,22 @@ def test_gptaq_without_drift_correction_is_gptq():
     quantize_model(model_aq, ToyAdapter(), settings, data, progress=False)
     for got, want in zip(_weights(model_aq), _weights(model_q), strict=True):
         assert torch.equal(got, want)
+
+
+def test_qep_with_every_linear_excluded_is_gptq():
+    """QEP's exclusion list turns its correction off per linear: all excluded, QEP is GPTQ (same protocol)."""
+    model_q, data = _toy()
+    model_qep = copy.deepcopy(model_q)
+    quantize_model(model_q, ToyAdapter(), _settings("gptq", act_quant_during_calibration=True), data,
+                   progress=False)
+    excluded = {name: SolverConfig(bits=3, blocksize=8, qep_alpha=0.0) for name in ("fc1", "gate", "fc2")}
+    quantize_model(model_qep, ToyAdapter(), _settings("qep", linear_solvers=excluded), data, progress=False)
+    for got, want in zip(_weights(model_qep), _weights(model_q), strict=True):
+        assert torch.equal(got, want)
+    partly = copy.deepcopy(model_qep)
+    quantize_model(partly, ToyAdapter(), _settings("qep", linear_solvers={"fc2": excluded["fc2"]}), data,
+                   progress=False)
+    assert not all(torch.equal(a, b) for a, b in zip(_weights(partly), _weights(model_q), strict=True))
 
 
 def test_rtn_rounds_every_linear():

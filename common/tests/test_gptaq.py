@@ -15,75 +15,16 @@ from common.gptaq import (
     solve,
 )
 from common.quant.quantizers import ActivationQuantizer, WeightQuantizer, rtn_quantize_weight
+from common.tests.solver_references import (
+    OPTIONS,
+    layer,
+    naive_gptq,
+    output_error,
+    statistics,
+    structured_drift_layer,
+)
 
 pytestmark = pytest.mark.numerics  # float results against references: CI reruns them on other kernels
-
-
-def _layer(m: int = 24, n: int = 40, tokens: int = 300, drift: float = 0.2, seed: int = 0):
-    """A random layer with correlated inputs ``x`` [tokens, n] and a drifted copy ``x̃``."""
-    g = torch.Generator().manual_seed(seed)
-    weight = torch.randn(m, n, generator=g, dtype=torch.float64)
-    mixing = torch.randn(n, n, generator=g, dtype=torch.float64) / n**0.5
-    x_full = torch.randn(tokens, n, generator=g, dtype=torch.float64) @ mixing
-    x_quant = x_full + drift * torch.randn(tokens, n, generator=g, dtype=torch.float64)
-    return weight, x_full, x_quant
-
-
-def _structured_drift_layer(seed: int, m: int = 48, n: int = 64, tokens: int = 512, scale: float = 0.3):
-    """A layer whose quantized-stream input drifts by a linear function of the input: ``x̃ = x (I + s·E) + noise``."""
-    g = torch.Generator().manual_seed(seed)
-    weight = torch.randn(m, n, generator=g, dtype=torch.float64)
-    mixing = torch.randn(n, n, generator=g, dtype=torch.float64) / n**0.5
-    x_full = torch.randn(tokens, n, generator=g, dtype=torch.float64) @ mixing
-    upstream_error = torch.randn(n, n, generator=g, dtype=torch.float64) / n**0.5
-    x_quant = x_full + scale * x_full @ upstream_error + 0.02 * torch.randn(tokens, n, generator=g, dtype=torch.float64)
-    return weight, x_full, x_quant
-
-
-def _stats(x_full: torch.Tensor, x_quant: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    tokens = x_quant.shape[0]
-    return 2 / tokens * x_quant.T @ x_quant, 2 / tokens * (x_full - x_quant).T @ x_quant
-
-
-def _naive_solve(weight, hessian, drift, *, bits, sym=False, groupsize=-1, act_order=False, static_groups=False,
-                 percdamp=0.01, alpha=0.25, mse=False):
-    """Float64 column-by-column reference: no blocks, grids from the current values, textbook inverse."""
-    w = weight.clone().double()
-    h = hessian.clone().double()
-    d = None if drift is None else drift.clone().double()
-    n = w.shape[1]
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    if d is not None:
-        d[:, dead] = 0
-    quantizer = WeightQuantizer(bits, sym=sym, mse=mse)
-    static = None
-    if groupsize > 0 and static_groups:
-        static = [quantizer.params(w[:, g:g + groupsize]) for g in range(0, n, groupsize)]
-    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(n)
-    w, h = w[:, perm], h[perm][:, perm]
-    h = h + percdamp * torch.diagonal(h).mean() * torch.eye(n, dtype=h.dtype)
-    u = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
-    p = None
-    if d is not None:
-        d = d[perm][:, perm]
-        p = alpha * torch.triu(d @ u.T, diagonal=1) @ u
-    q_all = torch.zeros_like(w)
-    scale, zero = quantizer.params(w) if groupsize <= 0 else (None, None)
-    for j in range(n):
-        if static is not None:
-            scale, zero = static[int(perm[j]) // groupsize]
-        elif groupsize > 0 and j % groupsize == 0:
-            scale, zero = quantizer.params(w[:, j:j + groupsize])
-        col = w[:, j].clone()
-        q = quantizer.quantize(col[:, None], scale, zero)[:, 0]
-        q_all[:, j] = q
-        err = (col - q) / u[j, j]
-        w[:, j + 1:] -= torch.outer(err, u[j, j + 1:])
-        if p is not None:
-            w[:, j + 1:] += torch.outer(col, p[j, j + 1:])
-    return q_all[:, torch.argsort(perm)]
 
 
 def _naive_official(weight, hessian, drift, *, bits, blocksize, percdamp=0.01, alpha=0.25, groupsize=-1):
@@ -113,47 +54,32 @@ def _naive_official(weight, hessian, drift, *, bits, blocksize, percdamp=0.01, a
     return q_all
 
 
-def _output_error(q_weight, weight, x_full, x_quant) -> float:
-    return float(torch.linalg.norm(x_quant @ q_weight.T - x_full @ weight.T))
-
-
-OPTIONS = [
-    {},
-    {"act_order": True},
-    {"groupsize": 8},
-    {"groupsize": 8, "act_order": True},
-    {"groupsize": 8, "act_order": True, "static_groups": True},
-    {"sym": True},
-    {"mse": True, "groupsize": 20},
-]
-
-
 class TestStatistics:
     def test_match_definition_and_any_leading_shape(self):
-        _, x_full, x_quant = _layer(tokens=60)
+        _, x_full, x_quant = layer(tokens=60)
         stats = CalibrationStatistics(40, asymmetric=True, dtype=torch.float64)
         stats.add(x_quant.reshape(3, 4, 5, 40), x_full.reshape(3, 4, 5, 40))
-        hessian, drift = _stats(x_full, x_quant)
+        hessian, drift = statistics(x_full, x_quant)
         torch.testing.assert_close(stats.hessian(), hessian, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(stats.drift(), drift, rtol=1e-12, atol=1e-12)
         assert stats.rows == 60
 
     @pytest.mark.parametrize("splits", [[60], [1, 59], [7, 13, 40], [20, 20, 20]])
     def test_sample_count_independent_of_batching(self, splits):
-        _, x_full, x_quant = _layer(tokens=60)
+        _, x_full, x_quant = layer(tokens=60)
         stats = CalibrationStatistics(40, asymmetric=True, dtype=torch.float64)
         for xf, xq in zip(x_full.split(splits), x_quant.split(splits), strict=True):
             stats.add(xq, xf)
-        hessian, drift = _stats(x_full, x_quant)
+        hessian, drift = statistics(x_full, x_quant)
         torch.testing.assert_close(stats.hessian(), hessian, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(stats.drift(), drift, rtol=1e-12, atol=1e-12)
 
     def test_float32_accumulation_close_to_float64(self):
-        _, x_full, x_quant = _layer(tokens=500)
+        _, x_full, x_quant = layer(tokens=500)
         stats = CalibrationStatistics(40, asymmetric=True)
         for xf, xq in zip(x_full.float().split(64), x_quant.float().split(64), strict=True):
             stats.add(xq, xf)
-        hessian, drift = _stats(x_full, x_quant)
+        hessian, drift = statistics(x_full, x_quant)
         torch.testing.assert_close(stats.hessian().double(), hessian, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(stats.drift().double(), drift, rtol=1e-5, atol=1e-5)
 
@@ -178,26 +104,26 @@ class TestAgainstNaiveReference:
     @pytest.mark.parametrize("options", OPTIONS)
     @pytest.mark.parametrize("method", ["gptq", "gptaq"])
     def test_matches_reference(self, options, method):
-        weight, x_full, x_quant = _layer()
-        hessian, drift = _stats(x_full, x_quant)
+        weight, x_full, x_quant = layer()
+        hessian, drift = statistics(x_full, x_quant)
         d = drift if method == "gptaq" else None
-        expected = _naive_solve(weight, hessian, d, bits=3, **options)
+        expected = naive_gptq(weight, hessian, d, bits=3, **options)
         got = quantize_weight(weight, hessian, d, bits=3, blocksize=16, **options)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
 
     @pytest.mark.parametrize("blocksize", [1, 5, 16, 40, 128])
     @pytest.mark.parametrize("options", OPTIONS)
     def test_blocked_equals_unblocked(self, blocksize, options):
-        weight, x_full, x_quant = _layer(seed=1)
-        hessian, drift = _stats(x_full, x_quant)
+        weight, x_full, x_quant = layer(seed=1)
+        hessian, drift = statistics(x_full, x_quant)
         unblocked = quantize_weight(weight, hessian, drift, bits=3, blocksize=40, **options)
         blocked = quantize_weight(weight, hessian, drift, bits=3, blocksize=blocksize, **options)
         torch.testing.assert_close(blocked, unblocked, rtol=0, atol=1e-9)
 
     @pytest.mark.parametrize("groupsize", [-1, 8, 20])
     def test_official_form(self, groupsize):
-        weight, x_full, x_quant = _layer(seed=2)
-        hessian, drift = _stats(x_full, x_quant)
+        weight, x_full, x_quant = layer(seed=2)
+        hessian, drift = statistics(x_full, x_quant)
         for blocksize in (7, 16):
             expected = _naive_official(weight, hessian, drift, bits=3, blocksize=blocksize, groupsize=groupsize)
             got = quantize_weight(weight, hessian, drift, bits=3, blocksize=blocksize, groupsize=groupsize,
@@ -205,8 +131,8 @@ class TestAgainstNaiveReference:
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
 
     def test_official_form_depends_on_blocksize_exact_does_not(self):
-        weight, x_full, x_quant = _layer(seed=3, drift=0.5)
-        hessian, drift = _stats(x_full, x_quant)
+        weight, x_full, x_quant = layer(seed=3, drift=0.5)
+        hessian, drift = statistics(x_full, x_quant)
         official = [
             quantize_weight(weight, hessian, drift, bits=3, blocksize=b, lazy_update="official") for b in (4, 40)
         ]
@@ -220,7 +146,7 @@ class TestInvariants:
     @pytest.mark.parametrize("options", OPTIONS)
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
     def test_gptaq_equals_gptq_without_drift(self, options, dtype):
-        weight, x_full, _ = _layer(seed=4)
+        weight, x_full, _ = layer(seed=4)
         stats = CalibrationStatistics(40, asymmetric=True, dtype=dtype)
         stats.add(x_full.to(dtype), x_full.to(dtype))
         w = weight.to(dtype)
@@ -234,11 +160,11 @@ class TestInvariants:
         noise); GPTAQ corrects it, GPTQ cannot. Measured worst of 5 layers: 0.866 (α = 0.25), 0.654 (α = 1)."""
         ratios = []
         for seed in range(5):
-            weight, x_full, x_quant = _structured_drift_layer(seed)
-            hessian, drift = _stats(x_full, x_quant)
+            weight, x_full, x_quant = structured_drift_layer(seed)
+            hessian, drift = statistics(x_full, x_quant)
             gptq = quantize_weight(weight, hessian, bits=4)
             gptaq = quantize_weight(weight, hessian, drift, bits=4, alpha=alpha)
-            ratios.append(_output_error(gptaq, weight, x_full, x_quant) / _output_error(gptq, weight, x_full, x_quant))
+            ratios.append(output_error(gptaq, weight, x_full, x_quant) / output_error(gptq, weight, x_full, x_quant))
         margin(f"GPTAQ / GPTQ output error, worst of 5 layers, alpha {alpha}", max(ratios), below=bound)
 
     def test_gptaq_gains_little_on_white_activation_noise(self, margin):
@@ -247,12 +173,12 @@ class TestInvariants:
         act_quant = ActivationQuantizer(4, clip_ratio=0.9)
         ratios = []
         for seed in range(5):
-            weight, x_full, _ = _layer(m=48, n=64, tokens=512, seed=seed)
+            weight, x_full, _ = layer(m=48, n=64, tokens=512, seed=seed)
             x_quant = act_quant(x_full)
-            hessian, drift = _stats(x_full, x_quant)
+            hessian, drift = statistics(x_full, x_quant)
             gptq = quantize_weight(weight, hessian, bits=4)
             gptaq = quantize_weight(weight, hessian, drift, bits=4)
-            ratios.append(_output_error(gptaq, weight, x_full, x_quant) / _output_error(gptq, weight, x_full, x_quant))
+            ratios.append(output_error(gptaq, weight, x_full, x_quant) / output_error(gptq, weight, x_full, x_quant))
         margin("GPTAQ / GPTQ output error, white A4 noise, worst of 5 layers", max(ratios), below=1.0)
 
     def test_diagonal_hessian_reduces_to_rtn(self):
@@ -267,24 +193,24 @@ class TestInvariants:
 
     def test_act_order_round_trips_the_permutation(self):
         """At high precision the result is W itself, column for column, whatever the processing order."""
-        weight, x_full, x_quant = _layer(seed=5)
-        hessian, _ = _stats(x_full, x_quant)
+        weight, x_full, x_quant = layer(seed=5)
+        hessian, _ = statistics(x_full, x_quant)
         got = quantize_weight(weight, hessian, bits=14, act_order=True)
         torch.testing.assert_close(got, weight, rtol=0, atol=1e-3)
 
     def test_dead_columns_are_zeroed(self):
-        weight, x_full, x_quant = _layer()
+        weight, x_full, x_quant = layer()
         x_full[:, 3] = 0
         x_quant[:, 3] = 0
-        hessian, drift = _stats(x_full, x_quant)
+        hessian, drift = statistics(x_full, x_quant)
         for d in (None, drift):
             got = quantize_weight(weight, hessian, d, bits=4)
             assert torch.all(got[:, 3] == 0)
             assert torch.isfinite(got).all()
 
     def test_inputs_not_modified(self):
-        weight, x_full, x_quant = _layer()
-        hessian, drift = _stats(x_full, x_quant)
+        weight, x_full, x_quant = layer()
+        hessian, drift = statistics(x_full, x_quant)
         hessian[:, 5] = 0
         hessian[5, :] = 0
         copies = [t.clone() for t in (weight, hessian, drift)]
@@ -293,46 +219,46 @@ class TestInvariants:
             assert torch.equal(original, copy)
 
     def test_shared_hessian_gets_the_same_damping_each_time(self):
-        weight, x_full, x_quant = _layer()
-        hessian, _ = _stats(x_full, x_quant)
+        weight, x_full, x_quant = layer()
+        hessian, _ = statistics(x_full, x_quant)
         first = quantize_weight(weight, hessian, bits=3)
         for _ in range(2):
             assert torch.equal(quantize_weight(weight, hessian, bits=3), first)
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
     def test_shape_dtype_device_preserved(self, dtype):
-        weight, x_full, x_quant = _layer()
-        hessian, drift = _stats(x_full, x_quant)
+        weight, x_full, x_quant = layer()
+        hessian, drift = statistics(x_full, x_quant)
         got = quantize_weight(weight.to(dtype), hessian.float(), drift.float(), bits=4)
         assert got.dtype == dtype and got.shape == weight.shape and got.device == weight.device
 
     def test_sixteen_bits_returns_the_weight(self):
-        weight, x_full, x_quant = _layer()
-        hessian, drift = _stats(x_full, x_quant)
+        weight, x_full, x_quant = layer()
+        hessian, drift = statistics(x_full, x_quant)
         assert torch.equal(quantize_weight(weight, hessian, drift, bits=16), weight)
 
     def test_result_lies_on_the_grid(self):
-        weight, x_full, x_quant = _layer()
-        hessian, drift = _stats(x_full, x_quant)
+        weight, x_full, x_quant = layer()
+        hessian, drift = statistics(x_full, x_quant)
         got = quantize_weight(weight, hessian, drift, bits=2, groupsize=8)
         for row in got.reshape(-1, 8):
             assert row.unique().numel() <= 4
 
     def test_solve_reports_loss_and_damping(self):
-        weight, x_full, x_quant = _layer()
-        hessian, drift = _stats(x_full, x_quant)
+        weight, x_full, x_quant = layer()
+        hessian, drift = statistics(x_full, x_quant)
         result = solve(weight, hessian, drift, SolverConfig(bits=3, percdamp=0.05))
         assert result.loss > 0 and result.percdamp == 0.05 and result.seconds >= 0
 
 
 class TestErrors:
     def test_nan_statistics_name_the_layer(self):
-        weight, x_full, x_quant = _layer()
-        hessian, drift = _stats(x_full, x_quant)
+        weight, x_full, x_quant = layer()
+        hessian, drift = statistics(x_full, x_quant)
         hessian[0, 0] = float("nan")
         with pytest.raises(CalibrationError, match=r"model.layers.3.mlp.up_proj.*H"):
             solve(weight, hessian, None, SolverConfig(bits=4), name="model.layers.3.mlp.up_proj")
-        hessian, drift = _stats(x_full, x_quant)
+        hessian, drift = statistics(x_full, x_quant)
         drift[1, 2] = float("inf")
         with pytest.raises(CalibrationError, match="D contains NaN or Inf"):
             solve(weight, hessian, drift, SolverConfig(bits=4), name="fc1")
@@ -343,8 +269,8 @@ class TestErrors:
             quantize_weight(weight, torch.zeros(6, 6), bits=4)
 
     def test_indefinite_hessian_retries_with_more_damping(self):
-        weight, x_full, x_quant = _layer()
-        hessian, _ = _stats(x_full, x_quant)
+        weight, x_full, x_quant = layer()
+        hessian, _ = statistics(x_full, x_quant)
         hessian = hessian - 0.05 * torch.diagonal(hessian).mean() * torch.eye(40, dtype=hessian.dtype)
         with pytest.warns(RuntimeWarning, match=r"blk\.1\.fc2.*retrying with 0\.1"):
             result = solve(weight, hessian, None, SolverConfig(bits=4), name="blk.1.fc2")
@@ -368,8 +294,8 @@ class TestErrors:
         ],
     )
     def test_bad_arguments(self, kwargs, match):
-        weight, x_full, x_quant = _layer()
-        hessian, drift = _stats(x_full, x_quant)
+        weight, x_full, x_quant = layer()
+        hessian, drift = statistics(x_full, x_quant)
         with pytest.raises(ValueError, match=match):
             quantize_weight(weight, hessian, drift, **kwargs)
 
@@ -389,12 +315,13 @@ class TestErrors:
             ("integer weight", ValueError, r"fc9: W must be a 2-D floating-point tensor"),
             ("empty weight", ValueError, r"fc9: W must not be empty"),
             ("one triangle of H", ValueError, r"fc9: H must be symmetric"),
-            ("huge alpha", CalibrationError, r"fc9: the solve produced NaN or Inf weights from finite inputs \(alpha=1e\+30"),
+            ("huge alpha", CalibrationError,
+             r"fc9: the solve produced NaN or Inf weights from finite inputs \(alpha=1e\+30"),
         ],
     )
     def test_broken_inputs_and_results_are_refused_naming_the_layer(self, case, error, match):
-        weight, x_full, x_quant = _layer()
-        hessian, drift = _stats(x_full, x_quant)
+        weight, x_full, x_quant = layer()
+        hessian, drift = statistics(x_full, x_quant)
         alpha = 0.25
         if case == "nan weight":
             weight[3, 5] = float("nan")
@@ -414,15 +341,15 @@ class TestErrors:
             solve(weight, hessian, drift, SolverConfig(bits=4, alpha=alpha), name="fc9")
 
     def test_float_rounding_asymmetry_is_accepted(self):
-        weight, x_full, x_quant = _layer()
-        hessian, drift = _stats(x_full.float(), x_quant.float())
+        weight, x_full, x_quant = layer()
+        hessian, drift = statistics(x_full.float(), x_quant.float())
         hessian[0, 1] *= 1 + 1e-6  # a float32 product's rounding, not a wrong matrix
         assert torch.isfinite(quantize_weight(weight.float(), hessian, drift, bits=4)).all()
 
 
 class TestOutputError:
     def test_matches_direct_computation(self):
-        weight, x_full, x_quant = _layer()
+        weight, x_full, x_quant = layer()
         quantized = weight + 0.05 * torch.randn_like(weight)
         asym = CalibrationStatistics(40, asymmetric=True, dtype=torch.float64)
         asym.add(x_quant, x_full)
