@@ -6,6 +6,9 @@ STAMP := $(VENV)/.setup-complete
 ENV_FILES := $(wildcard envs/*.txt) pyproject.toml
 # MODEL=embedded runs the offline CPU default; a hub id or local path runs the paper settings (GPU).
 MODEL ?= embedded
+# METHODS=fp,rtn,gptq,gptaq,qep,qronos (any names of common/methods.py) overrides a config's methods.
+METHODS ?=
+METHOD_ARGS := $(if $(METHODS),--methods $(METHODS))
 
 .PHONY: setup test test-fast test-numerics margins lint bench-solver reproduce-llama-w4a4 reproduce-llama-w2a4 reproduce-vit \
 	reproduce-spinquant-w4a4 reproduce-spinquant-w2a4 data-fashion-mnist
@@ -43,17 +46,17 @@ bench-solver: setup
 
 reproduce-llama-w4a4 reproduce-llama-w2a4: reproduce-llama-%: setup
 ifeq ($(MODEL),embedded)
-	$(PY) -m fake_quant.main --config fake_quant/configs/embedded_$*.yaml
+	$(PY) -m fake_quant.main --config fake_quant/configs/embedded_$*.yaml $(METHOD_ARGS)
 else
-	MODEL=$(MODEL) PYTHON=$(PY) bash fake_quant/run_llama_$*.sh
+	MODEL=$(MODEL) PYTHON=$(PY) bash fake_quant/run_llama_$*.sh $(METHOD_ARGS)
 endif
 
 # SpinQuant: the rotation is trained once (cached under .cache/spinquant/) and shared by W4A4 and W2A4.
 reproduce-spinquant-w4a4 reproduce-spinquant-w2a4: reproduce-spinquant-%: setup
 ifeq ($(MODEL),embedded)
-	$(PY) -m spinquant.main --config spinquant/configs/embedded_$*.yaml
+	$(PY) -m spinquant.main --config spinquant/configs/embedded_$*.yaml $(METHOD_ARGS)
 else
-	MODEL=$(MODEL) PYTHON=$(PY) bash spinquant/run_spinquant_$*.sh
+	MODEL=$(MODEL) PYTHON=$(PY) bash spinquant/run_spinquant_$*.sh $(METHOD_ARGS)
 endif
 
 .PHONY: report report-ablations
@@ -71,4 +74,4 @@ data-fashion-mnist:
 	bash vit_quant/get_fashion_mnist.sh
 
 reproduce-vit: setup
-	PYTHON=$(PY) bash vit_quant/run_deit.sh
+	PYTHON=$(PY) bash vit_quant/run_deit.sh $(METHOD_ARGS)

@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 import common.lm.corpora as corpora
 from common.config import make_config
+from common.methods import METHOD_NAMES, METHODS
 from common.lm.perplexity import perplexity
 from common.tests.llama_fixtures import (
     SENTENCES,
@@ -50,6 +51,17 @@ def test_run_writes_every_column(tiny_setup):
     assert {len(meta["layers"][m]) for m in ("gptq", "gptaq")} == {14}
     assert all(record["output_error"] >= 0 for record in meta["layers"]["gptaq"])
     assert {"load and rotate", "quantize gptaq", "evaluate gptaq"} <= meta["seconds"].keys()
+
+
+def test_every_method_of_the_registry_runs_through_the_tree(tiny_setup):
+    csv_path, json_path = fq_main.run(_config(tiny_setup, methods=list(METHOD_NAMES), qep_exclude=["mlp.down_proj"]))
+    (row,) = _read_csv(csv_path)
+    header = next(csv.reader(csv_path.open()))
+    assert header[4:4 + len(METHOD_NAMES)] == list(METHOD_NAMES)
+    values = {m: float(row[m]) for m in METHOD_NAMES}
+    assert all(v > 1 for v in values.values()) and len({values[m] for m in ("gptq", "gptaq", "qep", "qronos")}) == 4
+    layers = json.loads(json_path.read_text())["layers"]
+    assert {m for m in METHOD_NAMES if METHODS[m].quantized} == layers.keys()
 
 
 def test_rerun_keeps_earlier_results(tiny_setup):

@@ -57,6 +57,13 @@ def test_run_writes_learned_and_baseline_rows(tiny_setup):
     assert (tiny_setup / "R.safetensors").is_file()
 
 
+def test_new_methods_run_under_both_rotations(tiny_setup):
+    csv_path, _ = sq_main.run(_config(tiny_setup, methods=["qep", "qronos"]))
+    rows = _rows(csv_path)
+    assert set(rows) == {"W4A4 SpinQuant", "W4A4 QuaRot"}
+    assert all(float(row[m]) > 1 for row in rows.values() for m in ("qep", "qronos"))
+
+
 def test_complete_rotation_file_is_reused(tiny_setup):
     sq_main.run(_config(tiny_setup, methods=["fp"], quarot_baseline=False))
     mtime = (tiny_setup / "R.safetensors").stat().st_mtime_ns

@@ -54,6 +54,14 @@ def test_run_writes_top1_for_every_method(fake_folder, tmp_path):
     assert len(meta["layers"]["gptaq"]) == 8
 
 
+def test_new_methods_run_through_the_tree(fake_folder, tmp_path):
+    config = _config(fake_folder, tmp_path / "results", methods=["gptq", "qep", "qronos"], qep_exclude=["mlp.fc2"])
+    csv_path, _ = vq_main.run(config)
+    with open(csv_path, newline="") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert all(0 <= float(row[m]) <= 100 for m in ("gptq", "qep", "qronos"))
+
+
 def test_every_block_linear_is_quantized_and_embeddings_are_not():
     model = _tiny_vit()
     prepare_vit(model, torch.randn(2, 1, 28, 28), bits=4, sym=False, clip_ratio=1.0, groupsize=-1)
