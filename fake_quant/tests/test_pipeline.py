@@ -11,8 +11,8 @@ from transformers import PreTrainedTokenizerFast
 
 import common.lm.corpora as corpora
 from common.config import make_config
-from common.methods import METHOD_NAMES, METHODS
 from common.lm.perplexity import perplexity
+from common.methods import METHOD_NAMES, METHODS
 from common.tests.llama_fixtures import (
     SENTENCES,
     CharTokenizer,
