@@ -27,7 +27,6 @@ full-precision input cache live on ``offload_device`` so large models fit one GP
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -42,6 +41,7 @@ from tqdm.auto import tqdm
 from common.gptaq import CalibrationStatistics, SolverConfig
 from common.methods import METHODS, Method
 from common.methods import method as get_method
+from common.profile import counting_flops
 from common.quant.qlinear import QuantLinear
 from common.quant.quantizers import rtn_quantize_weight
 
@@ -79,6 +79,8 @@ class CalibrationSettings:
         stats_dtype: accumulation dtype of ``H`` and ``D``.
         linear_solvers: solver settings for particular linears, by name within a block (e.g. QEP's
             excluded linears with ``qep_alpha = 0``).
+        reuse_outputs: keep each solved linear's outputs for the block's later passes instead of computing
+            them again (memory: one block's linear outputs for every sample, on ``offload_device``).
     """
 
     method: str
@@ -89,6 +91,7 @@ class CalibrationSettings:
     offload_device: torch.device | None = None
     stats_dtype: torch.dtype = torch.float32
     linear_solvers: Mapping[str, SolverConfig] = field(default_factory=dict)
+    reuse_outputs: bool = True
 
     def __post_init__(self) -> None:
         if not get_method(self.method).quantized:
@@ -136,6 +139,13 @@ class CalibrationReport:
     method: str
     layers: list[LayerRecord] = field(default_factory=list)
     seconds: float = 0.0
+    parts: dict[str, list[float]] = field(default_factory=dict)
+    """``{"forwards" | "statistics" | "solves": [seconds, flops]}``: where calibration spent its time."""
+
+    def add_part(self, part: str, seconds: float, flops: float) -> None:
+        totals = self.parts.setdefault(part, [0.0, 0.0])
+        totals[0] += seconds
+        totals[1] += flops
 
     def mean_output_error(self) -> float:
         errors = [layer.output_error for layer in self.layers if layer.output_error == layer.output_error]
@@ -191,9 +201,9 @@ def quantize_model(
         for index, block in bar:
             original_device = _module_device(block)
             block.to(settings.device)
-            records, quant_stream, full_stream = _calibrate_block(
-                index, block, adapter, quant_stream, full_stream, block_kwargs, settings, offload
-            )
+            records, quant_stream, full_stream = _BlockCalibration(
+                index, block, adapter, block_kwargs, settings, offload, report
+            ).run(quant_stream, full_stream)
             block.to(original_device)
             report.layers.extend(records)
             bar.set_postfix(err=f"{sum(r.output_error for r in records) / len(records):.2e}")
@@ -271,6 +281,204 @@ def _rebatch(batches: Sequence[Any], batch_size: int) -> list[Any]:
     return list(batches)
 
 
+def set_input_quantization(model: nn.Module, enabled: bool) -> None:
+    """Switch activation quantization on or off in every submodule that has a ``quantize_input`` flag.
+
+    :class:`QuantLinear` has one; so may other online quantizers (e.g. a KV-cache quantizer), which keeps
+    the full-precision stream free of every kind of quantization.
+    """
+    for module in model.modules():
+        if hasattr(module, "quantize_input"):
+            module.quantize_input = enabled
+
+
+class _BlockCalibration:
+    """Calibration of one block: the full-precision pass, a quantized-stream pass per group, the final pass.
+
+    * Statistics are shared by the linears of a group that see the same input (same online transform and
+      activation quantizer), so a q/k/v group accumulates one ``H`` (and ``D``), not three.
+    * The full-precision pass runs on the block itself (nothing in it is quantized yet) with activation
+      quantization off: it records each group's input (for ``D``) and each linear's ``‖xWᵀ‖²`` (the
+      reference of its relative output error) and the block's output (the next block's full-precision input).
+    * Quantized passes stop as soon as the group's inputs are seen. With ``reuse_outputs``, a linear's
+      output is recorded in the first pass after its group is solved and replayed in the later ones (its
+      inputs depend only on weights that are already final), so each linear is computed once per pass
+      structure instead of once per later group.
+    """
+
+    def __init__(self, index: int, block: nn.Module, adapter: ModelAdapter, block_kwargs: list[dict[str, Any]],
+                 settings: CalibrationSettings, offload: torch.device, report: CalibrationReport) -> None:
+        self.index, self.block, self.adapter = index, block, adapter
+        self.block_kwargs, self.settings, self.offload, self.report = block_kwargs, settings, offload, report
+        self.groups = adapter.linear_groups(block)
+        self.linears = {name: _quant_linear(block, name) for group in self.groups for name in group}
+        self.outputs: dict[str, dict[int, torch.Tensor]] = {}
+        self.batch = 0
+
+    def run(self, quant_stream: list[torch.Tensor], full_stream: list[torch.Tensor] | None
+            ) -> tuple[list[LayerRecord], list[torch.Tensor], list[torch.Tensor] | None]:
+        full_inputs: dict[str, list[torch.Tensor]] = {}
+        reference_norms: dict[str, float] = {}
+        next_full = None
+        if full_stream is not None:
+            next_full, full_inputs, reference_norms = self._full_precision_pass(full_stream)
+        set_input_quantization(self.block, self.settings.quantize_activations)
+        records: list[LayerRecord] = []
+        solved: list[str] = []
+        for group in self.groups:
+            shared = self._sharing(group)
+            stats = self._group_statistics(group, shared, quant_stream, full_inputs, solved)
+            for name in group:
+                records.append(self._solve(name, stats[shared[name]], reference_norms.get(name)))
+            solved += group
+        next_quant = self._forward_all(quant_stream, solved)
+        set_input_quantization(self.block, True)
+        self.outputs.clear()
+        return records, next_quant, next_full
+
+    def _sharing(self, group: list[str]) -> dict[str, str]:
+        """``{linear: the linear whose statistics it uses}``: the first earlier one with the same input."""
+        shared: dict[str, str] = {}
+        for name in group:
+            linear = self.linears[name]
+            shared[name] = next((other for other in dict.fromkeys(shared.values())
+                                 if _same_input_preprocessing(self.linears[other], linear)), name)
+        return shared
+
+    def _full_precision_pass(self, full_stream: list[torch.Tensor]):
+        set_input_quantization(self.block, False)
+        representatives = {rep for group in self.groups for rep in self._sharing(group).values()}
+        inputs: dict[str, list[torch.Tensor]] = {name: [] for name in representatives}
+        norms = dict.fromkeys(self.linears, 0.0)
+
+        def norm_of(name: str):
+            bias = self.linears[name].bias
+
+            def record(output: torch.Tensor) -> None:
+                without_bias = output if bias is None else output - bias
+                norms[name] += float(without_bias.double().square().sum())
+
+            return record
+
+        next_full = []
+        for linear_name in self.linears:
+            self.linears[linear_name].recorder = norm_of(linear_name)
+        try:
+            for batch, (hidden, kwargs) in enumerate(zip(full_stream, self.block_kwargs, strict=True)):
+                self.batch = batch
+                seen = {name: [] for name in representatives}
+                output = self._timed_forward(hidden, kwargs, observe=seen, stop=False)
+                next_full.append(output.to(self.offload))
+                for name in representatives:
+                    inputs[name].append(seen[name][0].to(self.offload))
+        finally:
+            for linear in self.linears.values():
+                linear.recorder = None
+        return next_full, inputs, norms
+
+    def _group_statistics(self, group, shared, quant_stream, full_inputs, solved):
+        settings = self.settings
+        representatives = list(dict.fromkeys(shared.values()))
+        stats = {
+            name: CalibrationStatistics(
+                self.linears[name].in_features, asymmetric=bool(full_inputs), dtype=settings.stats_dtype,
+                device=settings.device, name=f"block {self.index}: {name}",
+            )
+            for name in representatives
+        }
+        replay, record = self._reuse(solved, record_new=True)
+        for batch, hidden in enumerate(quant_stream):
+            self.batch = batch
+            seen = {name: [] for name in representatives}
+            self._forward(hidden, self.block_kwargs[batch], replay, record, seen, stop=True)
+            began = time.perf_counter()
+            for name in representatives:
+                full = full_inputs[name][batch].to(settings.device) if full_inputs else None
+                stats[name].add(seen[name][0], full)
+            columns = [self.linears[name].in_features for name in representatives]
+            grams = 2 if full_inputs else 1
+            flops = sum(grams * 2 * seen[name][0].numel() * n for name, n in zip(representatives, columns,
+                                                                                   strict=True))
+            self.report.add_part("statistics", time.perf_counter() - began, flops)
+        return stats
+
+    def _reuse(self, solved: list[str], *, record_new: bool) -> tuple[list[str], list[str]]:
+        """Which solved linears replay their recorded outputs in the next pass, and which record them."""
+        if not self.settings.reuse_outputs:
+            return [], []
+        complete = {name for name, outputs in self.outputs.items() if len(outputs) == len(self.block_kwargs)}
+        replay = [name for name in solved if name in complete]
+        return replay, [name for name in solved if name not in complete] if record_new else []
+
+    def _forward(self, hidden, kwargs, replay: list[str], record: list[str], observe, *, stop: bool):
+        for name in replay:
+            self.linears[name].replay = self._replay(name)
+        for name in record:
+            self.linears[name].recorder = self._recorder(name)
+        try:
+            return self._timed_forward(hidden, kwargs, observe=observe, stop=stop)
+        finally:
+            for name in [*replay, *record]:
+                self.linears[name].replay = None
+                self.linears[name].recorder = None
+
+    def _forward_all(self, stream: list[torch.Tensor], solved: list[str]) -> list[torch.Tensor]:
+        """The block's output for every batch of ``stream`` (the last pass: nothing more to record)."""
+        replay, record = self._reuse(solved, record_new=False)
+        outputs = []
+        for batch, hidden in enumerate(stream):
+            self.batch = batch
+            outputs.append(self._forward(hidden, self.block_kwargs[batch], replay, record, {}, stop=False)
+                           .to(self.offload))
+        return outputs
+
+    def _replay(self, name: str):
+        def replay() -> torch.Tensor | None:
+            cached = self.outputs.get(name, {}).get(self.batch)
+            return None if cached is None else cached.to(self.settings.device)
+
+        return replay
+
+    def _recorder(self, name: str):
+        def record(output: torch.Tensor) -> None:
+            self.outputs.setdefault(name, {})[self.batch] = output.to(self.offload)
+
+        return record
+
+    def _timed_forward(self, hidden, kwargs, *, observe: dict[str, list[torch.Tensor]], stop: bool):
+        wanted = {name: self.linears[name] for name in observe}
+        began = time.perf_counter()
+        with counting_flops() as counter, _observing(wanted, observe, stop_when_complete=stop):
+            output = _run(self.adapter, self.block, hidden, kwargs, self.settings.device)
+        self.report.add_part("forwards", time.perf_counter() - began, counter.get_total_flops())
+        return output
+
+    def _solve(self, name: str, stats: CalibrationStatistics, reference_norm: float | None) -> LayerRecord:
+        linear, settings = self.linears[name], self.settings
+        weight = linear.weight.detach()
+        config = settings.solver_for(name)
+        result = settings.spec.solve(weight, stats.hessian(), stats.drift(), config,
+                                     name=f"block {self.index}: {name}")
+        error = stats.output_error(weight, result.weight, reference_norm)
+        with torch.no_grad():
+            linear.weight.copy_(result.weight)
+        flops = settings.spec.flops(*weight.shape, config.blocksize) if settings.spec.flops else 0.0
+        self.report.add_part("solves", result.seconds, flops)
+        logger.info(
+            "block %d %-24s %s loss=%.4g output_error=%.4e damp=%.3g %.2fs",
+            self.index, name, settings.method, result.loss, error, result.percdamp, result.seconds,
+        )
+        return LayerRecord(self.index, name, settings.method, *weight.shape, result.loss, error, result.percdamp,
+                           result.seconds)
+
+
+def _same_input_preprocessing(a: QuantLinear, b: QuantLinear) -> bool:
+    """Whether two linears that read the same tensor multiply the same input (same transform and quantizer)."""
+    same_transform = a.input_transform is b.input_transform or (a.input_transform is None and b.input_transform
+                                                                  is None)
+    return same_transform and a.act_quantizer.extra_repr() == b.act_quantizer.extra_repr()
+
+
 @contextmanager
 def _observing(linears: dict[str, QuantLinear], sink: dict[str, list[torch.Tensor]], stop_when_complete: bool):
     """Record each linear's (transformed, quantized) input into ``sink``; optionally stop the forward early."""
@@ -295,90 +503,9 @@ def _observing(linears: dict[str, QuantLinear], sink: dict[str, list[torch.Tenso
             linear.observer = None
 
 
-def set_input_quantization(model: nn.Module, enabled: bool) -> None:
-    """Switch activation quantization on or off in every submodule that has a ``quantize_input`` flag.
-
-    :class:`QuantLinear` has one; so may other online quantizers (e.g. a KV-cache quantizer), which keeps
-    the full-precision stream free of every kind of quantization.
-    """
-    for module in model.modules():
-        if hasattr(module, "quantize_input"):
-            module.quantize_input = enabled
-
-
 def _run(adapter: ModelAdapter, block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any],
          device: torch.device) -> torch.Tensor | None:
     try:
         return adapter.run_block(block, hidden.to(device), _to(kwargs, device))
     except _StopForward:
         return None
-
-
-def _calibrate_block(
-    index: int,
-    block: nn.Module,
-    adapter: ModelAdapter,
-    quant_stream: list[torch.Tensor],
-    full_stream: list[torch.Tensor] | None,
-    block_kwargs: list[dict[str, Any]],
-    settings: CalibrationSettings,
-    offload: torch.device,
-) -> tuple[list[LayerRecord], list[torch.Tensor], list[torch.Tensor] | None]:
-    device = settings.device
-    groups = adapter.linear_groups(block)
-    linears = {name: _quant_linear(block, name) for group in groups for name in group}
-
-    full_inputs: dict[str, list[torch.Tensor]] = {name: [] for name in linears}
-    next_full = None
-    if full_stream is not None:
-        reference = copy.deepcopy(block)
-        set_input_quantization(reference, False)
-        reference_linears = {name: _quant_linear(reference, name) for name in linears}
-        next_full = []
-        with _observing(reference_linears, full_inputs, stop_when_complete=False):
-            for hidden, kwargs in zip(full_stream, block_kwargs, strict=True):
-                next_full.append(_run(adapter, reference, hidden, kwargs, device).to(offload))
-        full_inputs = {name: [x.to(offload) for x in xs] for name, xs in full_inputs.items()}
-        del reference
-
-    set_input_quantization(block, settings.quantize_activations)
-    records = []
-    for group in groups:
-        stats = {
-            name: CalibrationStatistics(
-                linears[name].in_features, asymmetric=full_stream is not None, dtype=settings.stats_dtype,
-                device=device, name=f"block {index}: {name}",
-            )
-            for name in group
-        }
-        for batch_index, (hidden, kwargs) in enumerate(zip(quant_stream, block_kwargs, strict=True)):
-            seen: dict[str, list[torch.Tensor]] = {name: [] for name in group}
-            with _observing({name: linears[name] for name in group}, seen, stop_when_complete=True):
-                _run(adapter, block, hidden, kwargs, device)
-            for name in group:
-                full = full_inputs[name][batch_index].to(device) if full_stream is not None else None
-                stats[name].add(seen[name][0], full)
-        for name in group:
-            records.append(_solve_linear(index, name, linears[name], stats[name], settings))
-            full_inputs.pop(name, None)
-
-    next_quant = [_run(adapter, block, h, kw, device).to(offload) for h, kw in zip(quant_stream, block_kwargs,
-                                                                                     strict=True)]
-    set_input_quantization(block, True)
-    return records, next_quant, next_full
-
-
-def _solve_linear(
-    index: int, name: str, linear: QuantLinear, stats: CalibrationStatistics, settings: CalibrationSettings
-) -> LayerRecord:
-    weight = linear.weight.detach()
-    result = settings.spec.solve(weight, stats.hessian(), stats.drift(), settings.solver_for(name), name=stats.name)
-    error = stats.output_error(weight, result.weight)
-    with torch.no_grad():
-        linear.weight.copy_(result.weight)
-    logger.info(
-        "block %d %-24s %s loss=%.4g output_error=%.4e damp=%.3g %.2fs",
-        index, name, settings.method, result.loss, error, result.percdamp, result.seconds,
-    )
-    return LayerRecord(index, name, settings.method, *weight.shape, result.loss, error, result.percdamp,
-                       result.seconds)

@@ -174,7 +174,6 @@ class CalibrationStatistics:
         self.rows = 0
         self._xtx = torch.zeros(columns, columns, dtype=dtype, device=device)
         self._dxtx = torch.zeros_like(self._xtx) if asymmetric else None
-        self._fxf = torch.zeros_like(self._xtx) if asymmetric else None
 
     @property
     def asymmetric(self) -> bool:
@@ -195,7 +194,6 @@ class CalibrationStatistics:
                 )
             xf = x_full.reshape(-1, self.columns).to(self._xtx)
             self._dxtx.addmm_((xf - xq).T, xq)
-            self._fxf.addmm_(xf.T, xf)
         self.rows += xq.shape[0]
 
     def hessian(self) -> torch.Tensor:
@@ -210,11 +208,12 @@ class CalibrationStatistics:
         self._check_rows()
         return self._dxtx * (2.0 / self.rows)
 
-    def output_error(self, weight: torch.Tensor, quantized: torch.Tensor) -> float:
-        """Relative output error over the calibration tokens, from the statistics alone (float64).
+    def output_error(self, weight: torch.Tensor, quantized: torch.Tensor, reference: float | None = None) -> float:
+        """Relative output error over the calibration tokens, from the statistics (float64).
 
-        Asymmetric statistics: ``‖x̃ Ŵᵀ − x Wᵀ‖² / ‖x Wᵀ‖²`` (GPTAQ's objective); otherwise
-        ``‖x̃ (Ŵ − W)ᵀ‖² / ‖x̃ Wᵀ‖²`` (GPTQ's). ``weight``, ``quantized``: [m, n].
+        Asymmetric statistics: ``‖x̃ Ŵᵀ − x Wᵀ‖² / ‖x Wᵀ‖²`` (GPTAQ's objective), where ``reference`` is
+        ``‖x Wᵀ‖²`` summed over the same rows (the full-precision outputs' squared norm, bias excluded);
+        otherwise ``‖x̃ (Ŵ − W)ᵀ‖² / ‖x̃ Wᵀ‖²`` (GPTQ's). ``weight``, ``quantized``: [m, n].
         """
         self._check_rows()
         w = weight.detach().to(self._xtx.device, torch.float64)
@@ -223,8 +222,10 @@ class CalibrationStatistics:
         if self._dxtx is None:
             delta = w_hat - w
             return float(((delta @ xtx) * delta).sum() / ((w @ xtx) * w).sum())
+        if reference is None or not reference > 0:
+            raise ValueError(f"{self.name}: the asymmetric output error needs the reference ‖x Wᵀ‖² > 0, "
+                             f"got {reference}")
         cross = xtx + self._dxtx.double().T
-        reference = ((w @ self._fxf.double()) * w).sum()
         error = ((w_hat @ xtx) * w_hat).sum() - 2 * ((w_hat @ cross) * w).sum() + reference
         return float(error.clamp(min=0) / reference)
 

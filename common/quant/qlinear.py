@@ -5,9 +5,12 @@ columns, QuaRot's down_proj trick) and ``quant`` a dynamic activation quantizer.
 quantized in place by the calibration engine (GPTQ / GPTAQ / RTN), so this module stores it in its full
 precision dtype, already rounded onto its grid.
 
-Two switches serve calibration: ``quantize_input`` turns the activation quantizer off (GPTQ's protocol
-quantizes weights before activations), and ``observer``, when set, is called with the input the weight
-multiplies (after ``R`` and ``quant``) on every forward, which is how the engine collects statistics.
+Four hooks serve calibration: ``quantize_input`` turns the activation quantizer off (GPTQ's protocol
+quantizes weights before activations); ``observer``, when set, is called with the input the weight
+multiplies (after ``R`` and ``quant``) on every forward, which is how the engine collects statistics;
+``recorder``, when set, is called with the output; ``replay``, when set and returning a tensor, supplies
+the output without computing anything (the engine replays outputs whose inputs and weight cannot have
+changed since they were recorded).
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ class QuantLinear(nn.Module):
         self.act_quantizer = act_quantizer if act_quantizer is not None else ActivationQuantizer()
         self.quantize_input = True
         self.observer: Callable[[torch.Tensor], None] | None = None
+        self.recorder: Callable[[torch.Tensor], None] | None = None
+        self.replay: Callable[[], torch.Tensor | None] | None = None
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input the weight multiplies: ``x`` [..., in] after the online transform and quantization."""
@@ -56,10 +61,15 @@ class QuantLinear(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.replay is not None and (recorded := self.replay()) is not None:
+            return recorded
         x = self.quantized_input(x)
         if self.observer is not None:
             self.observer(x)
-        return F.linear(x, self.weight, self.bias)
+        output = F.linear(x, self.weight, self.bias)
+        if self.recorder is not None:
+            self.recorder(output)
+        return output
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -74,8 +74,10 @@ def _settings(method: str, **overrides) -> CalibrationSettings:
     return CalibrationSettings(method=method, solver=solver, stats_dtype=torch.float64, **overrides)
 
 
-def _naive_reference(model: ToyModel, data: list[torch.Tensor], settings: CalibrationSettings) -> ToyModel:
-    """Whole-model passes for every group: no streams, no caching, no early stops."""
+def _naive_reference(model: ToyModel, data: list[torch.Tensor],
+                     settings: CalibrationSettings) -> tuple[ToyModel, list[float]]:
+    """Whole-model passes for every group: no streams, no caching, no early stops; also the relative output
+    error of every linear computed from its inputs (the method's objective)."""
     reference = copy.deepcopy(model)
     full_precision = copy.deepcopy(model)
     for module in full_precision.modules():
@@ -85,6 +87,7 @@ def _naive_reference(model: ToyModel, data: list[torch.Tensor], settings: Calibr
         if isinstance(module, QuantLinear):
             module.quantize_input = settings.quantize_activations
     inputs = torch.cat(data)
+    errors: list[float] = []
     for index, block in enumerate(reference.blocks):
         for group in GROUPS:
             captured: dict[tuple[str, str], torch.Tensor] = {}
@@ -103,9 +106,18 @@ def _naive_reference(model: ToyModel, data: list[torch.Tensor], settings: Calibr
                 spec = METHODS[settings.method]
                 drift = stats.drift() if spec.needs_full_precision_stream else None
                 solved = spec.solve(linear.weight, stats.hessian(), drift, settings.solver_for(name)).weight
+                x_quant = captured[("quant", name)].reshape(-1, linear.in_features)
+                x_full = captured[("full", name)].reshape(-1, linear.in_features)
+                original = linear.weight.detach()
+                if spec.needs_full_precision_stream:
+                    reference_output = x_full @ original.T
+                    error = (x_quant @ solved.T - reference_output).square().sum() / reference_output.square().sum()
+                else:
+                    error = (x_quant @ (solved - original).T).square().sum() / (x_quant @ original.T).square().sum()
+                errors.append(float(error))
                 with torch.no_grad():
                     linear.weight.copy_(solved)
-    return reference
+    return reference, errors
 
 
 def _weights(model: ToyModel) -> list[torch.Tensor]:
@@ -115,15 +127,17 @@ def _weights(model: ToyModel) -> list[torch.Tensor]:
 CALIBRATED = [name for name, method in METHODS.items() if method.calibrated]
 
 
+@pytest.mark.parametrize("reuse_outputs", [True, False])
 @pytest.mark.parametrize("method", CALIBRATED)
 @pytest.mark.parametrize("act_quant", [None, True, False])
-def test_engine_matches_naive_reference(method, act_quant):
+def test_engine_matches_naive_reference(method, act_quant, reuse_outputs):
     model, data = _toy()
-    settings = _settings(method, act_quant_during_calibration=act_quant, batch_size=5)
-    expected = _naive_reference(model, data, settings)
+    settings = _settings(method, act_quant_during_calibration=act_quant, batch_size=5, reuse_outputs=reuse_outputs)
+    expected, errors = _naive_reference(model, data, settings)
     report = quantize_model(model, ToyAdapter(), settings, data, progress=False)
     for got, want in zip(_weights(model), _weights(expected), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    assert [r.output_error for r in report.layers] == pytest.approx(errors, rel=1e-8)
     assert [(r.block, r.name) for r in report.layers] == [(b, n) for b in range(3) for n in ("fc1", "gate", "fc2")]
     assert all(r.output_error >= 0 and r.loss >= 0 for r in report.layers)
 

@@ -356,7 +356,10 @@ class TestOutputError:
         expected = torch.linalg.norm(x_quant @ quantized.T - x_full @ weight.T) ** 2 / torch.linalg.norm(
             x_full @ weight.T
         ) ** 2
-        assert asym.output_error(weight, quantized) == pytest.approx(float(expected), rel=1e-9)
+        reference = float(torch.linalg.norm(x_full @ weight.T) ** 2)
+        assert asym.output_error(weight, quantized, reference) == pytest.approx(float(expected), rel=1e-9)
+        with pytest.raises(ValueError, match="needs the reference"):
+            asym.output_error(weight, quantized)
         sym = CalibrationStatistics(40, asymmetric=False, dtype=torch.float64)
         sym.add(x_quant)
         expected = torch.linalg.norm(x_quant @ (quantized - weight).T) ** 2 / torch.linalg.norm(

@@ -1,0 +1,165 @@
+"""Where a run's time goes: per stage, its wall seconds, its floating-point operations, the FLOP floor at the
+matmul rate measured at the start of the run, and its peak resident memory.
+
+* FLOPs are counted by :class:`torch.utils.flop_counter.FlopCounterMode` inside a stage (matrix products
+  and attention), or handed in by the code that knows them (the calibration engine reports its forwards,
+  statistics and solves separately: :meth:`StageProfile.add`). A stage's floor is its FLOPs divided by
+  the matmul rate: the time it would take if every operation ran as fast as one large ``torch.matmul``.
+* Peak memory: on Linux the process's peak resident set (``VmHWM``) is reset at each stage's start
+  (``/proc/self/clear_refs``), so each stage reports its own peak; elsewhere the process-wide peak so far.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def matmul_rate(device: torch.device, size: int = 2048, repeats: int = 3) -> float:
+    """Measured float32 ``torch.matmul`` rate in FLOP/s on ``size × size`` operands (best of ``repeats``)."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_CUSTOM_FLOPS = {}
+if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+    _CUSTOM_FLOPS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu_flops
+
+
+@contextlib.contextmanager
+def counting_flops() -> Iterator[FlopCounterMode]:
+    """A :class:`FlopCounterMode` that also counts CPU attention (``get_total_flops()`` when done)."""
+    with FlopCounterMode(display=False, custom_mapping=_CUSTOM_FLOPS) as counter:
+        yield counter
+
+
+def _peak_rss_bytes() -> int:
+    if _STATUS.is_file():
+        match = re.search(r"VmHWM:\s+(\d+) kB", _STATUS.read_text())
+        if match:
+            return int(match.group(1)) * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _reset_peak_rss() -> None:
+    with contextlib.suppress(OSError):
+        _CLEAR_REFS.write_text("5")
+
+
+@dataclass
+class Stage:
+    """One stage: wall seconds, counted FLOPs (``None`` when not counted) and peak RSS in bytes."""
+
+    seconds: float = 0.0
+    flops: float | None = None
+    peak_rss: int = 0
+
+
+class StageProfile:
+    """Accumulates :class:`Stage` records by name: ``with profile("evaluate gptq"): ...``.
+
+    Args:
+        rate: the matmul rate (FLOP/s) the floors are measured against; ``None``: no floors.
+        count_flops: count each stage's FLOPs with :func:`counting_flops` by default.
+    """
+
+    def __init__(self, rate: float | None = None, *, count_flops: bool = True) -> None:
+        self.rate = rate
+        self.count_flops = count_flops
+        self.stages: dict[str, Stage] = {}
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        """``{stage: seconds}`` (rounded to milliseconds)."""
+        return {name: round(stage.seconds, 3) for name, stage in self.stages.items()}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, *, count_flops: bool | None = None) -> Iterator[None]:
+        count = self.count_flops if count_flops is None else count_flops
+        _reset_peak_rss()
+        start = time.perf_counter()
+        with counting_flops() if count else contextlib.nullcontext() as counter:
+            yield
+        self.add(name, time.perf_counter() - start, counter.get_total_flops() if counter is not None else None)
+
+    def add(self, name: str, seconds: float, flops: float | None = None) -> None:
+        """Add ``seconds`` (and ``flops``) to stage ``name``; its peak RSS becomes the current peak."""
+        stage = self.stages.setdefault(name, Stage())
+        stage.seconds += seconds
+        if flops is not None:
+            stage.flops = (stage.flops or 0.0) + flops
+        stage.peak_rss = max(stage.peak_rss, _peak_rss_bytes())
+
+    def rows(self) -> list[dict[str, float | str | None]]:
+        """A row per stage: seconds, GFLOP, floor seconds, times the floor, peak RSS in MB."""
+        rows = []
+        for name, stage in self.stages.items():
+            floor = stage.flops / self.rate if stage.flops and self.rate else None
+            rows.append({
+                "stage": name,
+                "seconds": round(stage.seconds, 3),
+                "gflop": None if stage.flops is None else round(stage.flops / 1e9, 1),
+                "floor_seconds": None if floor is None else round(floor, 3),
+                "times_floor": None if floor is None else round(stage.seconds / floor, 2),
+                "peak_rss_mb": round(stage.peak_rss / 2**20),
+            })
+        return rows
+
+    def as_dict(self) -> dict[str, object]:
+        """What the run's JSON records: the matmul rate and the rows."""
+        return {"matmul_gflops": None if self.rate is None else round(self.rate / 1e9, 1), "stages": self.rows(),
+                "raw": {name: asdict(stage) for name, stage in self.stages.items()}}
+
+    def table(self) -> str:
+        """The rows as a fixed-width text table, with the total."""
+        return format_profile(self.as_dict())
+
+
+def format_profile(profile: dict) -> str:
+    """A recorded profile (:meth:`StageProfile.as_dict`) as a text table."""
+    rows = profile["stages"]
+    width = max([len("stage"), *(len(row["stage"]) for row in rows)])
+    lines = [f"{'stage':<{width}} {'seconds':>9} {'GFLOP':>9} {'floor s':>9} {'× floor':>8} {'peak MB':>8}"]
+    for row in rows:
+        cells = {key: format(row[key], spec) if row[key] is not None else "—"
+                 for key, spec in (("gflop", ">9.1f"), ("floor_seconds", ">9.1f"), ("times_floor", ">8.2f"))}
+        lines.append(f"{row['stage']:<{width}} {row['seconds']:>9.1f} {cells['gflop']:>9} "
+                     f"{cells['floor_seconds']:>9} {cells['times_floor']:>8} {row['peak_rss_mb']:>8}")
+    total = sum(row["seconds"] for row in rows if ": " not in row["stage"])
+    peak = max((row["peak_rss_mb"] for row in rows), default=0)
+    lines.append(f"{'total (stages)':<{width}} {total:>9.1f} {'':>9} {'':>9} {'':>8} {peak:>8}")
+    rate = profile.get("matmul_gflops")
+    if rate:
+        lines.append(f"floors at the float32 matmul rate measured at the start of the run: {rate} GFLOP/s")
+    return "\n".join(lines)
