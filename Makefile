@@ -10,7 +10,7 @@ MODEL ?= embedded
 METHODS ?=
 METHOD_ARGS := $(if $(METHODS),--methods $(METHODS))
 
-.PHONY: setup test test-fast test-numerics margins lint bench-solver reproduce-llama-w4a4 reproduce-llama-w2a4 reproduce-vit \
+.PHONY: setup test test-fast test-numerics margins lint profile-llama-w4a4 profile-llama-w2a4 bench-solver reproduce-llama-w4a4 reproduce-llama-w2a4 reproduce-vit \
 	reproduce-spinquant-w4a4 reproduce-spinquant-w2a4 data-fashion-mnist
 
 setup: $(STAMP)
@@ -50,6 +50,10 @@ ifeq ($(MODEL),embedded)
 else
 	MODEL=$(MODEL) PYTHON=$(PY) bash fake_quant/run_llama_$*.sh $(METHOD_ARGS)
 endif
+
+# Where the main command's time and memory went (the stage table its last run recorded).
+profile-llama-w4a4 profile-llama-w2a4: profile-llama-%: setup
+	$(PY) -m common.profile results/fake_quant-smollm2-135m-$*.json
 
 # SpinQuant: the rotation is trained once (cached under .cache/spinquant/) and shared by W4A4 and W2A4.
 reproduce-spinquant-w4a4 reproduce-spinquant-w2a4: reproduce-spinquant-%: setup

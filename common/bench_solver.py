@@ -25,6 +25,7 @@ from common.device import device_description, pick_device
 from common.files import atomic_write_csv
 from common.gptaq import SolverConfig
 from common.methods import BASELINE, GPTAQ_OFFICIAL, METHODS, Method
+from common.profile import matmul_rate, synchronize
 from common.results.provenance import BENCH_SOLVER_CSV, REPO_ROOT
 
 DEFAULT_SHAPES = ((576, 576), (576, 1536), (4096, 4096), (11008, 4096))
@@ -34,26 +35,6 @@ FIELDS = [
 ]
 BENCHED = tuple(name for name, method in METHODS.items() if method.calibrated and name != GPTAQ_OFFICIAL.name)
 """The solvers timed (the official lazy update is GPTAQ's cost)."""
-
-
-def matmul_rate(device: torch.device, size: int = 4096, repeats: int = 3) -> float:
-    """Measured float32 ``torch.matmul`` rate in FLOP/s on ``size × size`` operands (best of ``repeats``)."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
-    torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _problem(rows: int, columns: int, device: torch.device, seed: int = 0):
@@ -73,10 +54,10 @@ def time_solve(method: Method, weight, hessian, drift, repeats: int, config: Sol
     method.solve(weight, hessian, drift, config)
     times = []
     for _ in range(repeats):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         method.solve(weight, hessian, drift, config)
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -84,7 +65,7 @@ def time_solve(method: Method, weight, hessian, drift, repeats: int, config: Sol
 def run(shapes, repeats: int, device: torch.device, bits: int = 4, blocksize: int = 128,
         methods: tuple[str, ...] = BENCHED) -> list[dict]:
     """Time ``methods`` on every shape; a row per (shape, method)."""
-    rate = matmul_rate(device)
+    rate = matmul_rate(device, size=4096, repeats=3)
     name = device_description(device)
     config = SolverConfig(bits=bits, blocksize=blocksize)
     rows_out = []

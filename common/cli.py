@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from common.config import parse_config
 from common.gptaq import CalibrationError
+from common.profile import format_profile
 
 
 def run_cli(
@@ -35,4 +37,7 @@ def run_cli(
         return 2
     print(f"wrote {csv_path} and {json_path}")
     print(csv_path.read_text())
+    profile = json.loads(json_path.read_text(encoding="utf-8")).get("profile")
+    if profile:
+        print(format_profile(profile))
     return 0

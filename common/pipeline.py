@@ -24,7 +24,8 @@ from common.calibration import (
 )
 from common.gptaq import SolverConfig
 from common.methods import method as get_method
-from common.results.runs import MetricRow, StageTimer
+from common.profile import StageProfile
+from common.results.runs import MetricRow
 from common.run_settings import RunSettings
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def compare_methods(
     *,
     prepare: Callable[[str], CalibrationReport | None],
     evaluate: Callable[[str], dict[str, float]],
-    timer: StageTimer,
+    timer: StageProfile,
     stage_prefix: str = "",
 ) -> tuple[list[MetricRow], dict[str, list[dict[str, Any]]]]:
     """Run ``prepare(method)`` then ``evaluate(method)`` for each method, from the same starting weights.
@@ -104,11 +105,14 @@ def compare_methods(
     for method in methods:
         model.load_state_dict(start)
         set_input_quantization(model, True)
-        with timer(f"{prefix}quantize {method}"):
+        stage = f"{prefix}quantize {method}"
+        with timer(stage):
             report = prepare(method)
         if report is not None:
             layers[method] = [dataclasses.asdict(layer) for layer in report.layers]
-        with timer(f"{prefix}evaluate {method}"):
+            for part, (seconds, flops) in report.parts.items():
+                timer.add(f"{stage}: {part}", seconds, flops)
+        with timer(f"{prefix}evaluate {method}", count_flops=True):
             results[method] = evaluate(method)
     names = list(dict.fromkeys(name for values in results.values() for name in values))
     rows = [

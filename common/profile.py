@@ -1,5 +1,6 @@
 """Where a run's time goes: per stage, its wall seconds, its floating-point operations, the FLOP floor at the
 matmul rate measured at the start of the run, and its peak resident memory.
+``python -m common.profile results/<run>.json`` prints the table a run recorded.
 
 * FLOPs are counted by :class:`torch.utils.flop_counter.FlopCounterMode` inside a stage (matrix products
   and attention), or handed in by the code that knows them (the calibration engine reports its forwards,
@@ -11,7 +12,9 @@ matmul rate measured at the start of the run, and its peak resident memory.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import re
 import resource
 import sys
@@ -27,7 +30,7 @@ _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
-def matmul_rate(device: torch.device, size: int = 2048, repeats: int = 3) -> float:
+def matmul_rate(device: torch.device, size: int = 1024, repeats: int = 5) -> float:
     """Measured float32 ``torch.matmul`` rate in FLOP/s on ``size × size`` operands (best of ``repeats``)."""
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
@@ -40,6 +43,11 @@ def matmul_rate(device: torch.device, size: int = 2048, repeats: int = 3) -> flo
         synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
+
+
+def start_profile(device: torch.device) -> StageProfile:
+    """A run's profile, its floors against the matmul rate measured now on ``device`` (a fraction of a second)."""
+    return StageProfile(matmul_rate(device))
 
 
 def synchronize(device: torch.device) -> None:
@@ -91,10 +99,10 @@ class StageProfile:
 
     Args:
         rate: the matmul rate (FLOP/s) the floors are measured against; ``None``: no floors.
-        count_flops: count each stage's FLOPs with :func:`counting_flops` by default.
+        count_flops: count every stage's FLOPs with :func:`counting_flops` (each stage may choose).
     """
 
-    def __init__(self, rate: float | None = None, *, count_flops: bool = True) -> None:
+    def __init__(self, rate: float | None = None, *, count_flops: bool = False) -> None:
         self.rate = rate
         self.count_flops = count_flops
         self.stages: dict[str, Stage] = {}
@@ -163,3 +171,26 @@ def format_profile(profile: dict) -> str:
     if rate:
         lines.append(f"floors at the float32 matmul rate measured at the start of the run: {rate} GFLOP/s")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the profile recorded in one or more result JSON files."""
+    parser = argparse.ArgumentParser(description="Print the stage profile of result JSON files.")
+    parser.add_argument("files", nargs="+", type=Path, help="results/<run>.json")
+    args = parser.parse_args(argv)
+    for path in args.files:
+        try:
+            profile = json.loads(path.read_text(encoding="utf-8")).get("profile")
+        except (OSError, json.JSONDecodeError) as error:
+            print(f"error: {path}: {error}", file=sys.stderr)
+            return 2
+        if not profile:
+            print(f"error: {path} records no profile (written by an older version?)", file=sys.stderr)
+            return 2
+        print(f"{path}:")
+        print(format_profile(profile))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -36,7 +36,7 @@ from common.llama.loading import ModelLoadError
 from common.lm.corpora import CorpusUnavailableError
 from common.lm.zeroshot import ZeroShotUnavailableError
 from common.methods import METHODS
-from common.results.runs import StageTimer
+from common.profile import start_profile
 from fake_quant.rotation import RotationInfo, rotate_model
 from fake_quant.settings import LlamaRunConfig
 
@@ -126,7 +126,7 @@ def run(config: LlamaRunConfig) -> tuple[Path, Path]:
     config.check_outputs()
     torch.manual_seed(config.seed)
     device = pick_device(config.device)
-    timer = StageTimer()
+    timer = start_profile(device)
     saved = Path(config.load_qmodel_path) if config.load_qmodel_path else None
     calibrate = config.calibrates and saved is None
     preflight(config, timer, calibrate=calibrate)

@@ -36,7 +36,8 @@ from common.llama.loading import ModelLoadError
 from common.llama.rotation import LlamaShape
 from common.lm.corpora import CorpusUnavailableError, calibration_windows
 from common.lm.zeroshot import ZeroShotUnavailableError
-from common.results.runs import MetricRow, StageTimer
+from common.profile import start_profile
+from common.results.runs import MetricRow
 from spinquant.rotation import (
     RotationFileError,
     SpinRotation,
@@ -151,7 +152,7 @@ def run(config: SpinQuantConfig) -> tuple[Path, Path]:
     config.check_outputs()
     torch.manual_seed(config.seed)
     device = pick_device(config.device)
-    timer = StageTimer()
+    timer = start_profile(device)
     check_rotation_file(config, preflight(config, timer, calibrate=True))
     with timer("load and prepare"):
         model, tokenizer = load_model(config)

@@ -20,7 +20,8 @@ from common.cli import run_cli
 from common.config import ConfigError
 from common.device import device_description, pick_device
 from common.pipeline import compare_methods, quantize
-from common.results.runs import StageTimer, write_run
+from common.profile import start_profile
+from common.results.runs import write_run
 from vit_quant.adapter import block_linear_input_sizes, prepare_vit
 from vit_quant.data import (
     DEFAULT_FASHION_MNIST_DIR,
@@ -105,7 +106,7 @@ def run(config: VitRunConfig) -> tuple[Path, Path]:
     config.check_outputs()
     torch.manual_seed(config.seed)
     device = pick_device(config.device)
-    timer = StageTimer()
+    timer = start_profile(device)
     with timer("preflight"):
         preflight(config)
     with timer("load model"):
@@ -140,6 +141,7 @@ def run(config: VitRunConfig) -> tuple[Path, Path]:
             "data_sha256": data_identity(config),
             "linear_groups": adapter.groups,
             "seconds": timer.seconds,
+            "profile": timer.as_dict(),
             "layers": layers,
         },
     )

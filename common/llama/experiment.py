@@ -27,8 +27,9 @@ from common.lm.corpora import calibration_windows, corpus_fingerprint, evaluatio
 from common.lm.perplexity import perplexity
 from common.lm.zeroshot import load_tasks, zero_shot_accuracy
 from common.pipeline import compare_methods, quantize
+from common.profile import StageProfile
 from common.quant.qlinear import QuantLinear
-from common.results.runs import MetricRow, StageTimer, write_run
+from common.results.runs import MetricRow, write_run
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def load_model(config: LlamaSettings) -> tuple[LlamaForCausalLM, PreTrainedToken
     return model.eval(), tokenizer
 
 
-def preflight(config: LlamaSettings, timer: StageTimer, *, calibrate: bool) -> LlamaShape:
+def preflight(config: LlamaSettings, timer: StageProfile, *, calibrate: bool) -> LlamaShape:
     """Check everything that can be checked before the weights are read; returns the model's sizes.
 
     Loads the zero-shot tasks' data and the corpora's texts (a Hub corpus or task that is unreachable
@@ -146,7 +147,7 @@ def compare_rotated(
     prepare: Prepare,
     eval_sets: Mapping[str, torch.Tensor],
     device: torch.device,
-    timer: StageTimer,
+    timer: StageProfile,
     label: str = "",
 ) -> tuple[list[MetricRow], dict[str, list[dict[str, Any]]]]:
     """``prepare(method)`` then evaluate ``model`` (rotated, quantizers added) for each method.
@@ -171,7 +172,7 @@ def write_llama_run(
     *,
     settings: Mapping[str, Any],
     layers: Mapping[str, Any],
-    timer: StageTimer,
+    timer: StageProfile,
     device: torch.device,
     metadata: Mapping[str, Any],
 ) -> tuple[Path, Path]:
@@ -193,6 +194,7 @@ def write_llama_run(
             "device": device_description(device),
             "data_sha256": data_identity,
             "seconds": timer.seconds,
+            "profile": timer.as_dict(),
             "layers": dict(layers),
             **metadata,
         },

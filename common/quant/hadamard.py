@@ -131,16 +131,27 @@ def _load_fast_kernel() -> Callable[[torch.Tensor, float], torch.Tensor] | None:
     return kernel
 
 
-def _butterfly(y: torch.Tensor) -> torch.Tensor:
-    """Unnormalized Sylvester transform of the last dim of ``y`` ``[B, p]`` (``p`` a power of two)."""
-    batch, p = y.shape
-    h = 1
-    while h < p:  # apply H_2 to index bit log2(h); the product over all bits is H_p
-        y = y.reshape(batch, p // (2 * h), 2, h)
-        lo, hi = y[:, :, 0], y[:, :, 1]
-        y = torch.stack((lo + hi, lo - hi), dim=2)
-        h *= 2
-    return y.reshape(batch, p)
+@functools.lru_cache(maxsize=1024)
+def _two_factors(n: int) -> tuple[int, int]:
+    """``(a, b)`` with ``H_n = kron(H_a, H_b)``, ``a = m·2**i`` and ``b = 2**j``, sizes balanced (least ``a + b``,
+    i.e. fewest multiply-adds per element) with ``b ≥ 16`` where possible (small trailing factors make the
+    first product a slow batch of tiny ones)."""
+    m, p = _split_or_raise(n, "n")
+    options = [(m * 2**i, p // 2**i) for i in range(p.bit_length())]
+    wide = [(a, b) for a, b in options if b >= min(16, p)]
+    return min(wide, key=lambda ab: (ab[0] + ab[1], ab[0]))
+
+
+@functools.lru_cache(maxsize=64)
+def _factor_matrices(n: int, dtype: torch.dtype, device: torch.device,
+                     normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached ``(H_a, H_b)`` of :func:`_two_factors`, ``H_b`` divided by ``sqrt(n)`` when ``normalize``
+    (treat as read-only)."""
+    a, b = _two_factors(n)
+    m, _ = _split(n)
+    left = torch.kron(_small_factor(m, torch.float64, torch.device("cpu")), _sylvester(a // m).double())
+    right = _sylvester(b).double() / (math.sqrt(n) if normalize else 1.0)
+    return left.to(dtype=dtype, device=device), right.to(dtype=dtype, device=device)
 
 
 def hadamard_transform(x: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
@@ -148,8 +159,9 @@ def hadamard_transform(x: torch.Tensor, *, normalize: bool = True) -> torch.Tens
 
     Divided by ``sqrt(n)`` when ``normalize`` (then orthogonal; an involution iff ``H_n`` is symmetric).
     Equals ``x @ hadamard_matrix(n).T / sqrt(n)`` up to rounding; keeps ``x``'s shape, dtype and device.
-    Costs ``O(n log n)`` for the ``2**k`` factor (butterfly, or the CUDA ``fast_hadamard_transform`` kernel
-    when installed) plus one dense ``m x m`` matmul.
+    As ``H_n = kron(H_a, H_b)`` with ``a ≈ b ≈ √n`` (:func:`_two_factors`), it is two matrix products,
+    ``(a + b)`` multiply-adds per element; on CUDA with ``fast_hadamard_transform`` installed, the ``2**k``
+    factor runs in that kernel instead.
     """
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -157,18 +169,20 @@ def hadamard_transform(x: torch.Tensor, *, normalize: bool = True) -> torch.Tens
         raise ValueError(f"x must be a floating-point tensor with >= 1 dim, got {x.dtype} {tuple(x.shape)}")
     n = x.shape[-1]
     m, p = _split_or_raise(_check_size(n, "x.shape[-1]"), "x.shape[-1]")
-    scale = 1.0 / math.sqrt(n) if normalize else 1.0
-    y = x.reshape(x.numel() // p, p)
+    rows = x.numel() // n
     kernel = _load_fast_kernel() if x.is_cuda and x.dtype in _FAST_KERNEL_DTYPES else None
     if p > 1 and kernel is not None and p <= _FAST_KERNEL_MAX_DIM:
-        y, scale = kernel(y.contiguous(), scale), 1.0
-    elif p > 1:
-        y = _butterfly(y)
-    if m > 1:
-        y = _small_factor(m, x.dtype, x.device) @ y.reshape(-1, m, p)
-    if scale != 1.0:
-        y = y * scale
-    return y.reshape(x.shape)
+        scale = 1.0 / math.sqrt(n) if normalize else 1.0
+        y = kernel(x.reshape(rows * m, p).contiguous(), scale)
+        if m > 1:
+            y = _small_factor(m, x.dtype, x.device) @ y.reshape(rows, m, p)
+        return y.reshape(x.shape)
+    if n == 1:
+        return x.clone()
+    left, right = _factor_matrices(n, x.dtype, x.device, normalize)
+    a, b = left.shape[0], right.shape[0]
+    y = x.reshape(rows * a, b) @ right.T
+    return (left @ y.reshape(rows, a, b)).reshape(x.shape)
 
 
 def random_signs(

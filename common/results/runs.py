@@ -45,28 +45,6 @@ class MetricRow:
     setting: str | None = None
 
 
-class StageTimer:
-    """Accumulates wall time per named stage: ``with timer("calibrate gptq"): ...``."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    def __call__(self, stage: str) -> _Stage:
-        return _Stage(self, stage)
-
-
-class _Stage:
-    def __init__(self, timer: StageTimer, stage: str) -> None:
-        self.timer, self.stage = timer, stage
-
-    def __enter__(self) -> None:
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        elapsed = time.perf_counter() - self.start
-        self.timer.seconds[self.stage] = round(self.timer.seconds.get(self.stage, 0.0) + elapsed, 3)
-
-
 def _archive(paths: Sequence[Path], history: Path) -> None:
     existing = [p for p in paths if p.exists()]
     if not existing:
