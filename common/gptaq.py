@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 LAZY_UPDATES = ("exact", "official")
 _DAMP_RETRIES = 6
 _STRUCTURE_BLOCK = 512
+_INNER_BLOCK = 16
+"""Columns per sub-block of the in-block lazy update (see :meth:`_BlockSolver.run`)."""
 
 
 class CalibrationError(RuntimeError):
@@ -375,7 +377,7 @@ def solve_layer(
     if perm is not None:
         quantized = quantized[:, torch.argsort(perm)]
     result = quantized.to(W.dtype)
-    if not torch.isfinite(result).all():
+    if not _all_finite(result):
         scales = f"alpha={config.alpha:g}, qep_alpha={config.qep_alpha:g}, " if needs_drift else ""
         hint = "lower the drift-correction scale or raise percdamp" if needs_drift else "raise percdamp"
         raise CalibrationError(
@@ -391,9 +393,19 @@ def _check_weight(W: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: W must be a 2-D floating-point tensor [rows, columns], got {shape}")
     if W.numel() == 0:
         raise ValueError(f"{name}: W must not be empty, got shape {tuple(W.shape)}")
-    bad = int((~torch.isfinite(W)).sum())
+    bad = 0 if _all_finite(W) else int((~torch.isfinite(W)).sum())
     if bad:
         raise ValueError(f"{name}: W contains {bad} NaN or Inf entries; the layer's weights are broken")
+
+
+def _largest_magnitude(tensor: torch.Tensor) -> float:
+    """``max |x|`` in one pass (NaN if any entry is NaN)."""
+    return float(torch.linalg.vector_norm(tensor, ord=math.inf))
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every entry is finite, from one reduction (the largest magnitude)."""
+    return math.isfinite(_largest_magnitude(tensor))
 
 
 def _symmetry_tolerance(dtype: torch.dtype) -> float:
@@ -407,10 +419,10 @@ def _check_statistics(H: torch.Tensor, D: torch.Tensor | None, columns: int, nam
             continue
         if stat.shape != (columns, columns):
             raise ValueError(f"{name}: {label} must have shape ({columns}, {columns}), got {tuple(stat.shape)}")
-        if not torch.isfinite(stat).all():
+        if not _all_finite(stat):
             raise CalibrationError(f"{name}: calibration statistic {label} contains NaN or Inf")
-    scale = float(H.abs().max())
-    asymmetry = float((H - H.T).abs().max())
+    scale = _largest_magnitude(H)
+    asymmetry = _largest_magnitude(H - H.T)
     if scale > 0 and asymmetry > _symmetry_tolerance(H.dtype) * scale:
         raise ValueError(
             f"{name}: H must be symmetric (2/N Σ x̃x̃ᵀ); max |H − Hᵀ| = {asymmetry:.3g} is {asymmetry / scale:.2g} "
@@ -435,7 +447,7 @@ def _factorize(hessian: torch.Tensor, percdamp: float, name: str) -> Factorizati
         if info.item() == 0:
             root = lower.flip(0, 1)
             upper = _upper_triangular_inverse(root)
-            if torch.isfinite(upper).all():
+            if _all_finite(upper):
                 return Factorization(upper, root, damp, torch.diagonal(damped).clone())
         next_damp = max(damp * 10, 1e-6)
         if attempt + 1 < _DAMP_RETRIES:
@@ -495,7 +507,8 @@ def _drift_correction(drift: torch.Tensor, upper: torch.Tensor, alpha: float) ->
 class _BlockSolver:
     """Column-by-column quantization with lazy block updates (state of one solve).
 
-    ``work`` [m, n] is updated in place; ``correction`` is GPTAQ's ``P`` or ``None`` for GPTQ.
+    The solve runs on ``Wᵀ`` [n, m] (one contiguous row per column of ``W``), so that the per-column work
+    reads and writes contiguous memory; ``correction`` is GPTAQ's ``P`` or ``None`` for GPTQ.
     """
 
     def __init__(
@@ -510,7 +523,7 @@ class _BlockSolver:
         group_of_column: list[int] | None,
         official: bool,
     ) -> None:
-        self.work = start.work
+        self.work = start.work.T.contiguous()
         self.first_column = start.first_column
         self.first_grid = start.first_grid
         self.upper = upper
@@ -526,52 +539,64 @@ class _BlockSolver:
             self.scale, self.zero = quantizer.params(start.work if start.first_grid is None else start.first_grid)
 
     def run(self, blocksize: int) -> tuple[torch.Tensor, float]:
-        """Quantize every column; returns the quantized weight [m, n] and the proxy loss."""
+        """Quantize every column; returns the quantized weight [m, n] and the proxy loss.
+
+        Two levels of lazy updates: columns go in blocks of ``blocksize`` (updates to later blocks are one
+        product per block), and inside a block in sub-blocks of :data:`_INNER_BLOCK` columns: a column
+        updates only the rest of its sub-block, and each finished sub-block updates the rest of the block
+        with one product. The per-column work (memory-bound) then touches ``16 × m`` values instead of the
+        whole block.
+        """
         work, upper, correction = self.work, self.upper, self.correction
-        columns = work.shape[1]
+        columns, rows = work.shape
         quantized = torch.empty_like(work)
         loss = torch.zeros((), dtype=work.dtype, device=work.device)
         for i1 in range(0, columns, blocksize):
             i2 = min(i1 + blocksize, columns)
-            block = work[:, i1:i2].clone()
+            width = i2 - i1
+            block = work[i1:i2].clone()
             errors = torch.empty_like(block)
             originals = torch.empty_like(block) if correction is not None else None
-            coefficients, pair = self._in_block_operands(i1, i2)
-            for i in range(i2 - i1):
-                column = i1 + i
-                w = block[:, i].clone()
-                self._update_params(column, i1, i2, i, block, errors, originals)
-                target = self.first_column if column == 0 and self.first_column is not None else w
-                q = self.quantizer.quantize(target.unsqueeze(1), self.scale, self.zero).squeeze(1)
-                quantized[:, column] = q
-                err = (w - q) / upper[column, column]
-                errors[:, i] = err
-                loss += torch.dot(err, err)
-                pair[:, 0] = err
-                if originals is not None:
-                    originals[:, i] = w
-                    pair[:, 1] = w
-                block[:, i + 1 :].addmm_(pair, coefficients[i, :, i + 1 :])
+            coefficients = self._in_block_coefficients(i1, i2)
+            pairs = work.new_zeros(width, 2, rows)
+            for j1 in range(0, width, _INNER_BLOCK):
+                j2 = min(j1 + _INNER_BLOCK, width)
+                for i in range(j1, j2):
+                    column = i1 + i
+                    w = block[i].clone()
+                    self._update_params(column, i1, i2, i, j1, j2, block, errors, originals, pairs, coefficients)
+                    target = self.first_column if column == 0 and self.first_column is not None else w
+                    q = self.quantizer.quantize(target.unsqueeze(1), self.scale, self.zero).squeeze(1)
+                    quantized[column] = q
+                    err = (w - q) / upper[column, column]
+                    errors[i] = err
+                    loss += torch.dot(err, err)
+                    pairs[i, 0] = err
+                    if originals is not None:
+                        originals[i] = w
+                        pairs[i, 1] = w
+                    if i + 1 < j2:
+                        block[i + 1 : j2].addmm_(coefficients[i, :, i + 1 : j2].T, pairs[i])
+                if j2 < width:
+                    block[j2:].addmm_(coefficients[j1:j2, :, j2:].reshape(-1, width - j2).T,
+                                      pairs[j1:j2].reshape(-1, rows))
             if i2 < columns:
-                work[:, i2:].addmm_(errors, upper[i1:i2, i2:], alpha=-1)
+                work[i2:].addmm_(upper[i1:i2, i2:].T, errors, alpha=-1)
                 if correction is not None:
-                    lhs = quantized[:, i1:i2] if self.official else originals
-                    work[:, i2:].addmm_(lhs, correction[i1:i2, i2:])
-        return quantized, float(loss) / 2
+                    lhs = quantized[i1:i2] if self.official else originals
+                    work[i2:].addmm_(correction[i1:i2, i2:].T, lhs)
+        return quantized.T, float(loss) / 2
 
-    def _in_block_operands(self, i1: int, i2: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Operands of the in-block update, one product per column (one pass over the block).
+    def _in_block_coefficients(self, i1: int, i2: int) -> torch.Tensor:
+        """``[−U[i]; P[i]]`` [b, 2, b] for the block's columns: the in-block update of column ``i`` is
+        ``coefficients[i]ᵀ @ [err; w]``.
 
-        Column ``i``'s update ``block[:, k] += −err·U[i, k] + w·P[i, k]`` is ``pair @ coefficients[i]``
-        with ``pair = [err, w]`` [m, 2] and ``coefficients[i] = [−U[i]; P[i]]`` [2, b]. GPTQ uses the same
-        rank-2 product with a zero second row and column (no dearer than rank 1: the pass over the block
-        dominates), so GPTAQ with ``P = 0`` computes bitwise the same numbers as GPTQ.
+        GPTQ uses the same rank-2 products with a zero second row (no dearer than rank 1: the pass over the
+        values dominates), so GPTAQ with ``P = 0`` computes bitwise the same numbers as GPTQ.
         """
         u_block = self.upper[i1:i2, i1:i2]
         p_block = torch.zeros_like(u_block) if self.correction is None else self.correction[i1:i2, i1:i2]
-        coefficients = torch.stack((-u_block, p_block), dim=1)
-        pair = self.work.new_zeros(self.work.shape[0], 2)
-        return coefficients, pair
+        return torch.stack((-u_block, p_block), dim=1)
 
     def _update_params(
         self,
@@ -579,9 +604,13 @@ class _BlockSolver:
         i1: int,
         i2: int,
         i: int,
+        j1: int,
+        j2: int,
         block: torch.Tensor,
         errors: torch.Tensor,
         originals: torch.Tensor | None,
+        pairs: torch.Tensor,
+        coefficients: torch.Tensor,
     ) -> None:
         """Set the grid for ``column`` when a group starts there (or for every column, static groups)."""
         if self.groupsize <= 0:
@@ -596,10 +625,11 @@ class _BlockSolver:
             self.scale, self.zero = self.quantizer.params(self.first_grid[:, :end])
             return
         if self.official:
-            values = self.work[:, column:end]
+            values = self.work[column:end]
         else:
-            values = self._current_values(column, end, i1, i2, i, block, errors, originals)
-        self.scale, self.zero = self.quantizer.params(values)
+            values = self._current_values(column, end, i1, i2, i, j1, j2, block, errors, originals, pairs,
+                                          coefficients)
+        self.scale, self.zero = self.quantizer.params(values.T.contiguous())
 
     def _current_values(
         self,
@@ -608,15 +638,28 @@ class _BlockSolver:
         i1: int,
         i2: int,
         i: int,
+        j1: int,
+        j2: int,
         block: torch.Tensor,
         errors: torch.Tensor,
         originals: torch.Tensor | None,
+        pairs: torch.Tensor,
+        coefficients: torch.Tensor,
     ) -> torch.Tensor:
-        """Values of columns ``[start, end)`` with every update from the columns quantized so far applied."""
-        inside = block[:, i : min(end, i2) - i1]
-        if end <= i2:
-            return inside
-        beyond = self.work[:, i2:end] - errors[:, :i] @ self.upper[i1 : i1 + i, i2:end]
-        if self.correction is not None:
-            beyond = beyond + originals[:, :i] @ self.correction[i1 : i1 + i, i2:end]
-        return torch.cat((inside, beyond), dim=1)
+        """Values [k, m] of columns ``[start, end)`` with every update from the columns quantized so far.
+
+        ``start`` is the current column (local index ``i`` of the sub-block ``[j1, j2)``): the rest of the
+        sub-block is current; later sub-blocks of the block still lack the sub-block's columns done so far;
+        later blocks lack all of this block's columns done so far.
+        """
+        stop = min(end, i2) - i1
+        parts = [block[i : min(stop, j2)]]
+        if stop > j2:
+            pending = pairs[j1:i].reshape(-1, pairs.shape[-1])
+            parts.append(block[j2:stop] + coefficients[j1:i, :, j2:stop].reshape(-1, stop - j2).T @ pending)
+        if end > i2:
+            beyond = self.work[i2:end] - self.upper[i1 : i1 + i, i2:end].T @ errors[:i]
+            if self.correction is not None:
+                beyond = beyond + self.correction[i1 : i1 + i, i2:end].T @ originals[:i]
+            parts.append(beyond)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
