@@ -400,7 +400,7 @@ def _check_weight(W: torch.Tensor, name: str) -> None:
 
 def _largest_magnitude(tensor: torch.Tensor) -> float:
     """``max |x|`` in one pass (NaN if any entry is NaN)."""
-    return float(torch.linalg.vector_norm(tensor, ord=math.inf))
+    return float(torch.linalg.vector_norm(tensor.detach(), ord=math.inf))
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
