@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.cache import CACHE_ENV_VAR, cache_root
 from common.config import ConfigError
 from common.files import check_plain_name, check_writable_dir, sweep_stale_temporaries
 from common.gptaq import LAZY_UPDATES
@@ -147,8 +148,12 @@ class RunSettings:
                                       f"size; {size} does not divide {features} ({name})")
 
     def check_outputs(self) -> None:
-        """Create and probe every output folder (``ConfigError`` naming the setting), sweep stale temporaries."""
-        for setting, folder in self.output_folders().items():
+        """Probe every output folder (``ConfigError`` naming the setting) and sweep stale temporaries; with
+        several methods, also the cache folder of the weight snapshot they start from."""
+        folders = self.output_folders()
+        if len(self.methods) > 1:
+            folders[f"{CACHE_ENV_VAR} (the weight snapshot between methods)"] = cache_root() / "snapshots"
+        for setting, folder in folders.items():
             check_writable_dir(folder, setting)
             sweep_stale_temporaries(folder)
 

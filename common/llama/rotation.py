@@ -50,6 +50,9 @@ KV_ATTENTION_PREFIX = "rotated_kv_"
 
 READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
 WRITERS = ("self_attn.o_proj", "mlp.down_proj")
+EMBEDDINGS = ("model.embed_tokens.weight", "lm_head.weight")
+_ROTATION_ROWS = 4096
+"""Rows of an embedding matrix rotated at once (float64 copies of 4096 × hidden)."""
 
 
 @dataclass(frozen=True)
@@ -232,35 +235,53 @@ def rotated_weights(
         raise ValueError(f"heads must hold one matrix per layer ({shape.num_layers}), got {len(heads)}")
     out: dict[str, torch.Tensor] = {}
     if embeddings:
-        out["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"] @ residual
-        out["lm_head.weight"] = weights["lm_head.weight"] @ residual
-    d = shape.head_dim
+        out.update({name: weights[name] @ residual for name in EMBEDDINGS})
     for index, head in enumerate(heads):
-        prefix = f"model.layers.{index}."
-        for name in READERS:
-            out[f"{prefix}{name}.weight"] = weights[f"{prefix}{name}.weight"] @ residual
-        for name in WRITERS:
-            out[f"{prefix}{name}.weight"] = residual.T @ weights[f"{prefix}{name}.weight"]
-            bias = weights.get(f"{prefix}{name}.bias")
-            if bias is not None:
-                out[f"{prefix}{name}.bias"] = bias @ residual
-        v_name, o_name = f"{prefix}self_attn.v_proj", f"{prefix}self_attn.o_proj"
-        out[f"{v_name}.weight"] = _rotate_value_rows(out[f"{v_name}.weight"], head, d)
-        if weights.get(f"{v_name}.bias") is not None:
-            out[f"{v_name}.bias"] = _rotate_value_bias(weights[f"{v_name}.bias"], head, d)
-        out[f"{o_name}.weight"] = _rotate_output_columns(out[f"{o_name}.weight"], head, d)
+        out.update(_rotated_layer(weights, index, residual, head, shape.head_dim))
+    return out
+
+
+def _rotated_layer(weights: Mapping[str, torch.Tensor], index: int, residual: torch.Tensor, head: torch.Tensor,
+                   head_dim: int) -> dict[str, torch.Tensor]:
+    """The rotated weights of decoder layer ``index`` (see :func:`rotated_weights`)."""
+    prefix = f"model.layers.{index}."
+    out: dict[str, torch.Tensor] = {}
+    for name in READERS:
+        out[f"{prefix}{name}.weight"] = weights[f"{prefix}{name}.weight"] @ residual
+    for name in WRITERS:
+        out[f"{prefix}{name}.weight"] = residual.T @ weights[f"{prefix}{name}.weight"]
+        bias = weights.get(f"{prefix}{name}.bias")
+        if bias is not None:
+            out[f"{prefix}{name}.bias"] = bias @ residual
+    v_name, o_name = f"{prefix}self_attn.v_proj", f"{prefix}self_attn.o_proj"
+    out[f"{v_name}.weight"] = _rotate_value_rows(out[f"{v_name}.weight"], head, head_dim)
+    if weights.get(f"{v_name}.bias") is not None:
+        out[f"{v_name}.bias"] = _rotate_value_bias(weights[f"{v_name}.bias"], head, head_dim)
+    out[f"{o_name}.weight"] = _rotate_output_columns(out[f"{o_name}.weight"], head, head_dim)
     return out
 
 
 @torch.no_grad()
 def rotate_weights_(model: LlamaForCausalLM, *, residual: torch.Tensor, heads: Sequence[torch.Tensor]) -> None:
-    """Apply :func:`rotated_weights` to a prepared ``model`` in place, computing in float64."""
+    """Apply :func:`rotated_weights` to a prepared ``model`` in place, computing in float64.
+
+    One tensor (embeddings, in row chunks) or one layer at a time, so the float64 copies stay small.
+    """
     state = model.state_dict()
-    weights64 = {name: tensor.double() for name, tensor in state.items() if name.endswith((".weight", ".bias"))}
-    rotated = rotated_weights(weights64, LlamaShape.of(model), residual=residual.double(),
-                              heads=[h.double() for h in heads])
-    for name, value in rotated.items():
-        _set(state[name], value)
+    shape = LlamaShape.of(model)
+    if len(heads) != shape.num_layers:
+        raise ValueError(f"heads must hold one matrix per layer ({shape.num_layers}), got {len(heads)}")
+    residual = residual.double()
+    unique = {state[name].data_ptr(): state[name] for name in EMBEDDINGS}  # tied embeddings: rotated once
+    for embedding in unique.values():
+        for rows in embedding.split(_ROTATION_ROWS):
+            _set(rows, rows.double() @ residual)
+    for index, head in enumerate(heads):
+        prefix = f"model.layers.{index}."
+        layer = {name: tensor.double() for name, tensor in state.items()
+                 if name.startswith(prefix) and name.endswith((".weight", ".bias"))}
+        for name, value in _rotated_layer(layer, index, residual, head.double(), shape.head_dim).items():
+            _set(state[name], value)
 
 
 @torch.no_grad()
