@@ -330,6 +330,8 @@ class _BlockCalibration:
             stats = self._group_statistics(group, shared, quant_stream, full_inputs, solved)
             for name in group:
                 records.append(self._solve(name, stats[shared[name]], reference_norms.get(name)))
+            for name in set(shared.values()):
+                full_inputs.pop(name, None)  # this group's full-precision inputs are not needed again
             solved += group
         next_quant = self._forward_all(quant_stream, solved)
         set_input_quantization(self.block, True)
@@ -379,9 +381,10 @@ class _BlockCalibration:
     def _group_statistics(self, group, shared, quant_stream, full_inputs, solved):
         settings = self.settings
         representatives = list(dict.fromkeys(shared.values()))
+        asymmetric = self.settings.spec.needs_full_precision_stream
         stats = {
             name: CalibrationStatistics(
-                self.linears[name].in_features, asymmetric=bool(full_inputs), dtype=settings.stats_dtype,
+                self.linears[name].in_features, asymmetric=asymmetric, dtype=settings.stats_dtype,
                 device=settings.device, name=f"block {self.index}: {name}",
             )
             for name in representatives
@@ -393,10 +396,10 @@ class _BlockCalibration:
             self._forward(hidden, self.block_kwargs[batch], replay, record, seen, stop=True)
             began = time.perf_counter()
             for name in representatives:
-                full = full_inputs[name][batch].to(settings.device) if full_inputs else None
+                full = full_inputs[name][batch].to(settings.device) if asymmetric else None
                 stats[name].add(seen[name][0], full)
             columns = [self.linears[name].in_features for name in representatives]
-            grams = 2 if full_inputs else 1
+            grams = 2 if asymmetric else 1
             flops = sum(grams * 2 * seen[name][0].numel() * n for name, n in zip(representatives, columns,
                                                                                    strict=True))
             self.report.add_part("statistics", time.perf_counter() - began, flops)

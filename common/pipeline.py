@@ -94,20 +94,24 @@ def compare_methods(
     evaluate: Callable[[str], dict[str, float]],
     timer: StageProfile,
     stage_prefix: str = "",
+    evaluation_flops: Callable[[], float] | None = None,
 ) -> tuple[list[MetricRow], dict[str, list[dict[str, Any]]]]:
     """Run ``prepare(method)`` then ``evaluate(method)`` for each method, from the same starting weights.
 
     ``evaluate`` returns ``{metric: value}``; metrics ending in ``_ppl`` are lower-is-better. Returns the
     metric rows (one per metric, a value per method) and the per-layer calibration records per method.
     ``stage_prefix`` (e.g. the rotation's name) starts the timer's stage names when a run compares
-    several models.
+    several models. ``evaluation_flops`` (called once, before the first method, outside every stage) gives
+    the FLOPs of one evaluation for the profile.
     """
     prefix = f"{stage_prefix} " if stage_prefix else ""
     results: dict[str, dict[str, float]] = {}
     layers: dict[str, list[dict[str, Any]]] = {}
+    flops = evaluation_flops() if evaluation_flops is not None else None
     with WeightSnapshot(model) as start:
         for method in methods:
             _compare_one(model, method, start, prepare, evaluate, timer, prefix, results, layers)
+            timer.add(f"{prefix}evaluate {method}", 0.0, flops)
     names = list(dict.fromkeys(name for values in results.values() for name in values))
     rows = [
         MetricRow(name, higher_is_better=not name.endswith("_ppl"),
@@ -128,7 +132,7 @@ def _compare_one(model: nn.Module, method: str, start: WeightSnapshot, prepare, 
         layers[method] = [dataclasses.asdict(layer) for layer in report.layers]
         for part, (seconds, flops) in report.parts.items():
             timer.add(f"{stage}: {part}", seconds, flops)
-    with timer(f"{prefix}evaluate {method}", count_flops=True):
+    with timer(f"{prefix}evaluate {method}"):
         results[method] = evaluate(method)
 
 

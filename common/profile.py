@@ -7,19 +7,21 @@ matmul rate measured at the start of the run, and its peak resident memory.
   statistics and solves separately: :meth:`StageProfile.add`). A stage's floor is its FLOPs divided by
   the matmul rate: the time it would take if every operation ran as fast as one large ``torch.matmul``.
 * Peak memory: on Linux the process's peak resident set (``VmHWM``) is reset at each stage's start
-  (``/proc/self/clear_refs``), so each stage reports its own peak; elsewhere the process-wide peak so far.
+  (``/proc/self/clear_refs``, after freed memory is handed back with ``malloc_trim``), so each stage reports
+  its own peak; elsewhere the process-wide peak so far.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import re
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -71,6 +73,37 @@ def counting_flops() -> Iterator[FlopCounterMode]:
         yield counter
 
 
+def forward_flops(forward: Callable[[], object]) -> float:
+    """The FLOPs of one call of ``forward`` (no gradients), counted by :func:`counting_flops`.
+
+    Counting every operation of a long stage slows it (Python runs for each operation), so stages that
+    repeat one forward (an evaluation) count one and multiply.
+    """
+    with torch.no_grad(), counting_flops() as counter:
+        forward()
+    return float(counter.get_total_flops())
+
+
+def release_freed_memory() -> None:
+    """Hand memory the allocator has freed back to the system (glibc's ``malloc_trim``; elsewhere nothing)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 (glibc only)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _load_libc()
+
+
 def _peak_rss_bytes() -> int:
     if _STATUS.is_file():
         match = re.search(r"VmHWM:\s+(\d+) kB", _STATUS.read_text())
@@ -115,6 +148,7 @@ class StageProfile:
     @contextlib.contextmanager
     def __call__(self, name: str, *, count_flops: bool | None = None) -> Iterator[None]:
         count = self.count_flops if count_flops is None else count_flops
+        release_freed_memory()
         _reset_peak_rss()
         start = time.perf_counter()
         with counting_flops() if count else contextlib.nullcontext() as counter:

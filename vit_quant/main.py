@@ -15,12 +15,13 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
 from common.cli import run_cli
 from common.config import ConfigError
 from common.device import device_description, pick_device
 from common.pipeline import compare_methods, quantize
-from common.profile import start_profile
+from common.profile import forward_flops, start_profile
 from common.results.runs import write_run
 from vit_quant.adapter import block_linear_input_sizes, prepare_vit
 from vit_quant.data import (
@@ -125,7 +126,13 @@ def run(config: VitRunConfig) -> tuple[Path, Path]:
         logger.info("%s top-1 %.2f%%", method, top1)
         return {"top1": top1}
 
-    rows, layers = compare_methods(model, config.methods, prepare=prepare, evaluate=evaluate, timer=timer)
+    def evaluation_flops() -> float:
+        """One image's forward (a calibration image: the evaluation's shape), counted, times the images."""
+        images = len(evaluation.dataset) if isinstance(evaluation, DataLoader) else len(evaluation)
+        return forward_flops(lambda: model.to(device)(calibration[:1].to(device))) * images
+
+    rows, layers = compare_methods(model, config.methods, prepare=prepare, evaluate=evaluate, timer=timer,
+                                   evaluation_flops=evaluation_flops)
     return write_run(
         config.results_dir,
         config.run_name,

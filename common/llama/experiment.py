@@ -27,7 +27,7 @@ from common.lm.corpora import calibration_windows, corpus_fingerprint, evaluatio
 from common.lm.perplexity import perplexity
 from common.lm.zeroshot import load_tasks, zero_shot_accuracy
 from common.pipeline import compare_methods, quantize
-from common.profile import StageProfile
+from common.profile import StageProfile, forward_flops
 from common.quant.qlinear import QuantLinear
 from common.results.runs import MetricRow, write_run
 
@@ -162,8 +162,19 @@ def compare_rotated(
         model.to("cpu")
         return metrics
 
+    def evaluation_flops() -> float:
+        """One window's forward, counted, times the windows of every perplexity corpus (zero-shot excluded)."""
+        windows = sum(len(w) for w in eval_sets.values())
+        if not windows:
+            return 0.0
+        first = next(w for w in eval_sets.values() if len(w))[:1].to(device)
+        model.to(device)
+        per_window = forward_flops(lambda: model(input_ids=first, use_cache=False))
+        model.to("cpu")
+        return per_window * windows
+
     return compare_methods(model, methods, prepare=prepare, evaluate=evaluate_method, timer=timer,
-                           stage_prefix=label)
+                           stage_prefix=label, evaluation_flops=evaluation_flops)
 
 
 def write_llama_run(
