@@ -2,7 +2,8 @@
 and no long work started (a pytest plugin, see the repository's ``conftest.py``).
 
 A tree's test module lists :class:`BadInput` cases and runs each with :func:`expect_refusal`; the fixture
-:func:`unwritable_dir` gives a folder this process cannot write to, even as root.
+:func:`unwritable_dir` gives a folder this process cannot write to, even as root, and :func:`watched_llama`
+the tiny Llama setup with every model load recorded and evaluation and calibration forbidden.
 """
 
 from __future__ import annotations
@@ -67,3 +68,28 @@ def unwritable_dir(tmp_path: Path) -> Path:
         yield found
     finally:
         locked.chmod(stat.S_IRWXU)
+
+
+@pytest.fixture
+def watched_llama(tiny_setup: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, list[str]]:
+    """``(folder, events)``: the tiny Llama setup; ``events`` gets ``"load"`` whenever a model's weights are
+    loaded, and starting an evaluation or a calibration fails the test."""
+    from common.llama import experiment
+
+    events: list[str] = []
+    load = experiment.load_llama
+
+    def loading(*args, **kwargs):
+        events.append("load")
+        return load(*args, **kwargs)
+
+    def forbidden(stage: str):
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"{stage} started before the bad input was refused")
+
+        return refuse
+
+    monkeypatch.setattr(experiment, "load_llama", loading)
+    monkeypatch.setattr(experiment, "perplexity", forbidden("evaluation"))
+    monkeypatch.setattr(experiment, "quantize", forbidden("calibration"))
+    return tiny_setup, events

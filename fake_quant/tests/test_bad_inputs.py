@@ -147,28 +147,6 @@ BEFORE_EVALUATION = [
 ]
 
 
-@pytest.fixture
-def watched(tiny_setup, monkeypatch):
-    """The tiny setup, recording whether a model was loaded and whether evaluation or calibration started."""
-    events: list[str] = []
-    load = experiment.load_llama
-
-    def loading(*args, **kwargs):
-        events.append("load")
-        return load(*args, **kwargs)
-
-    def forbidden(stage: str):
-        def refuse(*args, **kwargs):
-            raise AssertionError(f"{stage} started before the bad input was refused")
-
-        return refuse
-
-    monkeypatch.setattr(experiment, "load_llama", loading)
-    monkeypatch.setattr(experiment, "perplexity", forbidden("evaluation"))
-    monkeypatch.setattr(experiment, "quantize", forbidden("calibration"))
-    return tiny_setup, events
-
-
 def _run_case(case: BadInput, folder: Path, capsys) -> str:
     results = folder / "results"
     extra = case.setup(folder) if case.setup else []
@@ -177,8 +155,8 @@ def _run_case(case: BadInput, folder: Path, capsys) -> str:
 
 
 @pytest.mark.parametrize("case", BEFORE_LOAD, ids=lambda c: c.case)
-def test_refused_before_the_model_loads(case: BadInput, watched, capsys) -> None:
-    folder, events = watched
+def test_refused_before_the_model_loads(case: BadInput, watched_llama, capsys) -> None:
+    folder, events = watched_llama
     line = _run_case(case, folder, capsys)
     assert case.names in line
     assert events == [], "the model was loaded before the bad input was refused"
@@ -197,14 +175,14 @@ def test_refused_before_evaluating(case: BadInput, tiny_setup, capsys, monkeypat
     assert not (folder / "results").exists()
 
 
-def test_unwritable_results_folder_is_refused_first(watched, unwritable_dir, capsys) -> None:
-    _, events = watched
+def test_unwritable_results_folder_is_refused_first(watched_llama, unwritable_dir, capsys) -> None:
+    _, events = watched_llama
     line = expect_refusal(fq_main.main, ["--results_dir", str(unwritable_dir / "results"), *BASE], capsys)
     assert "results_dir: cannot write to folder" in line and events == []
 
 
-def test_unwritable_save_folder_is_refused_first(watched, unwritable_dir, capsys) -> None:
-    folder, events = watched
+def test_unwritable_save_folder_is_refused_first(watched_llama, unwritable_dir, capsys) -> None:
+    folder, events = watched_llama
     argv = ["--results_dir", str(folder / "results"), *BASE, "--save_qmodel_path", str(unwritable_dir / "q")]
     line = expect_refusal(fq_main.main, argv, capsys)
     assert "save_qmodel_path: cannot write to folder" in line and events == []
@@ -239,11 +217,12 @@ def test_unrotated_tied_model_saves_and_reloads(tiny_setup) -> None:
     assert rows[0] == rows[1]  # fp too: the reloaded run's fp column has activation quantization off
 
 
-def test_unwritable_model_cache_is_refused_before_converting(watched, unwritable_dir, capsys, monkeypatch) -> None:
+def test_unwritable_model_cache_is_refused_before_converting(watched_llama, unwritable_dir, capsys,
+                                                               monkeypatch) -> None:
     """The embedded model is converted into the cache on first use: a cache that cannot take it is refused first."""
-    _, events = watched
+    _, events = watched_llama
     monkeypatch.setenv("GPTAQ_CACHE_DIR", str(unwritable_dir / "cache"))
-    line = expect_refusal(fq_main.main, ["--results_dir", str(watched[0] / "results"), *BASE], capsys)
+    line = expect_refusal(fq_main.main, ["--results_dir", str(watched_llama[0] / "results"), *BASE], capsys)
     assert "GPTAQ_CACHE_DIR (the model cache): cannot write to folder" in line and events == []
 
 

@@ -12,7 +12,6 @@ import pytest
 from safetensors.torch import save_file
 from transformers import LlamaForCausalLM
 
-from common.llama import experiment
 from common.llama.rotation import LlamaShape
 from common.tests.bad_inputs import BadInput, expect_refusal
 from common.tests.llama_fixtures import TINY_CORPUS, tiny_llama
@@ -99,22 +98,9 @@ CASES = [
 ]
 
 
-@pytest.fixture
-def watched(tiny_setup, monkeypatch):
-    events: list[str] = []
-    load = experiment.load_llama
-
-    def loading(*args, **kwargs):
-        events.append("load")
-        return load(*args, **kwargs)
-
-    monkeypatch.setattr(experiment, "load_llama", loading)
-    return tiny_setup, events
-
-
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.case)
-def test_refused_before_the_model_loads(case: BadInput, watched, capsys) -> None:
-    folder, events = watched
+def test_refused_before_the_model_loads(case: BadInput, watched_llama, capsys) -> None:
+    folder, events = watched_llama
     extra = case.setup(folder) if case.setup else ["--rotation_path", str(folder / "R.safetensors")]
     capsys.readouterr()
     line = expect_refusal(sq_main.main, ["--results_dir", str(folder / "results"), *BASE, *case.argv, *extra], capsys)
@@ -122,8 +108,8 @@ def test_refused_before_the_model_loads(case: BadInput, watched, capsys) -> None
     assert events == [], "the model was loaded before the bad input was refused"
 
 
-def test_unwritable_rotation_folder_is_refused_first(watched, unwritable_dir, capsys) -> None:
-    folder, events = watched
+def test_unwritable_rotation_folder_is_refused_first(watched_llama, unwritable_dir, capsys) -> None:
+    folder, events = watched_llama
     argv = ["--results_dir", str(folder / "results"), *BASE, "--rotation_path", str(unwritable_dir / "R.safetensors")]
     line = expect_refusal(sq_main.main, argv, capsys)
     assert "rotation_path: cannot write to folder" in line and events == []

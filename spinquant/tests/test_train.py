@@ -81,7 +81,7 @@ def test_training_loss_is_the_fused_quantized_models_loss(k_bits: int, margin) -
 
 def test_training_closes_most_of_the_quantization_gap(margin) -> None:
     """Outlier channels in the residual stream make A2 per-token quantization lose ~0.7 nats; the learned
-    rotation spreads them out. Measured: the gap is 0.70 nats and training closes 93–95 % of it under every
+    rotation spreads them out. Measured: the gap is 0.70 nats and training closes 87–93 % of it under every
     kernel setting (native AVX-512, default, AVX2, one thread)."""
     model, shape, windows = _ready_model(a_bits=2, outliers=True)
     settings = TrainingSettings(steps=30, lr=1.5, batch_size=16, micro_batch_size=8, log_every=30)
