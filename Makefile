@@ -11,7 +11,8 @@ METHODS ?=
 METHOD_ARGS := $(if $(METHODS),--methods $(METHODS))
 
 .PHONY: setup test test-fast test-numerics margins lint profile-llama-w4a4 profile-llama-w2a4 bench-solver reproduce-llama-w4a4 reproduce-llama-w2a4 reproduce-vit \
-	reproduce-spinquant-w4a4 reproduce-spinquant-w2a4 data-fashion-mnist
+	reproduce-spinquant-w4a4 reproduce-spinquant-w2a4 reproduce-llama-w4a4-zeroshot reproduce-spinquant-w4a4-zeroshot \
+	data-fashion-mnist
 
 setup: $(STAMP)
 
@@ -51,6 +52,11 @@ else
 	MODEL=$(MODEL) PYTHON=$(PY) bash fake_quant/run_llama_$*.sh $(METHOD_ARGS)
 endif
 
+# The embedded W4A4 run plus two offline zero-shot tasks (1000 examples each, lm-eval; common/lm/embedded_tasks.py).
+# Other models: add --tasks to their run script (e.g. the paper's six, common.lm.zeroshot.PAPER_TASKS).
+reproduce-llama-w4a4-zeroshot: setup
+	$(PY) -m fake_quant.main --config fake_quant/configs/embedded_w4a4_zeroshot.yaml $(METHOD_ARGS)
+
 # Where the main command's time and memory went (the stage table its last run recorded).
 profile-llama-w4a4 profile-llama-w2a4: profile-llama-%: setup
 	$(PY) -m common.profile results/fake_quant-smollm2-135m-$*.json
@@ -62,6 +68,9 @@ ifeq ($(MODEL),embedded)
 else
 	MODEL=$(MODEL) PYTHON=$(PY) bash spinquant/run_spinquant_$*.sh $(METHOD_ARGS)
 endif
+
+reproduce-spinquant-w4a4-zeroshot: setup
+	$(PY) -m spinquant.main --config spinquant/configs/embedded_w4a4_zeroshot.yaml $(METHOD_ARGS)
 
 .PHONY: report report-ablations
 report: setup

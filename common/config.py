@@ -66,8 +66,13 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         raise ConfigError(f"{name} must be of type {getattr(base, '__name__', base)}, got {value!r}") from None
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """The mapping in a YAML file (an empty file is an empty mapping); every problem is a ``ConfigError``."""
+BASE_KEY = "base"
+"""A config file's ``base: other.yaml`` (relative to the file) loads that file first; this file's keys win."""
+
+
+def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping in a YAML file (an empty file is an empty mapping) over that of its ``base`` file, if it
+    names one (:data:`BASE_KEY`); every problem, a cycle of bases included, is a ``ConfigError``."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"--config: {path} is a folder, not a YAML file")
@@ -91,7 +96,18 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"--config: config file {path} must hold a mapping of settings, got {type(data).__name__}")
     if any(not isinstance(key, str) for key in data):
         raise ConfigError(f"--config: config file {path}: every key must be a setting name, got {list(data)}")
-    return data
+    if BASE_KEY not in data:
+        return data
+    base = data.pop(BASE_KEY)
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"--config: {path}: {BASE_KEY} must name a YAML file, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    chain = (*_chain, path.resolve())
+    if base_path in chain:
+        raise ConfigError(f"--config: {path}: {BASE_KEY} {base} makes a cycle ({' -> '.join(map(str, chain))})")
+    if not base_path.is_file():
+        raise ConfigError(f"--config: {path}: {BASE_KEY} file {base_path} does not exist")
+    return {**load_yaml(base_path, chain), **data}
 
 
 def _default_text(field: dataclasses.Field) -> str:

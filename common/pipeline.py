@@ -29,7 +29,7 @@ from common.files import sweep_stale_temporaries
 from common.gptaq import SolverConfig
 from common.methods import method as get_method
 from common.profile import StageProfile
-from common.results.runs import MetricRow
+from common.results.runs import STDERR_SUFFIX, MetricRow
 from common.run_settings import RunSettings
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,8 @@ def compare_methods(
 ) -> tuple[list[MetricRow], dict[str, list[dict[str, Any]]]]:
     """Run ``prepare(method)`` then ``evaluate(method)`` for each method, from the same starting weights.
 
-    ``evaluate`` returns ``{metric: value}``; metrics ending in ``_ppl`` are lower-is-better. Returns the
+    ``evaluate`` returns ``{metric: value}``; metrics ending in ``_ppl`` are lower-is-better, those ending in
+    ``_stderr`` are standard errors (see :mod:`common.results.runs`). Returns the
     metric rows (one per metric, a value per method) and the per-layer calibration records per method.
     ``stage_prefix`` (e.g. the rotation's name) starts the timer's stage names when a run compares
     several models. ``evaluation_flops`` (called once, before the first method, outside every stage) gives
@@ -114,7 +115,7 @@ def compare_methods(
             timer.add(f"{prefix}evaluate {method}", 0.0, flops)
     names = list(dict.fromkeys(name for values in results.values() for name in values))
     rows = [
-        MetricRow(name, higher_is_better=not name.endswith("_ppl"),
+        MetricRow(name, higher_is_better=not name.endswith(("_ppl", STDERR_SUFFIX)),
                   values={m: results[m][name] for m in methods if name in results[m]})
         for name in names
     ]

@@ -25,7 +25,7 @@ from common.llama.rotation import LlamaShape
 from common.llama.settings import LlamaSettings
 from common.lm.corpora import calibration_windows, corpus_fingerprint, evaluation_windows, load_corpus
 from common.lm.perplexity import perplexity
-from common.lm.zeroshot import load_tasks, zero_shot_accuracy
+from common.lm.zeroshot import load_tasks, zero_shot_identity, zero_shot_metrics
 from common.pipeline import compare_methods, quantize
 from common.profile import StageProfile, forward_flops
 from common.quant.qlinear import QuantLinear
@@ -107,7 +107,9 @@ def evaluate(
     eval_sets: Mapping[str, torch.Tensor],
     device: torch.device,
 ) -> dict[str, float]:
-    """``{<corpus>_ppl: perplexity, <task>_acc: accuracy in %}`` of ``model`` (moved to ``device``)."""
+    """``{<corpus>_ppl: perplexity}`` and the zero-shot metrics (see
+    :func:`common.lm.zeroshot.zero_shot_metrics`: ``<task>_acc`` in %, its ``_stderr``, ...) of ``model``
+    (moved to ``device``)."""
     model.to(device)
     metrics = {}
     for dataset, windows in eval_sets.items():
@@ -115,10 +117,9 @@ def evaluate(
                                                desc=f"{label} {dataset}")
         logger.info("%s %s perplexity %.3f", label, dataset, metrics[f"{dataset}_ppl"])
     if config.tasks:
-        accuracies = zero_shot_accuracy(model, tokenizer, config.tasks, batch_size=config.eval_batch_size,
-                                        device=device, limit=config.tasks_limit,
-                                        include_path=config.tasks_include_path)
-        metrics.update({f"{task}_acc": value for task, value in accuracies.items()})
+        metrics.update(zero_shot_metrics(model, tokenizer, config.tasks, batch_size=config.tasks_batch_size,
+                                         device=device, limit=config.tasks_limit,
+                                         include_path=config.tasks_include_path))
     return metrics
 
 
@@ -204,6 +205,7 @@ def write_llama_run(
             "seed": config.seed,
             "device": device_description(device),
             "data_sha256": data_identity,
+            "zero_shot_data": zero_shot_identity(config.tasks),
             "seconds": timer.seconds,
             "profile": timer.as_dict(),
             "layers": dict(layers),

@@ -36,6 +36,7 @@ class LlamaSettings(RunSettings):
     tasks: list[str] = field(default_factory=list, metadata=describe("lm-eval zero-shot tasks (comma separated)"))
     tasks_include_path: str | None = field(default=None, metadata=describe("folder of extra lm-eval task YAMLs"))
     tasks_limit: int | None = field(default=None, metadata=describe("lm-eval examples per task (None = all)"))
+    tasks_batch_size: int = field(default=8, metadata=describe("lm-eval requests per forward"))
     k_bits: int = field(default=16, metadata=describe("K-cache bits, 1..16 (16 = off)"))
     v_bits: int = field(default=16, metadata=describe("V-cache bits, 1..16 (16 = off)"))
     kv_clip_ratio: float = field(default=1.0, metadata=describe("KV range shrink, (0, 1]"))
@@ -54,6 +55,7 @@ class LlamaSettings(RunSettings):
         check_positive("eval_batch_size", self.eval_batch_size)
         check_positive("eval_max_windows", self.eval_max_windows, optional=True)
         check_positive("tasks_limit", self.tasks_limit, optional=True)
+        check_positive("tasks_batch_size", self.tasks_batch_size)
         check_one_of("calib_dataset", self.calib_dataset, tuple(sorted(CORPORA)))
         for corpus in self.eval_datasets:
             check_one_of("eval_datasets", corpus, tuple(sorted(CORPORA)))
@@ -72,7 +74,7 @@ class LlamaSettings(RunSettings):
     def evaluation_settings(self) -> tuple[str, ...]:
         """The settings of what and how to evaluate (a saved model is evaluated with the current ones)."""
         return ("name", "device", "eval_datasets", "eval_max_windows", "eval_batch_size", "tasks", "tasks_limit",
-                "tasks_include_path", "results_dir")
+                "tasks_batch_size", "tasks_include_path", "results_dir")
 
     def window_settings(self) -> tuple[str, ...]:
         """The settings that are token counts per window (each must fit the model's positions)."""

@@ -4,7 +4,9 @@ The model is wrapped as it is (no reload, no copy) with ``lm_eval.models.hugging
 ``lm_eval.simple_evaluate`` at zero few-shot. Following QuaRot, a task's accuracy is its length-normalised
 ``acc_norm`` when the task reports one and plain ``acc`` otherwise.
 
-Task data come from the Hugging Face Hub through ``datasets`` (cached under ``HF_HOME``). Without network,
+The embedded tasks of :mod:`common.lm.embedded_tasks` (``last_word_embedded``, ``cloze_embedded``) are
+generated from the embedded corpora on first use and need no network. Other tasks' data come from the
+Hugging Face Hub through ``datasets`` (cached under ``HF_HOME``). Without network,
 set ``HF_HUB_OFFLINE=1`` (or ``HF_DATASETS_OFFLINE=1``) before ``datasets`` is imported: cached data then
 load from the cache and missing data fail at once with :class:`ZeroShotUnavailableError`. Without those
 variables an unreachable Hub costs ``huggingface_hub``'s retries (about 20 s per task) before that error.
@@ -14,9 +16,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+from importlib.metadata import version
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import datasets
 import torch
@@ -28,11 +33,20 @@ from lm_eval.tasks import TaskManager
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from common.lm.embedded_tasks import EMBEDDED_TASKS, embedded_task_folder, embedded_task_identity
+
 PAPER_TASKS: tuple[str, ...] = ("piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande", "boolq")
 """The six zero-shot tasks reported in the GPTAQ paper (the QuaRot set)."""
 
 SEED = 0
 """Seed passed to every random generator lm-eval sets (python, numpy, torch, few-shot sampler)."""
+
+BOOTSTRAP_ITERS = 1000
+"""lm-eval's resamples for the standard error of metrics without a closed form (e.g. a task's perplexity);
+accuracies use the closed form ``sqrt(p(1 - p) / (n - 1))`` whatever this is."""
+
+AVERAGE = "average"
+"""The task name under which :func:`zero_shot_metrics` reports the mean over tasks."""
 
 
 class ZeroShotUnavailableError(RuntimeError):
@@ -51,9 +65,9 @@ class _HFLM(HFLM):
 
 
 @functools.cache
-def _task_manager(include_path: str | None) -> TaskManager:
-    """lm-eval's task index (built-in tasks plus ``include_path``); indexing takes seconds, so it is cached."""
-    return TaskManager(include_path=include_path)
+def _task_manager(include_paths: tuple[str, ...]) -> TaskManager:
+    """lm-eval's task index (built-in tasks plus ``include_paths``); indexing takes seconds, so it is cached."""
+    return TaskManager(include_path=list(include_paths) or None)
 
 
 @contextmanager
@@ -103,12 +117,47 @@ def _check_tying(model: nn.Module) -> None:
         )
 
 
-def _accuracy(name: str, metrics: dict[str, float]) -> float:
-    """``acc_norm`` if reported, else ``acc``, in percent."""
-    for key in ("acc_norm,none", "acc,none"):
-        if key in metrics:
-            return 100.0 * float(metrics[key])
-    raise ValueError(f"task {name!r} reports neither acc_norm nor acc (metrics: {sorted(metrics)})")
+def _percent(metrics: dict[str, Any], key: str) -> float | None:
+    value = metrics.get(f"{key},none")
+    return None if value is None or isinstance(value, str) else 100.0 * float(value)
+
+
+def task_metrics(name: str, metrics: dict[str, Any]) -> dict[str, float]:
+    """``{<name>_acc, <name>_acc_stderr, <name>_acc_norm, <name>_acc_norm_stderr}`` in percent from one task's
+    lm-eval results; ``acc_norm`` only where the task reports it, a standard error only where lm-eval
+    computed one."""
+    out = {}
+    for key in ("acc", "acc_norm"):
+        value = _percent(metrics, key)
+        if value is None:
+            continue
+        out[f"{name}_{key}"] = value
+        stderr = _percent(metrics, f"{key}_stderr")
+        if stderr is not None:
+            out[f"{name}_{key}_stderr"] = stderr
+    if f"{name}_acc" not in out and f"{name}_acc_norm" not in out:
+        raise ValueError(f"task {name!r} reports neither acc_norm nor acc (metrics: {sorted(metrics)})")
+    return out
+
+
+def headline_accuracy(name: str, metrics: dict[str, float]) -> float:
+    """QuaRot's convention for one task of :func:`task_metrics`: ``acc_norm`` when reported, else ``acc``."""
+    return metrics.get(f"{name}_acc_norm", metrics.get(f"{name}_acc", math.nan))
+
+
+def _include_paths(tasks: list[str], include_path: str | Path | None) -> tuple[str, ...]:
+    paths = [] if include_path is None else [str(Path(include_path).resolve())]
+    if any(name in EMBEDDED_TASKS for name in tasks):
+        paths.append(str(embedded_task_folder().resolve()))
+    return tuple(paths)
+
+
+def zero_shot_identity(tasks: list[str]) -> dict[str, Any]:
+    """What a run's JSON records of its zero-shot data: for an embedded task its generated data's identity
+    (:func:`common.lm.embedded_tasks.embedded_task_identity`), for any other the lm-eval version that
+    defines it (its data come from the Hub)."""
+    embedded = embedded_task_identity(tasks)
+    return {name: embedded.get(name) or {"source": f"lm-eval {version('lm_eval')} task"} for name in tasks}
 
 
 def load_tasks(
@@ -116,23 +165,27 @@ def load_tasks(
 ) -> tuple[TaskManager, list[Task | Group]]:
     """Check the names and load every task's data (zero few-shot); callers can run it as a preflight.
 
-    Raises ``ValueError`` for an empty or repeated list or an unknown name, and
-    :class:`ZeroShotUnavailableError` when a task's data cannot be loaded.
+    The embedded tasks' files are generated first if any is named. Raises ``ValueError`` for an empty or
+    repeated list or an unknown name, and :class:`ZeroShotUnavailableError` when a task's data cannot be
+    loaded.
     """
     if not tasks:
         raise ValueError("tasks must name at least one lm-eval task")
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"tasks must not repeat a name, got {tasks}")
-    manager = _task_manager(None if include_path is None else str(Path(include_path).resolve()))
+    if AVERAGE in tasks:
+        raise ValueError(f"tasks: {AVERAGE!r} is the name of the mean over tasks, not a task")
+    manager = _task_manager(_include_paths(tasks, include_path))
     known = set(manager.all_subtasks) | set(manager.all_groups)
     unknown = [name for name in tasks if name not in known]
     if unknown:
-        raise ValueError(f"unknown lm-eval task(s) or group(s): {', '.join(unknown)}")
+        raise ValueError(f"unknown lm-eval task(s) or group(s): {', '.join(unknown)} (offline embedded tasks: "
+                         f"{', '.join(EMBEDDED_TASKS)})")
     with _quiet(progress):
         return manager, [_load_zero_shot(manager, name) for name in tasks]
 
 
-def zero_shot_accuracy(
+def zero_shot_metrics(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     tasks: list[str],
@@ -143,13 +196,16 @@ def zero_shot_accuracy(
     include_path: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Zero-shot accuracy in percent of ``model`` on each lm-eval task (or group) in ``tasks``.
+    """Zero-shot accuracies in percent of ``model`` on each lm-eval task (or group) in ``tasks``.
 
-    Returns ``{task: acc_norm if the task reports it else acc}`` (QuaRot's convention), plus ``"average"``,
-    the unweighted mean over ``tasks``, when there is more than one. ``device``, if given, moves ``model``
+    Returns, for each task, :func:`task_metrics`' keys (``<task>_acc`` and, where reported,
+    ``<task>_acc_norm``, each with its standard error ``..._stderr`` in points), plus ``average_acc``, the
+    unweighted mean over ``tasks`` of :func:`headline_accuracy` (QuaRot's convention: ``acc_norm`` when a task
+    reports it, else ``acc``), when there is more than one task. ``device``, if given, moves ``model``
     there in place; otherwise it is evaluated where it lies. ``limit`` scores only the first ``limit``
     documents of each task (for smoke tests; not comparable with full results). ``include_path`` adds a
-    folder of task YAMLs to lm-eval's built-in ones. Seeds are fixed, so repeated calls agree.
+    folder of task YAMLs to lm-eval's built-in ones and the embedded tasks. Seeds are fixed, so repeated
+    calls agree.
 
     ``progress=False`` hides the ``datasets`` and log-likelihood progress bars (lm-eval's short per-task
     request-building bar stays). Warnings of lm-eval still show, its info messages do not.
@@ -168,7 +224,7 @@ def zero_shot_accuracy(
             model=lm,
             tasks=built,
             limit=limit,
-            bootstrap_iters=0,
+            bootstrap_iters=BOOTSTRAP_ITERS,
             log_samples=False,
             task_manager=manager,
             random_seed=SEED,
@@ -177,7 +233,9 @@ def zero_shot_accuracy(
             fewshot_random_seed=SEED,
         )
     assert output is not None  # None only on non-zero ranks of a distributed run
-    scores = {name: _accuracy(name, output["results"][name]) for name in tasks}
-    if len(scores) > 1:
-        scores["average"] = sum(scores.values()) / len(scores)
-    return scores
+    metrics: dict[str, float] = {}
+    for name in tasks:
+        metrics.update(task_metrics(name, output["results"][name]))
+    if len(tasks) > 1:
+        metrics[f"{AVERAGE}_acc"] = sum(headline_accuracy(name, metrics) for name in tasks) / len(tasks)
+    return metrics

@@ -3,7 +3,8 @@
 Reads every ``<results-dir>/*.csv`` (the schema of :mod:`common.results.runs`) with its sidecar JSON and writes a
 Markdown report (default ``<results-dir>/REPORT.md``) with one section per tree (fake_quant, spinquant,
 vit_quant): a table of model x setting x metric with a column per method of :mod:`common.methods` (the
-default ones always, the others when a run computed them), the best quantized value in bold, a
+default ones always, the others when a run computed them; a value with a standard error row, e.g. a zero-shot
+accuracy, shows it as ``value ± stderr``), the best quantized value in bold, a
 ``method − baseline`` column for every other calibrated method (``--baseline``, default GPTQ), the runs'
 settings, versions and wall times, and one figure per tree (``report_<tree>.png`` beside the report) of the
 main metric: perplexity for the LLM trees, top-1 for ViTs.
@@ -26,7 +27,7 @@ import argparse
 import math
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from common.results.reading import (
     differing_keys,
     load_runs,
 )
+from common.results.runs import STDERR_SUFFIX
 from common.results.style import (
     cell_text,
     decimals_for,
@@ -68,6 +70,7 @@ class TableRow:
     run: Run
     record: MetricRecord
     notes: tuple[int, ...]
+    stderr: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -108,10 +111,15 @@ def build_table(tree: str, runs: Sequence[Run], baseline: str = BASELINE) -> Tre
             run_notes.setdefault(run.name, []).append(len(notes))
     rows = []
     for run in runs:
+        errors = {(r.model, r.setting, r.metric.removesuffix(STDERR_SUFFIX)): r.values
+                  for r in run.records if r.metric.endswith(STDERR_SUFFIX)}
         for record in run.records:
+            if record.metric.endswith(STDERR_SUFFIX):
+                continue
             group = group_note.get((record.model, record.setting))
             numbers = ([group] if group is not None else []) + run_notes.get(run.name, [])
-            rows.append(TableRow(run, record, tuple(sorted(numbers))))
+            stderr = errors.get((record.model, record.setting, record.metric), {})
+            rows.append(TableRow(run, record, tuple(sorted(numbers)), dict(stderr)))
     rows.sort(key=lambda r: (r.record.model, r.record.setting, r.record.metric, r.run.name))
     return TreeTable(tree, sorted(runs, key=lambda r: r.name), rows, notes, baseline)
 
@@ -149,7 +157,9 @@ def _row_cells(row: TableRow, methods: Sequence[str], baseline: str) -> list[str
 
     def value(method: str) -> str:
         text = number_text(record.values.get(method), decimals)
-        return f"**{text}**" if method in best else text
+        text = f"**{text}**" if method in best else text
+        error = row.stderr.get(method)
+        return text if error is None or record.values.get(method) is None else f"{text} ± {error:.{decimals}f}"
 
     def difference(method: str) -> str:
         own, base = record.values.get(method), record.values.get(baseline)

@@ -3,7 +3,8 @@
 ``results/<name>.csv`` columns: ``model, setting, metric, higher_is_better`` then one column per method
 (the methods of :mod:`common.methods` that the run computed, in registry order), then the run's scalar settings (lists
 joined with ``+``; a setting named like a fixed column, e.g. ``model``, is that column). Accuracies are in
-percent, perplexities plain.
+percent, perplexities plain. A row whose metric ends in :data:`STDERR_SUFFIX` holds the standard errors of
+the row it names (``higher_is_better`` False).
 ``results/<name>.json`` holds the settings, per-stage wall times, per-layer calibration errors, seed,
 package versions, device and git commit, and the SHA-256 of the CSV (``csv_sha256``). The pair is written as
 a set: both files are complete on disk before either is renamed into place, the JSON last, so a reader
@@ -26,6 +27,9 @@ from typing import Any
 from common.files import atomic_write_set, csv_text, json_text, sweep_stale_temporaries, write_text
 from common.methods import METHOD_NAMES
 from common.results.provenance import git_commit, package_versions
+
+STDERR_SUFFIX = "_stderr"
+"""A metric named ``<metric>_stderr`` is the standard error of ``<metric>`` (same units), not a result of its own."""
 
 CSV_DIGEST_KEY = "csv_sha256"
 """The JSON's record of its CSV's SHA-256: the JSON is written last, so it vouches for a complete pair."""

@@ -1,4 +1,4 @@
-"""zero_shot_accuracy on a tiny random Llama and small local lm-eval tasks (offline)."""
+"""zero_shot_metrics on a tiny random Llama and small local lm-eval tasks (offline)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from common.lm.zeroshot import ZeroShotUnavailableError, zero_shot_accuracy
+from common.lm.zeroshot import ZeroShotUnavailableError, zero_shot_metrics
 
 # Single-word answers, distinct across items; label = index of the gold choice.
 ITEMS = [
@@ -114,15 +114,21 @@ def _hand_accuracies(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast
 
 def test_matches_hand_computation_and_is_deterministic(model, tokenizer, task_dir):
     tasks = ["tiny_mc", "tiny_mc_acc"]
-    scores = zero_shot_accuracy(model, tokenizer, tasks, batch_size=4, include_path=task_dir, progress=False)
+    scores = zero_shot_metrics(model, tokenizer, tasks, batch_size=4, include_path=task_dir, progress=False)
     acc, acc_norm = _hand_accuracies(model, tokenizer)
     assert acc != acc_norm  # so the metric choice is visible
-    assert set(scores) == {*tasks, "average"}
-    assert scores["tiny_mc"] == pytest.approx(acc_norm)  # acc_norm preferred when reported
+    assert set(scores) == {"tiny_mc_acc", "tiny_mc_acc_stderr", "tiny_mc_acc_norm", "tiny_mc_acc_norm_stderr",
+                           "tiny_mc_acc_acc", "tiny_mc_acc_acc_stderr", "average_acc"}
     assert scores["tiny_mc_acc"] == pytest.approx(acc)
-    assert scores["average"] == pytest.approx((acc + acc_norm) / 2)
+    assert scores["tiny_mc_acc_norm"] == pytest.approx(acc_norm)
+    assert scores["tiny_mc_acc_acc"] == pytest.approx(acc)
+    assert scores["average_acc"] == pytest.approx((acc_norm + acc) / 2)  # acc_norm where a task reports it
+    n = len(ITEMS)  # lm-eval's closed form for the standard error of a mean of 0/1 outcomes, in points
+    for key, value in [("tiny_mc_acc", acc), ("tiny_mc_acc_norm", acc_norm)]:
+        p = value / 100
+        assert scores[f"{key}_stderr"] == pytest.approx(100 * (p * (1 - p) / (n - 1)) ** 0.5)
     assert all(0.0 <= value <= 100.0 for value in scores.values())
-    again = zero_shot_accuracy(model, tokenizer, tasks, batch_size=2, include_path=task_dir, progress=False)
+    again = zero_shot_metrics(model, tokenizer, tasks, batch_size=2, include_path=task_dir, progress=False)
     assert again == scores
 
 
@@ -133,35 +139,35 @@ def test_rigged_model_gets_expected_accuracy(model, tokenizer, task_dir):
     bias[tokenizer.convert_tokens_to_ids(favoured)] = 30.0
     handle = model.lm_head.register_forward_hook(lambda _module, _inputs, logits: logits + bias)
     try:
-        scores = zero_shot_accuracy(model, tokenizer, ["tiny_mc"], include_path=task_dir, progress=False)
+        scores = zero_shot_metrics(model, tokenizer, ["tiny_mc"], include_path=task_dir, progress=False)
     finally:
         handle.remove()
-    assert scores == {"tiny_mc": pytest.approx(100 * 4 / 6)}
+    assert scores["tiny_mc_acc"] == pytest.approx(100 * 4 / 6)
 
 
 def test_limit_scores_first_documents(model, tokenizer, task_dir):
-    scores = zero_shot_accuracy(model, tokenizer, ["tiny_mc"], limit=2, include_path=task_dir, progress=False)
-    assert scores["tiny_mc"] in (0.0, 50.0, 100.0)
+    scores = zero_shot_metrics(model, tokenizer, ["tiny_mc"], limit=2, include_path=task_dir, progress=False)
+    assert scores["tiny_mc_acc"] in (0.0, 50.0, 100.0)
 
 
 def test_unknown_task_raises_value_error(model, tokenizer, task_dir):
     with pytest.raises(ValueError, match="no_such_task_xyz"):
-        zero_shot_accuracy(model, tokenizer, ["tiny_mc", "no_such_task_xyz"], include_path=task_dir)
+        zero_shot_metrics(model, tokenizer, ["tiny_mc", "no_such_task_xyz"], include_path=task_dir)
 
 
 def test_untied_head_with_tied_config_is_refused(model, tokenizer, task_dir):
     config = copy.deepcopy(model.config)
     config.tie_word_embeddings = True
     tied = LlamaForCausalLM(config).eval()
-    assert "tiny_mc" in zero_shot_accuracy(tied, tokenizer, ["tiny_mc"], include_path=task_dir, progress=False)
+    assert "tiny_mc_acc" in zero_shot_metrics(tied, tokenizer, ["tiny_mc"], include_path=task_dir, progress=False)
     tied.lm_head.weight = torch.nn.Parameter(tied.lm_head.weight.detach().clone())  # e.g. quantized head only
     with pytest.raises(ValueError, match="tie_word_embeddings"):
-        zero_shot_accuracy(tied, tokenizer, ["tiny_mc"], include_path=task_dir)
+        zero_shot_metrics(tied, tokenizer, ["tiny_mc"], include_path=task_dir)
 
 
 def test_missing_local_data_raises_unavailable(model, tokenizer, task_dir):
     with pytest.raises(ZeroShotUnavailableError, match="tiny_missing") as info:
-        zero_shot_accuracy(model, tokenizer, ["tiny_missing"], include_path=task_dir)
+        zero_shot_metrics(model, tokenizer, ["tiny_missing"], include_path=task_dir)
     assert "\n" not in str(info.value)
 
 
@@ -178,5 +184,5 @@ def test_hub_task_offline_fails_fast(model, tokenizer, task_dir, monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     with pytest.raises(ZeroShotUnavailableError, match=r"'tiny_hub'.*no-such-dataset"):
-        zero_shot_accuracy(model, tokenizer, ["tiny_hub"], include_path=task_dir)
+        zero_shot_metrics(model, tokenizer, ["tiny_hub"], include_path=task_dir)
     assert attempts == []

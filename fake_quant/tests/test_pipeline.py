@@ -145,8 +145,9 @@ def test_zero_shot_rows_through_lm_eval_offline(local_tasks):
                      tasks_include_path=str(local_tasks))
     csv_path, _ = fq_main.run(config)
     rows = {row["metric"]: row for row in _read_csv(csv_path)}
-    assert set(rows) == {"tiny_text_ppl", "river_mc_acc"}
+    assert set(rows) == {"tiny_text_ppl", "river_mc_acc", "river_mc_acc_stderr"}
     assert rows["river_mc_acc"]["higher_is_better"] == "True"
+    assert rows["river_mc_acc_stderr"]["higher_is_better"] == "False"
     for method in ("fp", "gptaq"):  # three items: the accuracy is a multiple of a third
         assert round(float(rows["river_mc_acc"][method]) * 3 / 100, 4) in (0, 1, 2, 3)
 
