@@ -25,7 +25,6 @@ from common.llama.rotation import LlamaShape
 from common.llama.settings import LlamaSettings
 from common.lm.corpora import calibration_windows, corpus_fingerprint, evaluation_windows, load_corpus
 from common.lm.perplexity import perplexity
-from common.lm.zeroshot import load_tasks, zero_shot_identity, zero_shot_metrics
 from common.pipeline import compare_methods, quantize
 from common.profile import StageProfile, forward_flops
 from common.quant.qlinear import QuantLinear
@@ -55,6 +54,8 @@ def preflight(config: LlamaSettings, timer: StageProfile, *, calibrate: bool) ->
         if config.tasks_include_path and not Path(config.tasks_include_path).is_dir():
             raise ConfigError(f"tasks_include_path: {config.tasks_include_path} is not a folder")
         if config.tasks:
+            from common.lm.zeroshot import load_tasks  # lm-eval and datasets cost 0.13 GB of memory: only if used
+
             load_tasks(config.tasks, include_path=config.tasks_include_path)
         corpora = [(config.calib_dataset, "train")] if calibrate else []
         for corpus, split in [*corpora, *((name, "test") for name in config.eval_datasets)]:
@@ -117,6 +118,8 @@ def evaluate(
                                                desc=f"{label} {dataset}")
         logger.info("%s %s perplexity %.3f", label, dataset, metrics[f"{dataset}_ppl"])
     if config.tasks:
+        from common.lm.zeroshot import zero_shot_metrics
+
         metrics.update(zero_shot_metrics(model, tokenizer, config.tasks, batch_size=config.tasks_batch_size,
                                          device=device, limit=config.tasks_limit,
                                          include_path=config.tasks_include_path))
@@ -178,6 +181,14 @@ def compare_rotated(
                            stage_prefix=label, evaluation_flops=evaluation_flops)
 
 
+def _zero_shot_identity(tasks: list[str]) -> dict[str, Any]:
+    if not tasks:
+        return {}
+    from common.lm.zeroshot import zero_shot_identity
+
+    return zero_shot_identity(tasks)
+
+
 def write_llama_run(
     config: LlamaSettings,
     rows: Sequence[MetricRow],
@@ -205,7 +216,7 @@ def write_llama_run(
             "seed": config.seed,
             "device": device_description(device),
             "data_sha256": data_identity,
-            "zero_shot_data": zero_shot_identity(config.tasks),
+            "zero_shot_data": _zero_shot_identity(config.tasks),
             "seconds": timer.seconds,
             "profile": timer.as_dict(),
             "layers": dict(layers),

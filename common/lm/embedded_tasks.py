@@ -12,12 +12,12 @@ reads only ``"train"``, so no example was seen during calibration):
   occurs in the passage", leaves about 630 examples in this text, too few for a 1.6-point standard error, so
   it is recorded per example (``in_context``, true for about one in six) instead of enforced. The task is
   therefore harder than LAMBADA: closer to predicting a sentence's last content word.
-* ``cloze_embedded`` (4-way multiple choice, metrics ``acc`` and ``acc_norm``, lm-eval's byte-length
-  normalisation): the first half of a sentence of at least :data:`MIN_CLOZE_WORDS` words; the choices are
-  its true second half and the second halves of three other sentences of the same document (same topic,
-  so the choice rests on the stem, not on the subject) whose word counts differ from the true one's by at
-  most :data:`LENGTH_SLACK_WORDS` (so length gives the answer away to neither metric); sentences whose
-  document has too few such endings are skipped; the true one's position is drawn at random.
+* ``cloze_embedded`` (4-way multiple choice, metrics ``acc`` and ``acc_norm``, lm-eval's normalisation
+  by the choice's length in characters): the first half of a sentence of at least :data:`MIN_CLOZE_WORDS`
+  words; the choices are its true second half and the second halves of three other sentences of the same
+  document (same topic, so the choice rests on the stem, not on the subject) whose word counts differ from
+  the true one's by at most :data:`LENGTH_SLACK_WORDS` (so length gives the answer away to neither metric);
+  sentences whose document has too few such endings are skipped; the true one's position is drawn at random.
 
 Sentences are the lines of a document (headings dropped) cut after ``.``, ``!`` or ``?`` before a capital,
 quote or parenthesis. :func:`embedded_task_folder` writes ``<cache>/zeroshot/<key>/``: one JSONL of examples
@@ -147,7 +147,8 @@ def build_cloze(paragraphs: Sequence[Paragraph], rng: random.Random, count: int)
         words = paragraph.sentences[index].split()
         stem, ending = words[: len(words) // 2], " ".join(words[len(words) // 2:])
         lengths = range(len(words) - len(stem) - LENGTH_SLACK_WORDS, len(words) - len(stem) + LENGTH_SLACK_WORDS + 1)
-        pool = sorted({text for n in lengths for position, text in endings.get((paragraph.corpus, paragraph.document, n), [])
+        same_document = (endings.get((paragraph.corpus, paragraph.document, n), []) for n in lengths)
+        pool = sorted({text for found in same_document for position, text in found
                        if position != choice and text != ending})
         if len(pool) < CHOICES - 1:
             continue

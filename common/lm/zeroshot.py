@@ -17,9 +17,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from importlib.metadata import version
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 

@@ -301,3 +301,17 @@ def test_ablation_run_without_alpha_names_the_run(tmp_path: Path) -> None:
     write_result(tmp_path / "ablations", "ablation-x", [("wiki_embedded_ppl", False, {"gptaq": 29.0})])
     with pytest.raises(ReportError, match="ablation run `ablation-x` has no numeric alpha setting"):
         write_report(tmp_path)
+
+
+def test_standard_errors_show_beside_their_values_not_as_rows(tmp_path: Path) -> None:
+    write_result(tmp_path, "fake_quant-zs", [
+        ("cloze_embedded_acc", True, {"fp": 80.1, "gptq": 70.2, "gptaq": 72.3}),
+        ("cloze_embedded_acc_stderr", False, {"fp": 1.26, "gptq": 1.45, "gptaq": 1.42}),
+        ("last_word_embedded_acc", True, {"fp": 30.0, "gptq": 20.0}),
+    ])
+    report = report_of(tmp_path)
+    cloze = cells(table_line(report, "embedded", "W4A4", "cloze_embedded_acc ↑"))
+    assert cloze[3:8] == ["80.10 ± 1.26", "—", "70.20 ± 1.45", "**72.30** ± 1.42", "+2.10"]
+    last_word = cells(table_line(report, "embedded", "W4A4", "last_word_embedded_acc ↑"))
+    assert last_word[3:6] == ["30.00", "—", "20.00"]  # one quantized value: nothing to bold
+    assert "_stderr" not in section(report, "fake_quant")
