@@ -177,3 +177,16 @@ def test_lm_eval_scores_them_offline_as_defined(word_model, folder: Path, monkey
         assert scores[key] == pytest.approx(value), key
         assert f"{key}_stderr" in scores
     assert len({scores[f"{CLOZE}_acc"], scores[f"{CLOZE}_acc_norm"], 0.0, 100.0}) >= 2  # not all degenerate
+
+
+@pytest.mark.slow
+def test_embedded_model_scores_far_above_chance(margin) -> None:
+    """The full-precision SmolLM2 on the first 40 examples of each task (the whole tasks: README)."""
+    from common.llama.loading import load_llama
+    from common.lm.zeroshot import zero_shot_metrics
+
+    model, tokenizer = load_llama("embedded")
+    scores = zero_shot_metrics(model.eval(), tokenizer, list(EMBEDDED_TASKS), limit=40, progress=False)
+    # chance: 25 % for 4 choices; a greedy match of a whole word by chance is ~0
+    margin("cloze_embedded acc_norm % (40 examples, chance 25)", scores[f"{CLOZE}_acc_norm"], above=45.0)
+    margin("last_word_embedded acc % (40 examples, chance ~0)", scores[f"{LAST_WORD}_acc"], above=10.0)
