@@ -24,6 +24,7 @@ from common.config import ConfigError
 from common.device import pick_device
 from common.files import atomic_write, atomic_write_json
 from common.llama.experiment import (
+    PerExample,
     add_quantizers,
     compare_rotated,
     load_data,
@@ -151,10 +152,12 @@ def run(config: LlamaRunConfig) -> tuple[Path, Path]:
             save_qmodel(model, Path(config.save_qmodel_path), method, config, rotation)
         return report
 
+    per_example: PerExample = {}
     rows, layers = compare_rotated(model, tokenizer, config, methods, prepare=prepare, eval_sets=eval_sets,
-                                   device=device, timer=timer)
+                                   device=device, timer=timer, per_example=per_example)
     return write_llama_run(config, rows, settings=dataclasses.asdict(config), layers=layers, timer=timer,
-                           device=device, metadata={"rotation": dataclasses.asdict(rotation) if rotation else None})
+                           device=device, metadata={"rotation": dataclasses.asdict(rotation) if rotation else None,
+                                                    "per_example": {config.setting: per_example}})
 
 
 def main(argv: list[str] | None = None) -> int:

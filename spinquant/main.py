@@ -24,6 +24,7 @@ from common.config import ConfigError
 from common.device import pick_device
 from common.files import check_output_file
 from common.llama.experiment import (
+    PerExample,
     add_quantizers,
     compare_rotated,
     load_data,
@@ -174,13 +175,15 @@ def run(config: SpinQuantConfig) -> tuple[Path, Path]:
 
     rows: list[MetricRow] = []
     layers: dict[str, list] = {}
+    per_example: dict[str, PerExample] = {}
     for kind, rotation in rotations.items():
         label = LABELS[kind]
         model.load_state_dict(unrotated)
         fuse_rotation(model, rotation)
+        per_example[f"{config.setting} {label}"] = found = {}
         method_rows, method_layers = compare_rotated(
             model, tokenizer, config, config.methods, prepare=quantizing(model, config, calibration, device),
-            eval_sets=eval_sets, device=device, timer=timer, label=label,
+            eval_sets=eval_sets, device=device, timer=timer, label=label, per_example=found,
         )
         rows += labelled(method_rows, f"{config.setting} {label}")
         layers.update({f"{label}/{method}": records for method, records in method_layers.items()})

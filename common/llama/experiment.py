@@ -24,7 +24,7 @@ from common.llama.loading import load_llama, load_llama_config
 from common.llama.rotation import LlamaShape
 from common.llama.settings import LlamaSettings
 from common.lm.corpora import calibration_windows, corpus_fingerprint, evaluation_windows, load_corpus
-from common.lm.perplexity import perplexity
+from common.lm.perplexity import perplexity_of, window_nlls
 from common.pipeline import compare_methods, quantize
 from common.profile import StageProfile, forward_flops
 from common.quant.qlinear import QuantLinear
@@ -100,6 +100,11 @@ def load_data(
     return calibration, eval_sets
 
 
+PerExample = dict[str, dict[str, Any]]
+"""``{method: {metric: per-example data}}`` (see :func:`evaluate`). A run's JSON keeps one per row setting
+under ``"per_example"``: ``{setting: {method: {metric: data}}}``."""
+
+
 def evaluate(
     model: LlamaForCausalLM,
     tokenizer: PreTrainedTokenizerBase,
@@ -107,22 +112,35 @@ def evaluate(
     label: str,
     eval_sets: Mapping[str, torch.Tensor],
     device: torch.device,
+    per_example: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """``{<corpus>_ppl: perplexity}`` and the zero-shot metrics (see
     :func:`common.lm.zeroshot.zero_shot_metrics`: ``<task>_acc`` in %, its ``_stderr``, ...) of ``model``
-    (moved to ``device``)."""
+    (moved to ``device``).
+
+    ``per_example``, if given, receives the data behind each metric, for paired comparisons between
+    methods: ``<corpus>_ppl`` → each window's summed next-token NLL in nats (``seqlen − 1`` tokens each);
+    ``<task>_acc`` / ``_acc_norm`` → the outcome of each example as a ``"0"``/``"1"`` string.
+    """
     model.to(device)
-    metrics = {}
+    metrics: dict[str, float] = {}
+    found: dict[str, Any] = {}
     for dataset, windows in eval_sets.items():
-        metrics[f"{dataset}_ppl"] = perplexity(model, windows, batch_size=config.eval_batch_size, device=device,
-                                               desc=f"{label} {dataset}")
+        sums = window_nlls(model, windows, batch_size=config.eval_batch_size, device=device,
+                           desc=f"{label} {dataset}")
+        metrics[f"{dataset}_ppl"] = perplexity_of(sums, windows.shape[1])
+        found[f"{dataset}_ppl"] = sums
         logger.info("%s %s perplexity %.3f", label, dataset, metrics[f"{dataset}_ppl"])
     if config.tasks:
-        from common.lm.zeroshot import zero_shot_metrics
+        from common.lm.zeroshot import zero_shot_evaluation
 
-        metrics.update(zero_shot_metrics(model, tokenizer, config.tasks, batch_size=config.tasks_batch_size,
-                                         device=device, limit=config.tasks_limit,
-                                         include_path=config.tasks_include_path))
+        result = zero_shot_evaluation(model, tokenizer, config.tasks, batch_size=config.tasks_batch_size,
+                                      device=device, limit=config.tasks_limit,
+                                      include_path=config.tasks_include_path)
+        metrics.update(result.metrics)
+        found.update(result.per_example)
+    if per_example is not None:
+        per_example.update(found)
     return metrics
 
 
@@ -153,16 +171,19 @@ def compare_rotated(
     device: torch.device,
     timer: StageProfile,
     label: str = "",
+    per_example: PerExample | None = None,
 ) -> tuple[list[MetricRow], dict[str, list[dict[str, Any]]]]:
     """``prepare(method)`` then evaluate ``model`` (rotated, quantizers added) for each method.
 
     ``prepare`` is usually :func:`quantizing`; ``label`` prefixes stage names and progress bars when one
     run compares several rotated models. Returns the metric rows and the per-layer calibration records per
-    method (see :func:`common.pipeline.compare_methods`).
+    method (see :func:`common.pipeline.compare_methods`); ``per_example``, if given, receives each method's
+    per-example data (:data:`PerExample`).
     """
 
     def evaluate_method(method: str) -> dict[str, float]:
-        metrics = evaluate(model, tokenizer, config, f"{label} {method}".strip(), eval_sets, device)
+        found = per_example.setdefault(method, {}) if per_example is not None else None
+        metrics = evaluate(model, tokenizer, config, f"{label} {method}".strip(), eval_sets, device, found)
         model.to("cpu")
         return metrics
 

@@ -19,21 +19,21 @@ import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import torch
-from lm_eval import simple_evaluate
-from lm_eval.api.group import Group
-from lm_eval.api.task import Task
-from lm_eval.models.huggingface import HFLM
-from lm_eval.tasks import TaskManager
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from common.lm.embedded_tasks import EMBEDDED_TASKS, embedded_task_folder, embedded_task_identity
+
+if TYPE_CHECKING:
+    from lm_eval.api.group import Group
+    from lm_eval.api.task import Task
+    from lm_eval.tasks import TaskManager
 
 PAPER_TASKS: tuple[str, ...] = ("piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande", "boolq")
 """The six zero-shot tasks reported in the GPTAQ paper (the QuaRot set)."""
@@ -53,20 +53,28 @@ class ZeroShotUnavailableError(RuntimeError):
     """A zero-shot task's data could not be loaded (typically: offline and not in the datasets cache)."""
 
 
-class _HFLM(HFLM):
-    """``HFLM`` whose log-likelihood progress bar can be switched off."""
+@functools.cache
+def _quiet_hflm() -> type:
+    """``HFLM`` whose log-likelihood progress bar can be switched off (lm-eval is imported on first use: it
+    and ``datasets`` cost a run that asks for no task 0.13 GB of memory)."""
+    from lm_eval.models.huggingface import HFLM
 
-    def __init__(self, *args: object, progress: bool, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
-        self._progress = progress
+    class QuietHFLM(HFLM):
+        def __init__(self, *args: object, progress: bool, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            self._progress = progress
 
-    def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self._progress)
+        def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self._progress)
+
+    return QuietHFLM
 
 
 @functools.cache
 def _task_manager(include_paths: tuple[str, ...]) -> TaskManager:
     """lm-eval's task index (built-in tasks plus ``include_paths``); indexing takes seconds, so it is cached."""
+    from lm_eval.tasks import TaskManager
+
     return TaskManager(include_path=list(include_paths) or None)
 
 
@@ -74,6 +82,8 @@ def _task_manager(include_paths: tuple[str, ...]) -> TaskManager:
 def _quiet(progress: bool) -> Iterator[None]:
     """Let only warnings and errors of lm-eval's loggers through, and without ``progress`` hide the
     ``datasets`` progress bars, while the block runs."""
+    import datasets
+
     logger = logging.getLogger("lm_eval")
     level = logger.level
     logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
@@ -185,7 +195,28 @@ def load_tasks(
         return manager, [_load_zero_shot(manager, name) for name in tasks]
 
 
-def zero_shot_metrics(
+@dataclass(frozen=True)
+class ZeroShotResult:
+    """What :func:`zero_shot_evaluation` measured.
+
+    ``metrics``: see :func:`zero_shot_metrics`. ``per_example``: for each ``<task>_acc`` / ``<task>_acc_norm``
+    of a task (not a group), the example-by-example outcome in lm-eval's document order as a string of
+    ``"0"`` / ``"1"`` (the data a paired comparison of two models needs).
+    """
+
+    metrics: dict[str, float]
+    per_example: dict[str, str] = field(default_factory=dict)
+
+
+def _outcomes(samples: list[dict[str, Any]], key: str) -> str | None:
+    ordered = sorted(samples, key=lambda sample: sample["doc_id"])
+    values = [sample.get(key) for sample in ordered]
+    if not values or any(value not in (0, 1, True, False) for value in values):
+        return None
+    return "".join("1" if value else "0" for value in values)
+
+
+def zero_shot_evaluation(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     tasks: list[str],
@@ -195,17 +226,14 @@ def zero_shot_metrics(
     limit: int | None = None,
     include_path: str | Path | None = None,
     progress: bool = True,
-) -> dict[str, float]:
-    """Zero-shot accuracies in percent of ``model`` on each lm-eval task (or group) in ``tasks``.
+) -> ZeroShotResult:
+    """Zero-shot accuracies in percent of ``model`` on each lm-eval task (or group) in ``tasks``, and the
+    per-example outcomes behind them (:class:`ZeroShotResult`).
 
-    Returns, for each task, :func:`task_metrics`' keys (``<task>_acc`` and, where reported,
-    ``<task>_acc_norm``, each with its standard error ``..._stderr`` in points), plus ``average_acc``, the
-    unweighted mean over ``tasks`` of :func:`headline_accuracy` (QuaRot's convention: ``acc_norm`` when a task
-    reports it, else ``acc``), when there is more than one task. ``device``, if given, moves ``model``
-    there in place; otherwise it is evaluated where it lies. ``limit`` scores only the first ``limit``
-    documents of each task (for smoke tests; not comparable with full results). ``include_path`` adds a
-    folder of task YAMLs to lm-eval's built-in ones and the embedded tasks. Seeds are fixed, so repeated
-    calls agree.
+    ``device``, if given, moves ``model`` there in place; otherwise it is evaluated where it lies. ``limit``
+    scores only the first ``limit`` documents of each task (for smoke tests; not comparable with full
+    results). ``include_path`` adds a folder of task YAMLs to lm-eval's built-in ones and the embedded
+    tasks. Seeds are fixed, so repeated calls agree.
 
     ``progress=False`` hides the ``datasets`` and log-likelihood progress bars (lm-eval's short per-task
     request-building bar stays). Warnings of lm-eval still show, its info messages do not.
@@ -214,18 +242,20 @@ def zero_shot_metrics(
     says tied embeddings while ``lm_head`` has its own weight (lm-eval would re-tie it), and
     :class:`ZeroShotUnavailableError` when a task's data cannot be loaded (checked before the model runs).
     """
+    from lm_eval import simple_evaluate
+
     _check_tying(model)
     manager, built = load_tasks(tasks, include_path=include_path, progress=progress)
     with _quiet(progress):
         if device is not None:
             model.to(device)
-        lm = _HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, progress=progress)
+        lm = _quiet_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, progress=progress)
         output = simple_evaluate(
             model=lm,
             tasks=built,
             limit=limit,
             bootstrap_iters=BOOTSTRAP_ITERS,
-            log_samples=False,
+            log_samples=True,
             task_manager=manager,
             random_seed=SEED,
             numpy_random_seed=SEED,
@@ -234,8 +264,22 @@ def zero_shot_metrics(
         )
     assert output is not None  # None only on non-zero ranks of a distributed run
     metrics: dict[str, float] = {}
+    per_example: dict[str, str] = {}
     for name in tasks:
         metrics.update(task_metrics(name, output["results"][name]))
+        for key in ("acc", "acc_norm"):
+            outcomes = _outcomes(output["samples"].get(name, []), key)
+            if outcomes is not None:
+                per_example[f"{name}_{key}"] = outcomes
     if len(tasks) > 1:
         metrics[f"{AVERAGE}_acc"] = sum(headline_accuracy(name, metrics) for name in tasks) / len(tasks)
-    return metrics
+    return ZeroShotResult(metrics, per_example)
+
+
+def zero_shot_metrics(model: nn.Module, tokenizer: PreTrainedTokenizerBase, tasks: list[str],
+                      **options: Any) -> dict[str, float]:
+    """The metrics of :func:`zero_shot_evaluation` (same arguments): for each task :func:`task_metrics`' keys
+    (``<task>_acc`` and, where reported, ``<task>_acc_norm``, each with its standard error ``..._stderr`` in
+    points), plus ``average_acc``, the unweighted mean over ``tasks`` of :func:`headline_accuracy`
+    (QuaRot's convention: ``acc_norm`` when a task reports it, else ``acc``), when there is more than one."""
+    return zero_shot_evaluation(model, tokenizer, tasks, **options).metrics

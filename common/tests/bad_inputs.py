@@ -90,6 +90,6 @@ def watched_llama(tiny_setup: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Pa
         return refuse
 
     monkeypatch.setattr(experiment, "load_llama", loading)
-    monkeypatch.setattr(experiment, "perplexity", forbidden("evaluation"))
+    monkeypatch.setattr(experiment, "window_nlls", forbidden("evaluation"))
     monkeypatch.setattr(experiment, "quantize", forbidden("calibration"))
     return tiny_setup, events

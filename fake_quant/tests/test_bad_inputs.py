@@ -167,7 +167,7 @@ def test_refused_before_the_model_loads(case: BadInput, watched_llama, capsys) -
 def test_refused_before_evaluating(case: BadInput, tiny_setup, capsys, monkeypatch) -> None:
     folder = tiny_setup
     extra = case.setup(folder)  # a real run saves the models first; then evaluating or calibrating fails the test
-    monkeypatch.setattr(experiment, "perplexity", lambda *a, **k: pytest.fail("evaluation started"))
+    monkeypatch.setattr(experiment, "window_nlls", lambda *a, **k: pytest.fail("evaluation started"))
     monkeypatch.setattr(experiment, "quantize", lambda *a, **k: pytest.fail("calibration started"))
     capsys.readouterr()
     line = expect_refusal(fq_main.main, ["--results_dir", str(folder / "results"), *BASE, *extra], capsys)

@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 import common.lm.corpora as corpora
 from common.config import make_config
-from common.lm.perplexity import perplexity
+from common.lm.perplexity import perplexity, perplexity_of
 from common.methods import METHOD_NAMES, METHODS
 from common.tests.llama_fixtures import (
     SENTENCES,
@@ -143,9 +143,16 @@ def local_tasks(tiny_setup, monkeypatch):
 def test_zero_shot_rows_through_lm_eval_offline(local_tasks):
     config = _config(local_tasks.parent / "results", methods=["fp", "gptaq"], tasks=["river_mc"],
                      tasks_include_path=str(local_tasks))
-    csv_path, _ = fq_main.run(config)
+    csv_path, json_path = fq_main.run(config)
     rows = {row["metric"]: row for row in _read_csv(csv_path)}
     assert set(rows) == {"tiny_text_ppl", "river_mc_acc", "river_mc_acc_stderr"}
+    per_example = json.loads(json_path.read_text())["per_example"][config.setting]
+    for method in ("fp", "gptaq"):  # the data behind each number, kept for paired comparisons
+        outcomes = per_example[method]["river_mc_acc"]
+        assert len(outcomes) == 3 and set(outcomes) <= {"0", "1"}
+        assert float(rows["river_mc_acc"][method]) == pytest.approx(100 * outcomes.count("1") / 3, rel=1e-5)
+        sums = per_example[method]["tiny_text_ppl"]
+        assert float(rows["tiny_text_ppl"][method]) == pytest.approx(perplexity_of(sums, config.seqlen), rel=1e-5)
     assert rows["river_mc_acc"]["higher_is_better"] == "True"
     assert rows["river_mc_acc_stderr"]["higher_is_better"] == "False"
     for method in ("fp", "gptaq"):  # three items: the accuracy is a multiple of a third
