@@ -156,8 +156,8 @@ def run(config: LlamaRunConfig) -> tuple[Path, Path]:
     rows, layers = compare_rotated(model, tokenizer, config, methods, prepare=prepare, eval_sets=eval_sets,
                                    device=device, timer=timer, per_example=per_example)
     return write_llama_run(config, rows, settings=dataclasses.asdict(config), layers=layers, timer=timer,
-                           device=device, metadata={"rotation": dataclasses.asdict(rotation) if rotation else None,
-                                                    "per_example": {config.setting: per_example}})
+                           device=device, metadata={"rotation": dataclasses.asdict(rotation) if rotation else None},
+                           per_example={config.setting: per_example})
 
 
 def main(argv: list[str] | None = None) -> int:

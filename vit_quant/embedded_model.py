@@ -236,37 +236,43 @@ def train(
 
 
 @torch.no_grad()
-def evaluate_top1(
+def top1_outcomes(
     model: torch.nn.Module,
     data: Dataset | DataLoader,
     *,
     batch_size: int = 500,
     device: torch.device | None = None,
     progress: bool = True,
-) -> float:
-    """Top-1 accuracy in percent (0-100) of ``model`` on ``data``.
+) -> torch.Tensor:
+    """Whether ``model``'s top-1 prediction is right, per example of ``data`` in order (bool [n]).
 
     ``data`` is a dataset of ``(image [C, H, W], label)`` pairs (batched here with
     ``batch_size``) or a DataLoader of ``(images [B, C, H, W], labels [B])``. ``device``
     defaults to the model's; otherwise the model is moved there. The model's train/eval mode
-    is restored afterwards.
+    is restored afterwards. Raises ``ValueError`` on empty data.
     """
     device = device or next(model.parameters()).device
     model.to(device)
     loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size)
     was_training = model.training
     model.eval()
-    correct, seen = 0, 0
+    outcomes, correct, seen = [], 0, 0
     bar = tqdm(loader, desc="top-1", disable=not progress, leave=False)
     for images, labels in bar:
-        labels = labels.to(device)
-        correct += int((model(images.to(device)).argmax(1) == labels).sum())
-        seen += len(labels)
+        hits = (model(images.to(device)).argmax(1) == labels.to(device)).cpu()
+        outcomes.append(hits)
+        correct, seen = correct + int(hits.sum()), seen + len(labels)
         bar.set_postfix(acc=f"{100 * correct / seen:.2f}%")
     model.train(was_training)
     if seen == 0:
-        raise ValueError("evaluate_top1: empty dataset")
-    return 100.0 * correct / seen
+        raise ValueError("top1_outcomes: empty dataset")
+    return torch.cat(outcomes)
+
+
+def evaluate_top1(model: torch.nn.Module, data: Dataset | DataLoader, **options: object) -> float:
+    """Top-1 accuracy in percent (0-100) of ``model`` on ``data`` (:func:`top1_outcomes`, same arguments)."""
+    outcomes = top1_outcomes(model, data, **options)
+    return 100.0 * int(outcomes.sum()) / len(outcomes)
 
 
 def cache_paths(recipe: EmbeddedRecipe, cache_dir: str | Path | None = None) -> tuple[Path, Path]:

@@ -32,7 +32,7 @@ from vit_quant.data import (
     imagenet_loaders,
     load_fashion_mnist,
 )
-from vit_quant.embedded_model import EmbeddedRecipe, evaluate_top1, load_or_train_embedded_vit
+from vit_quant.embedded_model import EmbeddedRecipe, load_or_train_embedded_vit, top1_outcomes
 from vit_quant.settings import EMBEDDED, VitRunConfig
 
 logger = logging.getLogger("vit_quant")
@@ -121,8 +121,12 @@ def run(config: VitRunConfig) -> tuple[Path, Path]:
         model.to(device)
         return quantize(model, adapter, method, config, [calibration], device=device)
 
+    per_example: dict[str, dict[str, str]] = {}
+
     def evaluate(method: str) -> dict[str, float]:
-        top1 = evaluate_top1(model, evaluation, batch_size=config.eval_batch_size, device=device)
+        outcomes = top1_outcomes(model, evaluation, batch_size=config.eval_batch_size, device=device)
+        top1 = 100.0 * int(outcomes.sum()) / len(outcomes)
+        per_example[method] = {"top1": "".join("1" if hit else "0" for hit in outcomes.tolist())}
         logger.info("%s top-1 %.2f%%", method, top1)
         return {"top1": top1}
 
@@ -151,6 +155,7 @@ def run(config: VitRunConfig) -> tuple[Path, Path]:
             "profile": timer.as_dict(),
             "layers": layers,
         },
+        per_example={config.setting: per_example},
     )
 
 

@@ -119,7 +119,8 @@ def evaluate(
     (moved to ``device``).
 
     ``per_example``, if given, receives the data behind each metric, for paired comparisons between
-    methods: ``<corpus>_ppl`` → each window's summed next-token NLL in nats (``seqlen − 1`` tokens each);
+    methods: ``<corpus>_ppl`` → each window's mean next-token NLL in nats per token (the perplexity is
+    ``exp`` of their mean);
     ``<task>_acc`` / ``_acc_norm`` → the outcome of each example as a ``"0"``/``"1"`` string.
     """
     model.to(device)
@@ -129,7 +130,7 @@ def evaluate(
         sums = window_nlls(model, windows, batch_size=config.eval_batch_size, device=device,
                            desc=f"{label} {dataset}")
         metrics[f"{dataset}_ppl"] = perplexity_of(sums, windows.shape[1])
-        found[f"{dataset}_ppl"] = sums
+        found[f"{dataset}_ppl"] = [total / (windows.shape[1] - 1) for total in sums]
         logger.info("%s %s perplexity %.3f", label, dataset, metrics[f"{dataset}_ppl"])
     if config.tasks:
         from common.lm.zeroshot import zero_shot_evaluation
@@ -219,8 +220,11 @@ def write_llama_run(
     timer: StageProfile,
     device: torch.device,
     metadata: Mapping[str, Any],
+    per_example: Mapping[str, PerExample] | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``<results_dir>/<run name>.csv`` and ``.json`` with the data hashes and the common metadata."""
+    """Write ``<results_dir>/<run name>.csv`` and ``.json`` with the data hashes and the common metadata;
+    ``per_example`` (``{row setting: PerExample}``) adds the paired intervals (see
+    :func:`common.results.runs.write_run`)."""
     data_identity = {
         name: corpus_fingerprint(name, split)
         for name, split in [(config.calib_dataset, "train"), *((d, "test") for d in config.eval_datasets)]
@@ -243,4 +247,5 @@ def write_llama_run(
             "layers": dict(layers),
             **metadata,
         },
+        per_example=per_example,
     )

@@ -38,6 +38,7 @@ from matplotlib.figure import Figure
 from common.files import atomic_write_text
 from common.methods import BASELINE, DEFAULT_METHODS, METHOD_NAMES, METHODS
 from common.results.ablations import ABLATIONS_DIR, ablation_markdown
+from common.results.intervals import PairedInterval, comparisons
 from common.results.reading import (
     MISSING,
     TREES,
@@ -47,7 +48,7 @@ from common.results.reading import (
     differing_keys,
     load_runs,
 )
-from common.results.runs import STDERR_SUFFIX
+from common.results.runs import STDERR_SUFFIX, is_auxiliary
 from common.results.style import (
     cell_text,
     decimals_for,
@@ -71,6 +72,7 @@ class TableRow:
     record: MetricRecord
     notes: tuple[int, ...]
     stderr: dict[str, float] = field(default_factory=dict)
+    intervals: dict[str, PairedInterval] = field(default_factory=dict)
 
 
 @dataclass
@@ -113,13 +115,16 @@ def build_table(tree: str, runs: Sequence[Run], baseline: str = BASELINE) -> Tre
     for run in runs:
         errors = {(r.model, r.setting, r.metric.removesuffix(STDERR_SUFFIX)): r.values
                   for r in run.records if r.metric.endswith(STDERR_SUFFIX)}
+        per_example = (run.meta or {}).get("per_example") or {}
+        intervals = {setting: comparisons(methods, baseline) for setting, methods in per_example.items()}
         for record in run.records:
-            if record.metric.endswith(STDERR_SUFFIX):
+            if is_auxiliary(record.metric):
                 continue
             group = group_note.get((record.model, record.setting))
             numbers = ([group] if group is not None else []) + run_notes.get(run.name, [])
             stderr = errors.get((record.model, record.setting, record.metric), {})
-            rows.append(TableRow(run, record, tuple(sorted(numbers)), dict(stderr)))
+            paired = intervals.get(record.setting, {}).get(record.metric, {})
+            rows.append(TableRow(run, record, tuple(sorted(numbers)), dict(stderr), dict(paired)))
     rows.sort(key=lambda r: (r.record.model, r.record.setting, r.record.metric, r.run.name))
     return TreeTable(tree, sorted(runs, key=lambda r: r.name), rows, notes, baseline)
 
@@ -150,6 +155,15 @@ def compared_methods(methods: Sequence[str], baseline: str) -> list[str]:
     return [m for m in methods if METHODS[m].calibrated and m != baseline]
 
 
+def interval_text(interval: PairedInterval) -> str:
+    """``[low, high]`` of a difference in points, ``×ratio [low, high]`` of a perplexity ratio; `` *`` when
+    significant."""
+    mark = " \\*" if interval.significant else ""
+    if interval.null == 1.0:
+        return f"(×{interval.estimate:.3f} [{interval.low:.3f}, {interval.high:.3f}]){mark}"
+    return f"[{interval.low:+.2f}, {interval.high:+.2f}]{mark}"
+
+
 def _row_cells(row: TableRow, methods: Sequence[str], baseline: str) -> list[str]:
     record = row.record
     decimals = decimals_for(record.values.values())
@@ -163,7 +177,9 @@ def _row_cells(row: TableRow, methods: Sequence[str], baseline: str) -> list[str
 
     def difference(method: str) -> str:
         own, base = record.values.get(method), record.values.get(baseline)
-        return number_text(None if own is None or base is None else own - base, decimals, signed=True)
+        text = number_text(None if own is None or base is None else own - base, decimals, signed=True)
+        interval = row.intervals.get(method)
+        return text if interval is None or own is None or base is None else f"{text} {interval_text(interval)}"
 
     marks = " ⚠" + ",".join(map(str, row.notes)) if row.notes else ""
     return [
@@ -226,7 +242,7 @@ def tree_markdown(table: TreeTable, figure: str | None) -> list[str]:
         return [*lines, "No results for this tree.", ""]
     lines += [*table_markdown(table), ""]
     if figure is not None:
-        lines += [f"![{table.tree}: the calibrated methods against FP]({figure})", ""]
+        lines += [f"![{table.tree}: every method against {METHODS[table.baseline].label}]({figure})", ""]
     lines += ["### Runs", ""]
     for run in table.runs:
         lines += run_markdown(run)
@@ -244,7 +260,12 @@ def report_markdown(tables: Sequence[TreeTable], figures: dict[str, str]) -> str
         "`*.json`).",
         "",
         "- **Bold**: the best quantized method for the row's metric (↓ lower is better, ↑ higher is better).",
-        f"- Method − {base}: the difference to the baseline (negative is better for ↓ metrics, positive for ↑).",
+        f"- Method − {base}: the difference to the baseline (negative is better for ↓ metrics, positive for ↑), "
+        "then, where the run kept its per-example data, the paired 95 % interval (`common/results/intervals.py`: "
+        "10,000 bootstrap resamples of the evaluation windows, images or zero-shot items): of the difference in "
+        "points for accuracies, of the perplexity ratio method / baseline (×) for perplexities. \\* marks a "
+        "significant difference: the interval excludes no difference (0 points, ×1) and, for accuracies, the "
+        "exact McNemar test on the disagreements gives p < 0.05.",
         f"- {MISSING}: not computed by that run.",
         "- ⚠n: see note n under the table (configurations that differ, missing provenance).",
         "",
@@ -264,15 +285,6 @@ def is_main_metric(metric: str) -> bool:
     return metric.endswith("_ppl") or metric == "ppl" or "top1" in metric
 
 
-def _axis_labels(metric: str, values: Sequence[float], log: bool) -> tuple[str, str]:
-    """The panel's title and y-axis label (with the unit and the scale)."""
-    if "top1" in metric:
-        unit = "%" if any(v > 1 for v in values) else "fraction"
-        return f"{metric}: higher is better", f"top-1 accuracy ({unit})"
-    dataset = metric.removesuffix("_ppl").removesuffix("ppl") or "evaluation"
-    return f"{dataset} perplexity: lower is better", "perplexity" + (" (log scale)" if log else "")
-
-
 def _group_label(row: TableRow, duplicated: bool) -> str:
     label = f"{row.record.model}\n{row.record.setting}"
     if duplicated:
@@ -280,57 +292,65 @@ def _group_label(row: TableRow, duplicated: bool) -> str:
     return label + (" (!)" if row.notes else "")
 
 
-def _draw_bars(ax: Axes, rows: Sequence[TableRow], methods: Sequence[str], log: bool) -> None:
-    """One bar per method and row, side by side, each labelled with its value."""
-    width = 0.8 / len(methods)
+def _comparison(row: TableRow, method: str, baseline: str) -> tuple[float, float | None, float | None] | None:
+    """(value, low, high) of ``method`` against ``baseline`` on one row: the ratio for perplexities, the
+    difference otherwise; the interval bounds are ``None`` without per-example data."""
+    own, base = row.record.values.get(method), row.record.values.get(baseline)
+    if own is None or base is None or not (math.isfinite(own) and math.isfinite(base)):
+        return None
+    interval = row.intervals.get(method)
+    if interval is not None:  # its estimate is the point: the same number, computed from the same data
+        return interval.estimate, interval.low, interval.high
+    if row.record.metric.endswith("_ppl"):
+        return (own / base, None, None) if own > 0 and base > 0 else None
+    return own - base, None, None
+
+
+def _plot_panel(ax: Axes, metric: str, rows: Sequence[TableRow], baseline: str) -> None:
+    """Each method against the baseline per model/setting, with its paired 95 % interval as error bars: the
+    perplexity ratio on a log axis, or the accuracy difference in points."""
+    ratio = metric.endswith("_ppl")
+    methods = [m for m in METHOD_NAMES if m != baseline and any(m in row.record.values for row in rows)]
+    width = 0.8 / max(1, len(methods))
     for i, method in enumerate(methods):
-        points = [(x, row.record.values[method]) for x, row in enumerate(rows) if method in row.record.values]
         offset = (i - (len(methods) - 1) / 2) * width
-        bars = ax.bar([x + offset for x, _ in points], [v for _, v in points], width,
-                      label=METHODS[method].label, color=METHODS[method].color)
-        labels = [number_text(v, decimals_for([v])) for _, v in points]
-        if log:  # short bars on a log axis: values above them
-            ax.bar_label(bars, labels=labels, rotation=90, fontsize=7, padding=2)
-        else:
-            ax.bar_label(bars, labels=labels, label_type="center", rotation=90, fontsize=7, color="white")
-
-
-def _draw_fp(ax: Axes, rows: Sequence[TableRow]) -> None:
-    """FP as a dashed reference line across each row's group of bars."""
-    reference = next(name for name, method in METHODS.items() if not method.quantized)
-    points = [(x, row.record.values[reference]) for x, row in enumerate(rows) if reference in row.record.values]
-    for j, (x, value) in enumerate(points):
-        ax.hlines(value, x - 0.45, x + 0.45, colors="black", linestyles="--", linewidth=1.2,
-                  label="FP (reference)" if j == 0 else None)
-
-
-def _plot_panel(ax: Axes, metric: str, rows: Sequence[TableRow]) -> None:
-    """A bar per calibrated method and model/setting with FP as reference, for one metric."""
-    methods = [m for m in METHOD_NAMES if METHODS[m].calibrated and any(m in row.record.values for row in rows)]
-    plotted = [v for row in rows for m in row.record.values if (m in methods or not METHODS[m].quantized)
-               for v in [row.record.values[m]]]
-    positive = [v for v in plotted if v > 0 and math.isfinite(v)]
-    log = not rows[0].record.higher_is_better and bool(positive) and max(positive) > 10 * min(positive)
-    if methods:
-        _draw_bars(ax, rows, methods, log)
-    _draw_fp(ax, rows)
+        points = [(x + offset, found) for x, row in enumerate(rows)
+                  if (found := _comparison(row, method, baseline)) is not None]
+        if not points:
+            continue
+        xs, values = [x for x, _ in points], [found[0] for _, found in points]
+        low = [max(0.0, v - f[1]) if f[1] is not None else 0.0 for v, (_, f) in zip(values, points, strict=True)]
+        high = [max(0.0, f[2] - v) if f[2] is not None else 0.0 for v, (_, f) in zip(values, points, strict=True)]
+        ax.errorbar(xs, values, yerr=[low, high], fmt="o", capsize=3, color=METHODS[method].color,
+                    label=METHODS[method].label, markersize=5)
+        for x, value in zip(xs, values, strict=True):
+            text = f"×{value:.3g}" if ratio else f"{value:+.2f}"
+            ax.annotate(text, (x, value), textcoords="offset points", xytext=(4, 0), fontsize=6, va="center")
+    ax.axhline(1.0 if ratio else 0.0, color="black", linestyle="--", linewidth=1.0,
+               label=f"{METHODS[baseline].label} (baseline)")
+    if ratio:
+        ax.set_yscale("log")
     keys = [(row.record.model, row.record.setting) for row in rows]
     labels = [_group_label(row, keys.count(key) > 1) for row, key in zip(rows, keys, strict=True)]
     ax.set_xticks(range(len(rows)), labels, fontsize=8)
-    if log:
-        ax.set_yscale("log")
-        ax.set_ylim(min(positive) / 2, max(positive) * 4)
-    title, ylabel = _axis_labels(metric, plotted, log)
-    ax.set_title(title)
-    ax.set_ylabel(ylabel)
+    base = METHODS[baseline].label
+    if ratio:
+        dataset = metric.removesuffix("_ppl") or "evaluation"
+        ax.set_title(f"{dataset} perplexity / {base}'s: below 1 is better")
+        ax.set_ylabel(f"perplexity ratio to {base} (log scale)")
+    else:
+        ax.set_title(f"{metric} − {base}'s: above 0 is better")
+        ax.set_ylabel(f"difference to {base} (points)")
     flagged = any(row.notes for row in rows)
-    ax.set_xlabel("model / setting" + (" ((!) = flagged, see the notes in the report)" if flagged else ""))
+    ax.set_xlabel("model / setting; error bars: paired 95 % interval"
+                  + (" ((!) = flagged, see the notes in the report)" if flagged else ""))
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def plot_tree(table: TreeTable, path: Path) -> bool:
-    """Bars of the calibrated methods (FP as a dashed line) per model/setting, a panel per main metric.
+    """Every method against the table's baseline per model/setting, a panel per main metric (see
+    :func:`_plot_panel`).
 
     Returns False (and writes nothing) when the tree has no main metric to plot.
     """
@@ -343,8 +363,8 @@ def plot_tree(table: TreeTable, path: Path) -> bool:
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(metrics), 1, squeeze=False)[:, 0]
     for ax, metric in zip(axes, metrics, strict=True):
-        _plot_panel(ax, metric, panels[metric])
-    fig.suptitle(f"{table.tree}: calibrated methods")
+        _plot_panel(ax, metric, panels[metric], table.baseline)
+    fig.suptitle(f"{table.tree}: each method against {METHODS[table.baseline].label}")
     save_png(fig, path)
     return True
 

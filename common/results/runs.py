@@ -17,6 +17,7 @@ behind are removed. Files of an earlier run with the same name are first moved t
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -25,11 +26,44 @@ from pathlib import Path
 from typing import Any
 
 from common.files import atomic_write_set, csv_text, json_text, sweep_stale_temporaries, write_text
-from common.methods import METHOD_NAMES
+from common.methods import BASELINE, METHOD_NAMES
+from common.results.intervals import comparisons
 from common.results.provenance import git_commit, package_versions
 
 STDERR_SUFFIX = "_stderr"
 """A metric named ``<metric>_stderr`` is the standard error of ``<metric>`` (same units), not a result of its own."""
+
+INTERVAL_BOUNDS = ("low", "high", "p")
+"""Rows ``<metric>_vs_<baseline>_low`` / ``_high`` hold each method's paired 95 % interval against the
+baseline (accuracies: method − baseline in points; perplexities: the ratio method / baseline) and
+``_p`` the exact McNemar p-value (0/1 outcomes only); see :mod:`common.results.intervals`."""
+
+_INTERVAL_ROW = re.compile(rf"_vs_[A-Za-z0-9_]+_({'|'.join(INTERVAL_BOUNDS)})$")
+
+
+def interval_metric(metric: str, baseline: str, bound: str) -> str:
+    """The row name of ``bound`` (one of :data:`INTERVAL_BOUNDS`) of ``metric``'s interval vs ``baseline``."""
+    return f"{metric}_vs_{baseline}_{bound}"
+
+
+def is_auxiliary(metric: str) -> bool:
+    """Whether a row describes another row's uncertainty (a standard error or an interval bound)."""
+    return metric.endswith(STDERR_SUFFIX) or _INTERVAL_ROW.search(metric) is not None
+
+
+def interval_rows(per_example: Mapping[str, Mapping[str, Mapping[str, Any]]], baseline: str = BASELINE
+                  ) -> list[MetricRow]:
+    """The interval rows (:data:`INTERVAL_BOUNDS`) of every setting of ``per_example``
+    (``{setting: {method: {metric: data}}}``), against ``baseline``."""
+    rows = []
+    for setting, methods in per_example.items():
+        for metric, intervals in comparisons({m: dict(v) for m, v in methods.items()}, baseline).items():
+            bounds = {"low": {m: i.low for m, i in intervals.items()},
+                      "high": {m: i.high for m, i in intervals.items()},
+                      "p": {m: i.p_value for m, i in intervals.items() if i.p_value is not None}}
+            rows += [MetricRow(interval_metric(metric, baseline, bound), False, values, setting)
+                     for bound, values in bounds.items() if values]
+    return rows
 
 CSV_DIGEST_KEY = "csv_sha256"
 """The JSON's record of its CSV's SHA-256: the JSON is written last, so it vouches for a complete pair."""
@@ -73,9 +107,18 @@ def write_run(
     rows: Sequence[MetricRow],
     settings: Mapping[str, Any],
     metadata: Mapping[str, Any],
+    per_example: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``<results_dir>/<name>.csv`` and ``.json`` (see the module docstring); returns both paths."""
+    """Write ``<results_dir>/<name>.csv`` and ``.json`` (see the module docstring); returns both paths.
+
+    ``per_example`` (``{setting: {method: {metric: data}}}``: per-window mean NLLs of a perplexity, 0/1
+    outcome strings of an accuracy) goes into the JSON under ``"per_example"``, and the paired intervals
+    of every method against :data:`common.methods.BASELINE` computed from it become rows of the CSV.
+    """
     results_dir = Path(results_dir)
+    if per_example:
+        rows = [*rows, *interval_rows(per_example)]
+        metadata = {**metadata, "per_example": per_example}
     csv_path, json_path = results_dir / f"{name}.csv", results_dir / f"{name}.json"
     methods = [m for m in METHOD_NAMES if any(m in row.values for row in rows)]
     scalars = {k: v for k, v in settings.items() if isinstance(v, str | int | float | bool) or v is None}

@@ -230,8 +230,8 @@ def test_png_per_tree_is_valid_and_linked(tmp_path: Path) -> None:
     for figure in figures:
         assert figure.parent == output.parent and figure.read_bytes()[:8] == PNG_SIGNATURE
     report = output.read_text()
-    assert "![fake_quant: the calibrated methods against FP](report_fake_quant.png)" in report
-    assert "![vit_quant: the calibrated methods against FP](report_vit_quant.png)" in report
+    assert "![fake_quant: every method against GPTQ](report_fake_quant.png)" in report
+    assert "![vit_quant: every method against GPTQ](report_vit_quant.png)" in report
     assert not (tmp_path / "out" / "report_spinquant.png").exists()
 
 
@@ -315,3 +315,36 @@ def test_standard_errors_show_beside_their_values_not_as_rows(tmp_path: Path) ->
     last_word = cells(table_line(report, "embedded", "W4A4", "last_word_embedded_acc ↑"))
     assert last_word[3:6] == ["30.00", "—", "20.00"]  # one quantized value: nothing to bold
     assert "_stderr" not in section(report, "fake_quant")
+
+
+def test_paired_intervals_mark_significant_differences_only(tmp_path: Path) -> None:
+    gptq = "1" * 700 + "0" * 300
+    per_example = {"W4A4": {
+        "gptq": {"top1": gptq, "wiki_embedded_ppl": [3.0, 3.2, 3.1, 2.9]},
+        "gptaq": {"top1": "1" * 702 + "0" * 298, "wiki_embedded_ppl": [2.9, 3.1, 3.0, 2.8]},  # 2 images: noise
+        "fp": {"top1": "1" * 900 + "0" * 100},  # 200 more images right: significant
+    }}
+    write_result(tmp_path, "vit_quant-a", [("top1", True, {"fp": 90.0, "gptq": 70.0, "gptaq": 70.2}),
+                                           ("wiki_embedded_ppl", False, {"gptq": 22.2, "gptaq": 20.1})],
+                 meta={"per_example": per_example})
+    report = report_of(tmp_path)
+    top1 = cells(table_line(report, "embedded", "W4A4", "top1 ↑"))
+    difference = top1[-2]
+    assert difference.startswith("+0.20 [") and not difference.endswith("\\*")
+    low, high = (float(v) for v in difference.removeprefix("+0.20 [").removesuffix("]").split(", "))
+    assert low <= 0 < high  # two discordant images, both for GPTAQ: McNemar p = 0.5
+    ppl = cells(table_line(report, "embedded", "W4A4", "wiki_embedded_ppl ↓"))
+    assert ppl[-2].startswith("-2.10 (×0.905 [0.905, 0.905])") and ppl[-2].endswith("\\*")
+    assert "significant" in report
+
+
+def test_interval_rows_are_written_and_hidden_from_the_table(tmp_path: Path) -> None:
+    per_example = {"W4A4": {"gptq": {"top1": "1100"}, "gptaq": {"top1": "1110"}}}
+    write_run(tmp_path, "vit_quant-b", model="m", setting="W4A4",
+              rows=[MetricRow("top1", True, {"gptq": 50.0, "gptaq": 75.0})], settings={}, metadata={},
+              per_example=per_example)
+    text = (tmp_path / "vit_quant-b.csv").read_text()
+    for bound in ("low", "high", "p"):
+        assert f"top1_vs_gptq_{bound}" in text
+    report = report_of(tmp_path)
+    assert "top1_vs_gptq" not in report and "+25.00 [" in report
