@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 
 from common.methods import GPTAQ, GPTAQ_OFFICIAL, GPTQ
 from common.results.reading import MISSING, ReportError, Run, differing_keys, load_runs
+from common.results.runs import is_auxiliary
 from common.results.style import cell_text, decimals_for, number_text, save_png, short, table_line
 
 ABLATIONS_DIR = "ablations"
@@ -54,7 +55,7 @@ def alpha_sweeps(runs: Sequence[Run]) -> dict[tuple[str, str, str, bool], list[A
     sweeps: dict[tuple[str, str, str, bool], list[AlphaPoint]] = {}
     for run in runs:
         for record in run.records:
-            if GPTAQ.name in record.values:
+            if GPTAQ.name in record.values and not is_auxiliary(record.metric):
                 key = (record.model, record.setting, record.metric, record.higher_is_better)
                 point = AlphaPoint(_alpha(run), record.values[GPTAQ.name], record.values.get(GPTQ.name), run.name)
                 sweeps.setdefault(key, []).append(point)
@@ -91,7 +92,7 @@ def _lazy_update_lines(runs: Sequence[Run]) -> list[str]:
     for run in runs:
         for record in run.records:
             exact, official = record.values.get(GPTAQ.name), record.values.get(GPTAQ_OFFICIAL.name)
-            if exact is None or official is None:
+            if exact is None or official is None or is_auxiliary(record.metric):
                 continue
             decimals = decimals_for([exact, official])
             rows.append(table_line([cell_text(record.model), cell_text(record.setting),

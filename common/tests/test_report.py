@@ -348,3 +348,16 @@ def test_interval_rows_are_written_and_hidden_from_the_table(tmp_path: Path) -> 
         assert f"top1_vs_gptq_{bound}" in text
     report = report_of(tmp_path)
     assert "top1_vs_gptq" not in report and "+25.00 [" in report
+
+
+def test_interval_rows_of_ablation_runs_are_not_ablations(tmp_path: Path) -> None:
+    write_result(tmp_path, "fake_quant-main", [("wiki_embedded_ppl", False, {"gptq": 30.0, "gptaq": 29.0})])
+    ablations = tmp_path / "ablations"
+    ablations.mkdir()
+    write_result(ablations, "ablation-alpha-1", [
+        ("wiki_embedded_ppl", False, {"gptq": 30.0, "gptaq": 31.5}),
+        ("wiki_embedded_ppl_vs_gptq_low", False, {"gptaq": 1.01}),
+        ("wiki_embedded_ppl_stderr", False, {"gptaq": 0.1}),
+    ], settings={**SETTINGS, "alpha": 1.0})
+    ablation = report_of(tmp_path).split("## Ablations\n", 1)[1]
+    assert "_vs_gptq" not in ablation and "_stderr" not in ablation
