@@ -40,7 +40,13 @@ def _read_csv(path):
 
 def test_run_writes_every_column(tiny_setup):
     csv_path, json_path = fq_main.run(_config(tiny_setup))
-    (row,) = _read_csv(csv_path)
+    rows = {row["metric"]: row for row in _read_csv(csv_path)}
+    assert set(rows) == {"tiny_text_ppl", "tiny_text_ppl_vs_gptq_low", "tiny_text_ppl_vs_gptq_high"}
+    row = rows["tiny_text_ppl"]
+    low, high = rows["tiny_text_ppl_vs_gptq_low"], rows["tiny_text_ppl_vs_gptq_high"]
+    for method in ("fp", "rtn", "gptaq"):  # the interval of the ratio to GPTQ holds the measured ratio
+        ratio = float(row[method]) / float(row["gptq"])
+        assert float(low[method]) <= ratio * (1 + 1e-5) and ratio <= float(high[method]) * (1 + 1e-5)
     assert row["metric"] == "tiny_text_ppl" and row["setting"] == "W4A4" and row["higher_is_better"] == "False"
     values = {m: float(row[m]) for m in ("fp", "rtn", "gptq", "gptaq")}
     assert all(v > 1 for v in values.values())
@@ -56,7 +62,7 @@ def test_run_writes_every_column(tiny_setup):
 
 def test_every_method_of_the_registry_runs_through_the_tree(tiny_setup):
     csv_path, json_path = fq_main.run(_config(tiny_setup, methods=list(METHOD_NAMES), qep_exclude=["mlp.down_proj"]))
-    (row,) = _read_csv(csv_path)
+    row = next(row for row in _read_csv(csv_path) if row["metric"] == "tiny_text_ppl")
     header = next(csv.reader(csv_path.open()))
     assert header[4:4 + len(METHOD_NAMES)] == list(METHOD_NAMES)
     values = {m: float(row[m]) for m in METHOD_NAMES}

@@ -45,10 +45,16 @@ def _config(folder, results, **overrides) -> VitRunConfig:
 def test_run_writes_top1_for_every_method(fake_folder, tmp_path):
     csv_path, json_path = vq_main.run(_config(fake_folder, tmp_path / "results"))
     with open(csv_path, newline="") as handle:
-        (row,) = list(csv.DictReader(handle))
-    assert row["metric"] == "top1" and row["higher_is_better"] == "True" and row["setting"] == "W4A4"
+        rows = {row["metric"]: row for row in csv.DictReader(handle)}
+    assert set(rows) == {"top1", "top1_vs_gptq_low", "top1_vs_gptq_high", "top1_vs_gptq_p"}
+    row = rows["top1"]
+    assert row["higher_is_better"] == "True" and row["setting"] == "W4A4"
     assert all(0 <= float(row[m]) <= 100 for m in ("fp", "rtn", "gptq", "gptaq"))
     meta = json.loads(json_path.read_text())
+    for method in ("fp", "rtn", "gptq", "gptaq"):  # each image's outcome: the number, recomputed
+        outcomes = meta["per_example"]["W4A4"][method]["top1"]
+        assert float(row[method]) == pytest.approx(100 * outcomes.count("1") / len(outcomes), rel=1e-5)
+    assert rows["top1_vs_gptq_low"]["gptq"] == "" and float(rows["top1_vs_gptq_p"]["gptaq"]) <= 1.0
     assert meta["tree"] == "vit_quant"
     assert meta["linear_groups"] == [["attn.qkv"], ["attn.proj"], ["mlp.fc1"], ["mlp.fc2"]]
     assert len(meta["layers"]["gptaq"]) == 8
@@ -58,7 +64,7 @@ def test_new_methods_run_through_the_tree(fake_folder, tmp_path):
     config = _config(fake_folder, tmp_path / "results", methods=["gptq", "qep", "qronos"], qep_exclude=["mlp.fc2"])
     csv_path, _ = vq_main.run(config)
     with open(csv_path, newline="") as handle:
-        (row,) = list(csv.DictReader(handle))
+        row = next(row for row in csv.DictReader(handle) if row["metric"] == "top1")
     assert all(0 <= float(row[m]) <= 100 for m in ("gptq", "qep", "qronos"))
 
 
