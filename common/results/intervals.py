@@ -143,6 +143,21 @@ def paired_interval(metric: str, a: Sequence[float] | str, b: Sequence[float] | 
     return accuracy_difference(_outcomes(a), _outcomes(b))
 
 
+def reproduces(metric: str, data: Sequence[float] | str, value: float, rel: float = 1e-4) -> bool:
+    """Whether per-example ``data`` give ``value`` (as the CSV prints it, 6 significant digits): the
+    ``exp`` of the mean NLL for a perplexity, the percentage of 1s for an accuracy."""
+    try:
+        if metric.endswith("_ppl"):
+            values = np.asarray(data, dtype=np.float64)
+            recomputed = math.exp(values.mean()) if values.size and values.mean() < 700 else math.inf
+        else:
+            outcomes = _outcomes(data)
+            recomputed = 100.0 * sum(outcomes) / len(outcomes) if outcomes else math.nan
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(recomputed) and abs(recomputed - value) <= rel * max(abs(value), 1e-12)
+
+
 def comparisons(per_example: dict[str, dict[str, object]], baseline: str) -> dict[str, dict[str, PairedInterval]]:
     """``{metric: {method: interval of method vs baseline}}`` for every metric the baseline and another
     method both have per-example data of (``per_example``: ``{method: {metric: data}}``, one setting)."""

@@ -38,7 +38,7 @@ from matplotlib.figure import Figure
 from common.files import atomic_write_text
 from common.methods import BASELINE, DEFAULT_METHODS, METHOD_NAMES, METHODS
 from common.results.ablations import ABLATIONS_DIR, ablation_markdown
-from common.results.intervals import PairedInterval, comparisons
+from common.results.intervals import PairedInterval, comparisons, reproduces
 from common.results.reading import (
     MISSING,
     TREES,
@@ -93,6 +93,23 @@ def _mismatch_note(model: str, setting: str, differ: dict[str, dict[str, str]]) 
             f"do not compare them as like for like; they differ in {', '.join(parts)}")
 
 
+def _checked_per_example(run: Run) -> tuple[dict[str, dict[str, dict[str, Any]]], list[str]]:
+    """The run's per-example data that reproduce its CSV values (:func:`reproduces`), and the
+    ``setting/method/metric`` names of those that do not (a format of another version, an edited file)."""
+    values = {(r.setting, r.metric): r.values for r in run.records}
+    kept: dict[str, dict[str, dict[str, Any]]] = {}
+    failed = []
+    for setting, methods in ((run.meta or {}).get("per_example") or {}).items():
+        for method, metrics in methods.items():
+            for metric, data in metrics.items():
+                value = values.get((setting, metric), {}).get(method)
+                if value is not None and reproduces(metric, data, value):
+                    kept.setdefault(setting, {}).setdefault(method, {})[metric] = data
+                else:
+                    failed.append(f"{setting}/{method}/{metric}")
+    return kept, failed
+
+
 def build_table(tree: str, runs: Sequence[Run], baseline: str = BASELINE) -> TreeTable:
     """The sorted rows of one tree with their ⚠ notes: mismatched configurations first, then run notes."""
     groups: dict[tuple[str, str], dict[str, Run]] = {}
@@ -107,16 +124,21 @@ def build_table(tree: str, runs: Sequence[Run], baseline: str = BASELINE) -> Tre
             notes.append(_mismatch_note(*key, differ))
             group_note[key] = len(notes)
     run_notes: dict[str, list[int]] = {}
+    checked: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     for run in sorted(runs, key=lambda r: r.name):
-        for text in run.notes:
+        checked[run.name], unreproduced = _checked_per_example(run)
+        texts = [*run.notes]
+        if unreproduced:
+            texts.append(f"`{run.name}`: the per-example data in its JSON do not reproduce the table's value of "
+                         f"{', '.join(unreproduced)}; no interval is shown for them")
+        for text in texts:
             notes.append(text)
             run_notes.setdefault(run.name, []).append(len(notes))
     rows = []
     for run in runs:
         errors = {(r.model, r.setting, r.metric.removesuffix(STDERR_SUFFIX)): r.values
                   for r in run.records if r.metric.endswith(STDERR_SUFFIX)}
-        per_example = (run.meta or {}).get("per_example") or {}
-        intervals = {setting: comparisons(methods, baseline) for setting, methods in per_example.items()}
+        intervals = {setting: comparisons(methods, baseline) for setting, methods in checked[run.name].items()}
         for record in run.records:
             if is_auxiliary(record.metric):
                 continue

@@ -325,7 +325,7 @@ def test_paired_intervals_mark_significant_differences_only(tmp_path: Path) -> N
         "fp": {"top1": "1" * 900 + "0" * 100},  # 200 more images right: significant
     }}
     write_result(tmp_path, "vit_quant-a", [("top1", True, {"fp": 90.0, "gptq": 70.0, "gptaq": 70.2}),
-                                           ("wiki_embedded_ppl", False, {"gptq": 22.2, "gptaq": 20.1})],
+                                           ("wiki_embedded_ppl", False, {"gptq": 21.1153, "gptaq": 19.106})],
                  meta={"per_example": per_example})
     report = report_of(tmp_path)
     top1 = cells(table_line(report, "embedded", "W4A4", "top1 ↑"))
@@ -334,8 +334,21 @@ def test_paired_intervals_mark_significant_differences_only(tmp_path: Path) -> N
     low, high = (float(v) for v in difference.removeprefix("+0.20 [").removesuffix("]").split(", "))
     assert low <= 0 < high  # two discordant images, both for GPTAQ: McNemar p = 0.5
     ppl = cells(table_line(report, "embedded", "W4A4", "wiki_embedded_ppl ↓"))
-    assert ppl[-2].startswith("-2.10 (×0.905 [0.905, 0.905])") and ppl[-2].endswith("\\*")
-    assert "significant" in report
+    assert ppl[-2].startswith("-2.01 (×0.905 [0.905, 0.905])") and ppl[-2].endswith("\\*")
+    assert "significant" in report and "⚠" not in section(report, "vit_quant")
+
+
+def test_per_example_data_that_do_not_reproduce_the_value_get_a_note_not_an_interval(tmp_path: Path) -> None:
+    per_example = {"W4A4": {"gptq": {"top1": "1100", "wiki_embedded_ppl": [1500.0, 1600.0]},  # sums, not means
+                            "gptaq": {"top1": "1110", "wiki_embedded_ppl": [1400.0, 1500.0]}}}
+    write_result(tmp_path, "fake_quant-a", [("top1", True, {"gptq": 50.0, "gptaq": 75.0}),
+                                            ("wiki_embedded_ppl", False, {"gptq": 21.0, "gptaq": 19.0})],
+                 meta={"per_example": per_example})
+    report = report_of(tmp_path)
+    ppl = cells(table_line(report, "embedded", "W4A4", "wiki_embedded_ppl ↓"))
+    assert ppl[-2:] == ["-2.00", "`fake_quant-a` ⚠1"]  # no interval, and the note
+    assert "+25.00 [" in table_line(report, "embedded", "W4A4", "top1 ↑")
+    assert "do not reproduce the table's value of W4A4/gptq/wiki_embedded_ppl, W4A4/gptaq/wiki_embedded_ppl" in report
 
 
 def test_interval_rows_are_written_and_hidden_from_the_table(tmp_path: Path) -> None:
