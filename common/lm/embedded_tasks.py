@@ -123,8 +123,7 @@ def _last_word_candidates(paragraphs: Sequence[Paragraph]) -> Iterator[dict[str,
 
 def build_last_word(paragraphs: Sequence[Paragraph], rng: random.Random, count: int) -> list[dict[str, Any]]:
     """``count`` examples (all candidates if fewer) ``{"context", "target", "in_context", "corpus",
-    "document"}``, drawn
-    without replacement, in corpus order."""
+    "document"}``, drawn without replacement, in corpus order."""
     candidates = list(_last_word_candidates(paragraphs))
     chosen = sorted(rng.sample(range(len(candidates)), min(count, len(candidates))))
     return [candidates[i] for i in chosen]
@@ -132,7 +131,8 @@ def build_last_word(paragraphs: Sequence[Paragraph], rng: random.Random, count: 
 
 def build_cloze(paragraphs: Sequence[Paragraph], rng: random.Random, count: int) -> list[dict[str, Any]]:
     """``count`` examples (fewer if the text has fewer) ``{"context", "choices", "label", "corpus",
-    "document"}``: ``choices[label]`` is the true ending."""
+    "document"}`` in corpus order: ``choices[label]`` is the true ending, the others end sentences of the
+    same document."""
     sentences = [(p, i) for p in paragraphs for i, s in enumerate(p.sentences) if len(s.split()) >= MIN_CLOZE_WORDS]
     endings: dict[tuple[str, int, int], list[tuple[int, str]]] = {}
     for position, (paragraph, index) in enumerate(sentences):
