@@ -199,7 +199,7 @@ def run(config: SpinQuantConfig) -> tuple[Path, Path]:
                                    "shape": dataclasses.asdict(shape),
                                    "labels": {LABELS[k]: k for k in rotations},
                                },
-                           })
+                           }, per_example=per_example)
 
 
 def main(argv: list[str] | None = None) -> int:

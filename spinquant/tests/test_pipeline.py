@@ -31,8 +31,9 @@ def _config(folder, **overrides) -> SpinQuantConfig:
 
 
 def _rows(path) -> dict[str, dict[str, str]]:
+    """The result rows by setting (the paired-interval rows beside them left out)."""
     with open(path, newline="") as handle:
-        return {row["setting"]: row for row in csv.DictReader(handle)}
+        return {row["setting"]: row for row in csv.DictReader(handle) if "_vs_" not in row["metric"]}
 
 
 def test_run_writes_learned_and_baseline_rows(tiny_setup):
@@ -54,6 +55,10 @@ def test_run_writes_learned_and_baseline_rows(tiny_setup):
     assert set(meta["rotation"]["monitor_loss"]) == {"SpinQuant", "QuaRot"}
     assert {"SpinQuant/gptq", "SpinQuant/gptaq", "QuaRot/gptq", "QuaRot/gptaq"} <= meta["layers"].keys()
     assert {"rotation training", "SpinQuant quantize gptaq", "QuaRot evaluate fp"} <= meta["seconds"].keys()
+    # the data behind each number, per rotation's rows, and the paired intervals computed from them
+    assert set(meta["per_example"]) == {f"{config.setting} SpinQuant", f"{config.setting} QuaRot"}
+    assert {"fp", "gptq", "gptaq"} <= meta["per_example"][f"{config.setting} SpinQuant"].keys()
+    assert any("_vs_gptq_low" in line for line in csv_path.read_text().splitlines())
     assert (tiny_setup / "R.safetensors").is_file()
 
 
