@@ -309,8 +309,14 @@ def is_main_metric(metric: str) -> bool:
 
 def _group_label(row: TableRow, duplicated: bool) -> str:
     label = f"{row.record.model}\n{row.record.setting}"
-    if duplicated:
-        label += f"\n{row.run.name}"
+    if duplicated:  # the run's name, broken at dashes into short lines
+        parts, line = [], ""
+        for piece in row.run.name.split("-"):
+            if line and len(line) + len(piece) > 14:
+                parts.append(line + "-")
+                line = ""
+            line += ("-" if line else "") + piece
+        label += "\n" + "\n".join([*parts, line])
     return label + (" (!)" if row.notes else "")
 
 
@@ -329,10 +335,12 @@ def _comparison(row: TableRow, method: str, baseline: str) -> tuple[float, float
 
 
 def _plot_panel(ax: Axes, metric: str, rows: Sequence[TableRow], baseline: str) -> None:
-    """Each method against the baseline per model/setting, with its paired 95 % interval as error bars: the
-    perplexity ratio on a log axis, or the accuracy difference in points."""
+    """Each calibrated method against the baseline per model/setting, with its paired 95 % interval as error
+    bars: the perplexity ratio on a log axis, or the accuracy difference in points. FP and RTN, orders of
+    magnitude away at low bits, stay in the table so the axis is scaled to the differences between methods."""
     ratio = metric.endswith("_ppl")
-    methods = [m for m in METHOD_NAMES if m != baseline and any(m in row.record.values for row in rows)]
+    methods = [m for m in METHOD_NAMES if METHODS[m].calibrated and m != baseline
+               and any(m in row.record.values for row in rows)]
     width = 0.8 / max(1, len(methods))
     for i, method in enumerate(methods):
         offset = (i - (len(methods) - 1) / 2) * width
@@ -358,14 +366,14 @@ def _plot_panel(ax: Axes, metric: str, rows: Sequence[TableRow], baseline: str) 
     base = METHODS[baseline].label
     if ratio:
         dataset = metric.removesuffix("_ppl") or "evaluation"
-        ax.set_title(f"{dataset} perplexity / {base}'s: below 1 is better")
-        ax.set_ylabel(f"perplexity ratio to {base} (log scale)")
+        ax.set_title(f"{dataset} perplexity ÷ {base}'s (< 1 is better)")
+        ax.set_ylabel(f"ratio to {base} (log scale)")
     else:
-        ax.set_title(f"{metric} − {base}'s: above 0 is better")
+        ax.set_title(f"{metric} − {base}'s (> 0 is better)")
         ax.set_ylabel(f"difference to {base} (points)")
     flagged = any(row.notes for row in rows)
-    ax.set_xlabel("model / setting; error bars: paired 95 % interval"
-                  + (" ((!) = flagged, see the notes in the report)" if flagged else ""))
+    ax.set_xlabel("error bars: paired 95 % interval; FP and RTN: see the table"
+                  + ("; (!): see the report's notes" if flagged else ""), fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
