@@ -22,6 +22,7 @@ from common.config import ConfigError
 from common.device import device_description, pick_device
 from common.pipeline import compare_methods, quantize
 from common.profile import forward_flops, start_profile
+from common.results.intervals import outcome_string
 from common.results.runs import write_run
 from vit_quant.adapter import block_linear_input_sizes, prepare_vit
 from vit_quant.data import (
@@ -126,7 +127,7 @@ def run(config: VitRunConfig) -> tuple[Path, Path]:
     def evaluate(method: str) -> dict[str, float]:
         outcomes = top1_outcomes(model, evaluation, batch_size=config.eval_batch_size, device=device)
         top1 = 100.0 * int(outcomes.sum()) / len(outcomes)
-        per_example[method] = {"top1": "".join("1" if hit else "0" for hit in outcomes.tolist())}
+        per_example[method] = {"top1": outcome_string(outcomes.tolist())}
         logger.info("%s top-1 %.2f%%", method, top1)
         return {"top1": top1}
 

@@ -125,7 +125,7 @@ def evaluate(
     """
     model.to(device)
     metrics: dict[str, float] = {}
-    found: dict[str, Any] = {}
+    found = per_example if per_example is not None else {}
     for dataset, windows in eval_sets.items():
         sums = window_nlls(model, windows, batch_size=config.eval_batch_size, device=device,
                            desc=f"{label} {dataset}")
@@ -140,8 +140,6 @@ def evaluate(
                                       include_path=config.tasks_include_path)
         metrics.update(result.metrics)
         found.update(result.per_example)
-    if per_example is not None:
-        per_example.update(found)
     return metrics
 
 

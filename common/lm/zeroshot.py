@@ -29,6 +29,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from common.lm.embedded_tasks import EMBEDDED_TASKS, embedded_task_folder, embedded_task_identity
+from common.results.intervals import outcome_string
 
 if TYPE_CHECKING:
     from lm_eval.api.group import Group
@@ -213,7 +214,7 @@ def _outcomes(samples: list[dict[str, Any]], key: str) -> str | None:
     values = [sample.get(key) for sample in ordered]
     if not values or any(value not in (0, 1, True, False) for value in values):
         return None
-    return "".join("1" if value else "0" for value in values)
+    return outcome_string(values)
 
 
 def zero_shot_evaluation(

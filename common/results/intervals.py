@@ -20,7 +20,7 @@ per-example differences (paired), never from two separate standard errors:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,6 +123,11 @@ def perplexity_ratio(nll_a: Sequence[float], nll_b: Sequence[float], **bootstrap
     return PairedInterval(math.exp(interval.estimate), math.exp(interval.low), math.exp(interval.high), null=1.0)
 
 
+def outcome_string(outcomes: Iterable[object]) -> str:
+    """0/1 (or boolean) outcomes as the ``"0110..."`` string run JSONs store (inverse of :func:`outcomes_of`)."""
+    return "".join("1" if outcome else "0" for outcome in outcomes)
+
+
 def outcomes_of(text: str) -> list[int]:
     """The 0/1 outcomes of a ``"0110..."`` string (how run JSONs store them)."""
     if set(text) - {"0", "1"}:
@@ -158,7 +163,8 @@ def reproduces(metric: str, data: Sequence[float] | str, value: float, rel: floa
     return math.isfinite(recomputed) and abs(recomputed - value) <= rel * max(abs(value), 1e-12)
 
 
-def comparisons(per_example: dict[str, dict[str, object]], baseline: str) -> dict[str, dict[str, PairedInterval]]:
+def comparisons(per_example: Mapping[str, Mapping[str, object]], baseline: str
+                ) -> dict[str, dict[str, PairedInterval]]:
     """``{metric: {method: interval of method vs baseline}}`` for every metric the baseline and another
     method both have per-example data of (``per_example``: ``{method: {metric: data}}``, one setting)."""
     reference = per_example.get(baseline, {})

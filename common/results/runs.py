@@ -57,7 +57,7 @@ def interval_rows(per_example: Mapping[str, Mapping[str, Mapping[str, Any]]], ba
     (``{setting: {method: {metric: data}}}``), against ``baseline``."""
     rows = []
     for setting, methods in per_example.items():
-        for metric, intervals in comparisons({m: dict(v) for m, v in methods.items()}, baseline).items():
+        for metric, intervals in comparisons(methods, baseline).items():
             bounds = {"low": {m: i.low for m, i in intervals.items()},
                       "high": {m: i.high for m, i in intervals.items()},
                       "p": {m: i.p_value for m, i in intervals.items() if i.p_value is not None}}

@@ -14,6 +14,8 @@ from common.results.intervals import (
     bootstrap_means,
     comparisons,
     mcnemar_exact,
+    outcome_string,
+    outcomes_of,
     paired_bootstrap,
     perplexity_ratio,
 )
@@ -126,3 +128,9 @@ def test_bad_paired_data_is_refused(a, b, message) -> None:
 def test_mcnemar_refuses_non_binary_outcomes() -> None:
     with pytest.raises(ValueError, match="0/1"):
         mcnemar_exact([0, 2], [1, 0])
+
+
+def test_outcome_strings_round_trip() -> None:
+    outcomes = [1, 0, 0, 1, True, False]
+    assert outcome_string(outcomes) == "100110"
+    assert outcomes_of(outcome_string(outcomes)) == [1, 0, 0, 1, 1, 0]
