@@ -43,7 +43,7 @@ from common.methods import METHODS, Method
 from common.methods import method as get_method
 from common.profile import counting_flops
 from common.quant.qlinear import QuantLinear
-from common.quant.quantizers import rtn_quantize_weight
+from common.quant.quantizers import WeightGrid, rtn_quantize
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,8 @@ def quantize_model(
                 began = time.perf_counter()
                 with torch.no_grad():
                     original = linear.weight.detach().clone()
-                    linear.weight.copy_(_rtn(linear.weight, settings.solver_for(name)))
+                    quantized, linear.weight_grid = _rtn(linear.weight, settings.solver_for(name))
+                    linear.weight.copy_(quantized)
                 report.layers.append(
                     LayerRecord(index, name, settings.method, *original.shape, float("nan"), float("nan"), 0.0,
                                 time.perf_counter() - began)
@@ -211,8 +212,9 @@ def quantize_model(
     return report
 
 
-def _rtn(weight: torch.Tensor, solver: SolverConfig) -> torch.Tensor:
-    return rtn_quantize_weight(weight, bits=solver.bits, sym=solver.sym, groupsize=solver.groupsize, mse=solver.mse)
+def _rtn(weight: torch.Tensor, solver: SolverConfig) -> tuple[torch.Tensor, WeightGrid | None]:
+    return rtn_quantize(weight, bits=solver.bits, sym=solver.sym, groupsize=solver.groupsize, mse=solver.mse,
+                        grid_format=solver.grid)
 
 
 def _group_linears(adapter: ModelAdapter, block: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
@@ -290,6 +292,13 @@ def set_input_quantization(model: nn.Module, enabled: bool) -> None:
     for module in model.modules():
         if hasattr(module, "quantize_input"):
             module.quantize_input = enabled
+
+
+def clear_weight_grids(model: nn.Module) -> None:
+    """Forget the recorded weight grids (the weights were restored to full precision)."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.weight_grid = None
 
 
 class _BlockCalibration:
@@ -465,6 +474,7 @@ class _BlockCalibration:
         error = stats.output_error(weight, result.weight, reference_norm)
         with torch.no_grad():
             linear.weight.copy_(result.weight)
+        linear.weight_grid = result.grid
         flops = settings.spec.flops(*weight.shape, config.blocksize) if settings.spec.flops else 0.0
         self.report.add_part("solves", result.seconds, flops)
         logger.info(

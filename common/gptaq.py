@@ -37,7 +37,15 @@ from dataclasses import dataclass
 
 import torch
 
-from common.quant.quantizers import FULL_PRECISION_BITS, WeightQuantizer, check_bits, check_groupsize, working_dtype
+from common.quant.quantizers import (
+    FULL_PRECISION_BITS,
+    WeightGrid,
+    WeightQuantizer,
+    check_bits,
+    check_grid,
+    check_groupsize,
+    working_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +64,8 @@ class CalibrationError(RuntimeError):
 class SolverConfig:
     """Settings of one layer solve, shared by every method (see :func:`quantize_weight` for their meaning).
 
-    ``alpha`` and ``lazy_update`` are GPTAQ's; ``qep_alpha`` is QEP's (:mod:`common.qep`).
+    ``alpha`` and ``lazy_update`` are GPTAQ's; ``qep_alpha`` is QEP's (:mod:`common.qep`); ``grid`` is one
+    of :data:`common.quant.quantizers.GRIDS` (``"gptq"``: what a ``gptq`` checkpoint stores exactly).
     """
 
     bits: int
@@ -70,9 +79,11 @@ class SolverConfig:
     mse: bool = False
     lazy_update: str = "exact"
     qep_alpha: float = 0.5
+    grid: str = "float"
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
+        check_grid(self.grid)
         if self.lazy_update not in LAZY_UPDATES:
             raise ValueError(f"lazy_update must be one of {LAZY_UPDATES}, got {self.lazy_update!r}")
         if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1:
@@ -139,12 +150,15 @@ class SolveResult:
         loss: GPTQ's proxy loss ``Σ_j ‖w_j − q_j‖² / U[j, j]² / 2`` (units of ``H``-weighted squared weight).
         percdamp: the damping actually used, as a fraction of the mean Hessian diagonal (grows on retries).
         seconds: wall time of the solve.
+        grid: the grid ``weight`` lies on (scales and zero points per group, each column's group), or
+            ``None`` when nothing was quantized (16 bits).
     """
 
     weight: torch.Tensor
     loss: float
     percdamp: float
     seconds: float
+    grid: WeightGrid | None = None
 
 
 class CalibrationStatistics:
@@ -355,7 +369,7 @@ def solve_layer(
     start_point = StartingPoint(work) if prepare is None else prepare(work, drift, factorization, config)
     correction = _drift_correction(drift, factorization.upper, config.alpha) if gptaq_correction else None
 
-    quantizer = WeightQuantizer(config.bits, sym=config.sym, mse=config.mse)
+    quantizer = WeightQuantizer(config.bits, sym=config.sym, mse=config.mse, grid_format=config.grid)
     static_params = group_of_column = None
     if groupsize > 0 and config.static_groups:
         original_order = start_point.work if perm is None else start_point.work[:, torch.argsort(perm)]
@@ -374,6 +388,7 @@ def solve_layer(
         official=config.lazy_update == "official",
     )
     quantized, loss = solver.run(config.blocksize)
+    grid = _solved_grid(solver, static_params, groupsize, perm, columns, quantizer.maxq)
     if perm is not None:
         quantized = quantized[:, torch.argsort(perm)]
     result = quantized.to(W.dtype)
@@ -384,7 +399,27 @@ def solve_layer(
             f"{name}: the solve produced NaN or Inf weights from finite inputs ({scales}"
             f"percdamp={factorization.damp:g}): {hint}"
         )
-    return SolveResult(result, loss, factorization.damp, time.perf_counter() - start)
+    return SolveResult(result, loss, factorization.damp, time.perf_counter() - start, grid)
+
+
+def _solved_grid(solver: _BlockSolver, static_params: list[tuple[torch.Tensor, torch.Tensor]] | None,
+                 groupsize: int, perm: torch.Tensor | None, columns: int, maxq: int) -> WeightGrid:
+    """The grid of a finished solve, in the weight's own column order.
+
+    Without groups every column is in group 0; static groups follow the original columns; dynamic groups
+    are formed in solve order, so with ``act_order`` the column at solve position ``k`` (original column
+    ``perm[k]``) is in group ``k // groupsize``.
+    """
+    device = solver.work.device
+    if groupsize <= 0:
+        return WeightGrid.from_groups([(solver.scale, solver.zero)], torch.zeros(columns, dtype=torch.int64,
+                                                                                 device=device), maxq)
+    positions = torch.arange(columns, device=device)
+    if static_params is not None:
+        return WeightGrid.from_groups(static_params, positions // groupsize, maxq)
+    g_idx = torch.empty_like(positions)
+    g_idx[perm if perm is not None else positions] = positions // groupsize
+    return WeightGrid.from_groups(solver.group_params, g_idx, maxq)
 
 
 def _check_weight(W: torch.Tensor, name: str) -> None:
@@ -533,6 +568,8 @@ class _BlockSolver:
         self.static_params = static_params
         self.group_of_column = group_of_column
         self.official = official
+        self.group_params: list[tuple[torch.Tensor, torch.Tensor]] = []
+        """Each dynamic group's ``(scale, zero)``, in solve order."""
         if groupsize > 0:
             self.scale, self.zero = None, None
         else:
@@ -623,13 +660,13 @@ class _BlockSolver:
         end = column + self.groupsize
         if column == 0 and self.first_grid is not None:
             self.scale, self.zero = self.quantizer.params(self.first_grid[:, :end])
-            return
-        if self.official:
-            values = self.work[column:end]
+        elif self.official:
+            self.scale, self.zero = self.quantizer.params(self.work[column:end].T.contiguous())
         else:
             values = self._current_values(column, end, i1, i2, i, j1, j2, block, errors, originals, pairs,
                                           coefficients)
-        self.scale, self.zero = self.quantizer.params(values.T.contiguous())
+            self.scale, self.zero = self.quantizer.params(values.T.contiguous())
+        self.group_params.append((self.scale, self.zero))
 
     def _current_values(
         self,

@@ -22,6 +22,7 @@ from common.calibration import (
     CalibrationReport,
     CalibrationSettings,
     ModelAdapter,
+    clear_weight_grids,
     quantize_model,
     set_input_quantization,
 )
@@ -49,6 +50,7 @@ def solver_config(settings: RunSettings) -> SolverConfig:
         mse=settings.w_clip,
         lazy_update=settings.lazy_update,
         qep_alpha=settings.qep_alpha,
+        grid=settings.w_grid,
     )
 
 
@@ -125,6 +127,7 @@ def compare_methods(
 def _compare_one(model: nn.Module, method: str, start: WeightSnapshot, prepare, evaluate, timer: StageProfile,
                  prefix: str, results: dict, layers: dict) -> None:
     start.restore(model)
+    clear_weight_grids(model)
     set_input_quantization(model, True)
     stage = f"{prefix}quantize {method}"
     with timer(stage):

@@ -18,7 +18,7 @@ from common.config import ConfigError
 from common.files import check_plain_name, check_writable_dir, sweep_stale_temporaries
 from common.gptaq import LAZY_UPDATES
 from common.methods import DEFAULT_METHODS, METHOD_NAMES, METHODS
-from common.quant.quantizers import check_bits, check_clip_ratio
+from common.quant.quantizers import GRIDS, check_bits, check_clip_ratio
 
 
 def describe(text: str) -> dict[str, Any]:
@@ -67,6 +67,8 @@ class RunSettings:
     w_asym: bool = field(default=True, metadata=describe("asymmetric weight grid"))
     w_groupsize: int = field(default=-1, metadata=describe("-1 = per output channel, else columns per group"))
     w_clip: bool = field(default=True, metadata=describe("MSE clip search for the weight grid"))
+    w_grid: str = field(default="float", metadata=describe(
+        f"weight grid, one of {GRIDS} (gptq: float16 scales, zero points 1..2^bits-1, as checkpoints store them)"))
     a_bits: int = field(default=4, metadata=describe("activation bits, 1..16 (16 = off)"))
     a_asym: bool = field(default=True, metadata=describe("asymmetric activation grid"))
     a_clip_ratio: float = field(default=0.9, metadata=describe("activation range shrink, (0, 1]"))
@@ -95,6 +97,7 @@ class RunSettings:
         except ValueError as error:
             raise ConfigError(str(error)) from None
         check_one_of("lazy_update", self.lazy_update, LAZY_UPDATES)
+        check_one_of("w_grid", self.w_grid, GRIDS)
         if not self.methods:
             raise ConfigError(f"methods must name at least one of {METHOD_NAMES}")
         for method in self.methods:

@@ -10,7 +10,8 @@ quantizes weights before activations); ``observer``, when set, is called with th
 multiplies (after ``R`` and ``quant``) on every forward, which is how the engine collects statistics;
 ``recorder``, when set, is called with the output; ``replay``, when set and returning a tensor, supplies
 the output without computing anything (the engine replays outputs whose inputs and weight cannot have
-changed since they were recorded).
+changed since they were recorded). The engine also leaves ``weight_grid``, the grid it rounded the weight
+onto (scales, zero points, each column's group), for export (:mod:`common.export`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common.quant.quantizers import ActivationQuantizer
+from common.quant.quantizers import ActivationQuantizer, WeightGrid
 
 
 class QuantLinear(nn.Module):
@@ -51,6 +52,8 @@ class QuantLinear(nn.Module):
         self.observer: Callable[[torch.Tensor], None] | None = None
         self.recorder: Callable[[torch.Tensor], None] | None = None
         self.replay: Callable[[], torch.Tensor | None] | None = None
+        self.weight_grid: WeightGrid | None = None
+        """The grid the calibration engine put ``weight`` on (what an exported checkpoint stores), if any."""
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input the weight multiplies: ``x`` [..., in] after the online transform and quantization."""

@@ -8,6 +8,12 @@ per-row scale and zero point, ``dequant(q) = scale * (q - zero)``.
 * symmetric: signed, no zero point to store: ``zero`` is fixed at the grid's midpoint ``(maxq + 1) / 2`` and
   ``scale = 2 * max|x| / maxq``, i.e. the values are ``scale * {-2**(bits-1), ..., 2**(bits-1) - 1}``.
 
+``grid="gptq"`` restricts the grid to what a ``gptq`` checkpoint stores exactly (:mod:`common.export`):
+scales rounded to float16 before any value is rounded onto them, and zero points in ``1..maxq`` (the format
+stores ``zero - 1`` in ``bits`` unsigned bits). ``scale * (q - zero)`` is then exact in float32, so a packed
+checkpoint dequantizes to the very weights the solver produced. ``grid="float"`` (the default) keeps the
+reference code's float32 grid.
+
 The optional MSE clip search shrinks the range by ``1 - i / grid`` for ``i < maxshrink * grid`` and keeps,
 per row, the shrink with the smallest ``sum |x - dequant(quant(x))| ** norm`` (``norm = 2.4``), as GPTQ's
 reference code does.
@@ -20,11 +26,18 @@ signed ``-2**(bits-1)..2**(bits-1) - 1``; the range is shrunk by ``clip_ratio`` 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 FULL_PRECISION_BITS = 16
 """Bit width that disables quantization (the tensor passes through unchanged)."""
+
+GRIDS = ("float", "gptq")
+"""Allowed weight grids: the reference float32 grid, or the one a ``gptq`` checkpoint stores exactly."""
+
+_FLOAT16 = torch.finfo(torch.float16)
 
 _MSE_CHUNK_ELEMENTS = 1 << 18
 """Candidate errors computed at once by the MSE clip search (1 MB in float32: cache-resident)."""
@@ -55,6 +68,13 @@ def check_clip_ratio(clip_ratio: float, name: str = "clip_ratio") -> float:
     return float(clip_ratio)
 
 
+def check_grid(grid: str, name: str = "grid") -> str:
+    """Return ``grid`` if it is one of :data:`GRIDS`, else raise ``ValueError`` naming the parameter."""
+    if grid not in GRIDS:
+        raise ValueError(f"{name} must be one of {GRIDS}, got {grid!r}")
+    return grid
+
+
 def working_dtype(tensor: torch.Tensor) -> torch.dtype:
     """The dtype quantization math runs in: float64 for float64 tensors, float32 otherwise."""
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
@@ -66,6 +86,57 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq
     return scale * (q - zero)
 
 
+@dataclass(frozen=True)
+class WeightGrid:
+    """The grid a quantized weight [m, n] lies on: ``W[r, c] = scales[g, r] · (q[r, c] − zeros[g, r])`` with
+    ``g = g_idx[c]`` and integer codes ``q`` in ``0..maxq``.
+
+    Attributes:
+        scales: [groups, m], the weight's dtype (float16-representable values for ``grid="gptq"``).
+        zeros: [groups, m], integers held in the scales' dtype.
+        g_idx: [n] int64, the group of each input column (in the weight's own column order).
+        maxq: ``2**bits − 1``.
+    """
+
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    maxq: int
+
+    @property
+    def bits(self) -> int:
+        return self.maxq.bit_length()
+
+    def codes(self, weight: torch.Tensor) -> torch.Tensor:
+        """The integer codes [m, n] (int32) of ``weight`` on this grid; ``ValueError`` if it is not on it.
+
+        ``weight`` may be in a narrower dtype than the grid (a float16 model): it must then equal the grid's
+        values rounded to that dtype.
+        """
+        scales, zeros = self._per_column()
+        codes = torch.round(weight.detach().to(scales.dtype) / scales) + zeros
+        on_grid = torch.equal((scales * (codes - zeros)).to(weight.dtype), weight.detach())
+        if codes.min() < 0 or codes.max() > self.maxq or not on_grid:
+            raise ValueError("the weight does not lie on its recorded grid (was it changed after quantization?)")
+        return codes.to(torch.int32)
+
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        """``scales · (codes − zeros)`` [m, n] in the scales' dtype."""
+        scales, zeros = self._per_column()
+        return scales * (codes.to(scales.dtype) - zeros)
+
+    def _per_column(self) -> tuple[torch.Tensor, torch.Tensor]:
+        index = self.g_idx.to(self.scales.device)
+        return self.scales[index].T, self.zeros[index].T
+
+    @staticmethod
+    def from_groups(params: list[tuple[torch.Tensor, torch.Tensor]], g_idx: torch.Tensor, maxq: int) -> WeightGrid:
+        """From one ``(scale, zero)`` pair of [m, 1] tensors per group (see :meth:`WeightQuantizer.params`)."""
+        scales = torch.stack([scale[:, 0] for scale, _ in params])
+        zeros = torch.stack([zero[:, 0] for _, zero in params]).to(scales.dtype)
+        return WeightGrid(scales, zeros, g_idx.to(torch.int64), maxq)
+
+
 class WeightQuantizer:
     """Per-row grid parameters and rounding for weights on GPTQ's reference grid.
 
@@ -74,6 +145,7 @@ class WeightQuantizer:
         sym: symmetric (signed, zero point fixed at the grid's midpoint) instead of asymmetric.
         mse: search a per-row clipping of the range minimising the ``norm``-error (GPTQ's reference search).
         grid, maxshrink, norm: the MSE search's resolution, deepest shrink and error exponent.
+        grid_format: one of :data:`GRIDS` (see the module docstring).
     """
 
     def __init__(
@@ -85,8 +157,10 @@ class WeightQuantizer:
         grid: int = 100,
         maxshrink: float = 0.8,
         norm: float = 2.4,
+        grid_format: str = "float",
     ) -> None:
         self.bits = check_bits(bits)
+        self.grid_format = check_grid(grid_format, "grid_format")
         self.sym = bool(sym)
         self.mse = bool(mse)
         self.grid = grid
@@ -115,10 +189,15 @@ class WeightQuantizer:
 
     def _grid(self, xmin: torch.Tensor, xmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scale = (xmax - xmin) / self.maxq
+        checkpoint = self.grid_format == "gptq"
+        if checkpoint:
+            scale = scale.clamp(_FLOAT16.smallest_normal, _FLOAT16.max).to(torch.float16).to(scale.dtype)
         if self.sym:
             zero = torch.full_like(scale, (self.maxq + 1) / 2)
         else:
             zero = torch.round(-xmin / scale)
+            if checkpoint:
+                zero = zero.clamp(1, self.maxq)
         return scale, zero
 
     def _mse_search(
@@ -157,21 +236,40 @@ def rtn_quantize_weight(
     sym: bool = False,
     groupsize: int = -1,
     mse: bool = False,
+    grid_format: str = "float",
 ) -> torch.Tensor:
     """Round-to-nearest baseline: fake-quantize ``weight`` [out, in] per row (or per group of columns).
 
     Returns a tensor with ``weight``'s shape and dtype.
     """
+    return rtn_quantize(weight, bits=bits, sym=sym, groupsize=groupsize, mse=mse, grid_format=grid_format)[0]
+
+
+def rtn_quantize(
+    weight: torch.Tensor,
+    *,
+    bits: int,
+    sym: bool = False,
+    groupsize: int = -1,
+    mse: bool = False,
+    grid_format: str = "float",
+) -> tuple[torch.Tensor, WeightGrid | None]:
+    """:func:`rtn_quantize_weight` and the grid the result lies on (``None`` at 16 bits)."""
     rows, cols = weight.shape
     groupsize = check_groupsize(groupsize, cols)
-    quantizer = WeightQuantizer(bits, sym=sym, mse=mse)
+    quantizer = WeightQuantizer(bits, sym=sym, mse=mse, grid_format=grid_format)
     if bits >= FULL_PRECISION_BITS:
-        return weight.clone()
+        return weight.clone(), None
     w = weight.to(working_dtype(weight))
-    if groupsize > 0:
-        w = w.reshape(rows * cols // groupsize, groupsize)
+    width = cols if groupsize < 0 else groupsize
+    w = w.reshape(rows * cols // width, width)
     scale, zero = quantizer.params(w)
-    return quantizer.quantize(w, scale, zero).reshape(rows, cols).to(weight.dtype)
+    quantized = quantizer.quantize(w, scale, zero).reshape(rows, cols).to(weight.dtype)
+    groups = cols // width
+    g_idx = torch.arange(cols, device=weight.device) // width
+    grid = WeightGrid(scale.reshape(rows, groups).T.contiguous(), zero.reshape(rows, groups).T.contiguous(), g_idx,
+                      quantizer.maxq)
+    return quantized, grid
 
 
 class ActivationQuantizer(nn.Module):

@@ -34,7 +34,7 @@ def statistics(x_full: torch.Tensor, x_quant: torch.Tensor) -> tuple[torch.Tenso
 
 
 def naive_gptq(weight, hessian, drift=None, *, bits, sym=False, groupsize=-1, act_order=False, static_groups=False,
-                 percdamp=0.01, alpha=0.25, mse=False):
+                 percdamp=0.01, alpha=0.25, mse=False, grid_format="float"):
     """Float64 column-by-column GPTQ (``drift`` given: GPTAQ) reference: no blocks, grids from the current values,
     textbook inverse."""
     w = weight.clone().double()
@@ -46,7 +46,7 @@ def naive_gptq(weight, hessian, drift=None, *, bits, sym=False, groupsize=-1, ac
     w[:, dead] = 0
     if d is not None:
         d[:, dead] = 0
-    quantizer = WeightQuantizer(bits, sym=sym, mse=mse)
+    quantizer = WeightQuantizer(bits, sym=sym, mse=mse, grid_format=grid_format)
     static = None
     if groupsize > 0 and static_groups:
         static = [quantizer.params(w[:, g:g + groupsize]) for g in range(0, n, groupsize)]

@@ -14,7 +14,8 @@ from common.gptaq import (
     quantize_weight,
     solve,
 )
-from common.quant.quantizers import ActivationQuantizer, WeightQuantizer, rtn_quantize_weight
+from common.methods import METHODS
+from common.quant.quantizers import ActivationQuantizer, WeightQuantizer, rtn_quantize, rtn_quantize_weight
 from common.tests.solver_references import (
     OPTIONS,
     layer,
@@ -249,6 +250,56 @@ class TestInvariants:
         hessian, drift = statistics(x_full, x_quant)
         result = solve(weight, hessian, drift, SolverConfig(bits=3, percdamp=0.05))
         assert result.loss > 0 and result.percdamp == 0.05 and result.seconds >= 0
+
+
+class TestRecordedGrid:
+    """The grid a solve reports is the one its weight lies on, as an exported checkpoint stores it."""
+
+    @pytest.mark.parametrize("options", OPTIONS)
+    def test_checkpoint_grid_matches_reference(self, options):
+        weight, x_full, x_quant = layer()
+        hessian, drift = statistics(x_full, x_quant)
+        expected = naive_gptq(weight, hessian, drift, bits=3, grid_format="gptq", **options)
+        got = solve(weight, hessian, drift, SolverConfig(bits=3, blocksize=16, grid="gptq", **options)).weight
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
+
+    @pytest.mark.parametrize("options", OPTIONS)
+    @pytest.mark.parametrize("method", ["gptq", "gptaq", "qep", "qronos"])
+    @pytest.mark.parametrize("grid", ["float", "gptq"])
+    def test_codes_reproduce_the_weight_exactly(self, options, method, grid):
+        weight, x_full, x_quant = layer(seed=3)
+        hessian, drift = statistics(x_full, x_quant)
+        config = SolverConfig(bits=3, blocksize=16, grid=grid, **options)
+        result = METHODS[method].solve(weight.float(), hessian.float(), drift.float(), config, name="layer")
+        codes = result.grid.codes(result.weight)
+        assert codes.dtype == torch.int32 and 0 <= int(codes.min()) and int(codes.max()) <= 7
+        assert torch.equal(result.grid.dequantize(codes), result.weight)
+        groups = 40 // options["groupsize"] if "groupsize" in options else 1
+        assert result.grid.scales.shape == result.grid.zeros.shape == (groups, 24)
+        assert torch.bincount(result.grid.g_idx).tolist() == [40 // groups] * groups
+        if grid == "gptq":
+            assert torch.equal(result.grid.scales.half().float(), result.grid.scales)
+            assert 1 <= int(result.grid.zeros.min()) and int(result.grid.zeros.max()) <= 7
+
+    def test_act_order_groups_follow_the_solve_order(self):
+        weight, x_full, x_quant = layer()
+        hessian, _ = statistics(x_full, x_quant)
+        result = solve(weight, hessian, None, SolverConfig(bits=3, groupsize=8, act_order=True))
+        order = torch.argsort(torch.diagonal(hessian), descending=True)
+        assert torch.equal(result.grid.g_idx[order], torch.arange(40) // 8)
+
+    def test_rtn_grid(self):
+        weight = torch.randn(6, 32)
+        for groupsize, groups in ((-1, 1), (8, 4)):
+            quantized, grid = rtn_quantize(weight, bits=4, groupsize=groupsize, grid_format="gptq")
+            assert grid.scales.shape == (groups, 6)
+            assert torch.equal(grid.dequantize(grid.codes(quantized)), quantized)
+        assert rtn_quantize(weight, bits=16)[1] is None
+
+    def test_a_changed_weight_is_not_on_its_grid(self):
+        quantized, grid = rtn_quantize(torch.randn(6, 32), bits=4)
+        with pytest.raises(ValueError, match="does not lie on its recorded grid"):
+            grid.codes(quantized + 1e-3)
 
 
 class TestErrors:

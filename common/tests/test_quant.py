@@ -75,6 +75,19 @@ class TestWeightQuantizer:
         assert rtn_quantize_weight(w, bits=16).equal(w)
         assert rtn_quantize_weight(w.bfloat16(), bits=4).dtype == torch.bfloat16
 
+    @pytest.mark.parametrize("sym", [False, True])
+    def test_checkpoint_grid_has_float16_scales_and_zero_points_in_range(self, sym):
+        w = torch.randn(64, 16, dtype=torch.float64)
+        w[0] = w[0].abs()  # xmin = 0: the float grid's zero point 0 is not storable
+        checkpoint = WeightQuantizer(4, sym=sym, grid_format="gptq")
+        scale, zero = checkpoint.params(w)
+        assert torch.equal(scale.half().double(), scale)
+        assert 1 <= int(zero.min()) and int(zero.max()) <= 15
+        float_scale, _ = WeightQuantizer(4, sym=sym).params(w)
+        assert torch.allclose(scale, float_scale, rtol=2**-11, atol=0)
+        with pytest.raises(ValueError, match=r"grid_format must be one of \('float', 'gptq'\), got 'fp16'"):
+            WeightQuantizer(4, grid_format="fp16")
+
     @pytest.mark.parametrize("bits", [0, 17, 2.5, True, "4"])
     def test_bad_bits(self, bits):
         with pytest.raises(ValueError, match=r"bits must be an integer in 1\.\.16"):
