@@ -1,0 +1,1 @@
+"""Deployable checkpoints of the quantized weights (the ``gptq`` format that GPTQModel, transformers and vLLM load)."""
