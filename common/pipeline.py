@@ -115,13 +115,18 @@ def compare_methods(
         for method in methods:
             _compare_one(model, method, start, prepare, evaluate, timer, prefix, results, layers)
             timer.add(f"{prefix}evaluate {method}", 0.0, flops)
+    return metric_rows(results, methods), layers
+
+
+def metric_rows(results: dict[str, dict[str, float]], methods: Sequence[str]) -> list[MetricRow]:
+    """One row per metric of ``results`` (``{method: {metric: value}}``), a value per method in ``methods``'
+    order; metrics ending in ``_ppl`` or ``_stderr`` are lower-is-better."""
     names = list(dict.fromkeys(name for values in results.values() for name in values))
-    rows = [
+    return [
         MetricRow(name, higher_is_better=not name.endswith(("_ppl", STDERR_SUFFIX)),
-                  values={m: results[m][name] for m in methods if name in results[m]})
+                  values={m: results[m][name] for m in methods if name in results.get(m, {})})
         for name in names
     ]
-    return rows, layers
 
 
 def _compare_one(model: nn.Module, method: str, start: WeightSnapshot, prepare, evaluate, timer: StageProfile,

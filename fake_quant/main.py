@@ -3,6 +3,8 @@
 One run rotates the model once, then evaluates the same rotated model in full precision and quantized
 with RTN, GPTQ and GPTAQ (same seed, same calibration windows), and writes ``results/<name>.csv`` (a row
 per metric, a column per method) with a sidecar JSON of settings, timings and per-layer errors.
+Weight-only runs can also write each quantized model as a ``gptq`` checkpoint (``--export_gptq DIR``) and
+evaluate such checkpoints again with this repo's reader (``--load_gptq DIR``).
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ from common.calibration import set_input_quantization
 from common.cli import run_cli
 from common.config import ConfigError
 from common.device import pick_device
+from common.export.checkpoint import CheckpointError, GptqSettings, read_gptq_checkpoint, write_gptq_checkpoint
 from common.files import atomic_write, atomic_write_json
 from common.llama.experiment import (
+    DTYPES,
     PerExample,
     add_quantizers,
     compare_rotated,
+    evaluate,
     load_data,
     load_model,
     preflight,
@@ -37,6 +42,7 @@ from common.llama.loading import ModelLoadError
 from common.lm.corpora import CorpusUnavailableError
 from common.lm.zeroshot import ZeroShotUnavailableError
 from common.methods import METHODS
+from common.pipeline import metric_rows
 from common.profile import start_profile
 from fake_quant.rotation import RotationInfo, rotate_model
 from fake_quant.settings import LlamaRunConfig
@@ -52,7 +58,8 @@ def build_quantizable_model(config: LlamaRunConfig):
     rotation = None
     if config.rotate:
         rotation = rotate_model(model, mode=config.rotate_mode, seed=config.seed, k_bits=config.k_bits,
-                                v_bits=config.v_bits, kv_clip_ratio=config.kv_clip_ratio)
+                                v_bits=config.v_bits, kv_clip_ratio=config.kv_clip_ratio,
+                                online=config.rotate_online)
     add_quantizers(model, config)
     return model, tokenizer, rotation
 
@@ -66,6 +73,76 @@ def save_qmodel(model, folder: Path, method: str, config: LlamaRunConfig, rotati
         "settings": dataclasses.asdict(config),
         "rotation": dataclasses.asdict(rotation) if rotation else None,
     })
+
+
+def gptq_settings(config: LlamaRunConfig, method: str) -> GptqSettings:
+    """The checkpoint's ``quantization_config`` for a run's settings."""
+    return GptqSettings(bits=config.w_bits, group_size=config.w_groupsize, desc_act=config.act_order,
+                        sym=not config.w_asym, damp_percent=config.percdamp, method=method)
+
+
+def export_checkpoint(model, tokenizer, config: LlamaRunConfig, method: str) -> Path:
+    """Write ``<export_gptq>/<method>/`` (see :mod:`common.export.checkpoint`)."""
+    model.to("cpu")
+    folder = write_gptq_checkpoint(model, Path(config.export_gptq) / method, gptq_settings(config, method), tokenizer)
+    logger.info("%s: wrote the gptq checkpoint %s", method, folder)
+    return folder
+
+
+def exported_methods(config: LlamaRunConfig) -> list[str]:
+    """The methods to evaluate from ``load_gptq``: the full-precision reference (from ``model``) and every
+    quantizing method with a checkpoint folder whose settings are this run's; ``ConfigError`` otherwise."""
+    folder = Path(config.load_gptq)
+    methods = []
+    for method in config.methods:
+        checkpoint = folder / method / "config.json"
+        if METHODS[method].quantized and not checkpoint.is_file():
+            continue
+        if METHODS[method].quantized:
+            try:
+                stored = json.loads(checkpoint.read_text(encoding="utf-8"))["quantization_config"]
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                raise ConfigError(f"load_gptq: {checkpoint} is not a readable checkpoint config ({error})") from None
+            expected = gptq_settings(config, method).as_dict()
+            differ = [key for key in ("bits", "group_size", "desc_act", "sym") if stored.get(key) != expected[key]]
+            if differ:
+                raise ConfigError(f"load_gptq: {checkpoint} was quantized with other settings than this run's ("
+                                  + ", ".join(f"{key}: {stored.get(key)!r} vs {expected[key]!r}" for key in differ)
+                                  + "); give the config it was exported with")
+        methods.append(method)
+    if not any(METHODS[m].quantized for m in methods):
+        raise ConfigError(f"load_gptq: {folder} holds no <method>/config.json for any of {config.methods}")
+    return methods
+
+
+def evaluate_checkpoints(config: LlamaRunConfig) -> tuple[Path, Path]:
+    """Evaluate every checkpoint under ``load_gptq`` (and the full-precision model) and write the result files."""
+    methods = exported_methods(config)
+    config.check_outputs()
+    torch.manual_seed(config.seed)
+    device = pick_device(config.device)
+    timer = start_profile(device)
+    preflight(config, timer, calibrate=False)
+    with timer("load"):
+        model, tokenizer = load_model(config)
+    with timer("data"):
+        _, eval_sets = load_data(tokenizer, config, calibrate=False)
+    results: dict[str, dict[str, float]] = {}
+    per_example: PerExample = {}
+    for method in methods:
+        with timer(f"read {method}"):
+            try:
+                evaluated = model if not METHODS[method].quantized else read_gptq_checkpoint(
+                    Path(config.load_gptq) / method, dtype=DTYPES[config.dtype])[0]
+            except CheckpointError as error:
+                raise ConfigError(f"load_gptq: {error}") from None
+        with timer(f"evaluate {method}"):
+            results[method] = evaluate(evaluated, tokenizer, config, method, eval_sets, device,
+                                       per_example.setdefault(method, {}))
+        evaluated.to("cpu")
+    return write_llama_run(config, metric_rows(results, methods), settings=dataclasses.asdict(config), layers={},
+                           timer=timer, device=device, metadata={"rotation": None, "checkpoints": config.load_gptq},
+                           per_example={config.setting: per_example})
 
 
 def load_saved_settings(config: LlamaRunConfig) -> tuple[LlamaRunConfig, list[str]]:
@@ -121,6 +198,8 @@ def _tied_alias(model: torch.nn.Module, name: str, stored: dict[str, tuple[int, 
 
 def run(config: LlamaRunConfig) -> tuple[Path, Path]:
     """Run every method of ``config`` and write the result files; returns their paths."""
+    if config.load_gptq:
+        return evaluate_checkpoints(config)
     methods = list(config.methods)
     if config.load_qmodel_path:
         config, methods = load_saved_settings(config)
@@ -150,6 +229,8 @@ def run(config: LlamaRunConfig) -> tuple[Path, Path]:
         report = quantize_method(method)
         if config.save_qmodel_path and METHODS[method].quantized:
             save_qmodel(model, Path(config.save_qmodel_path), method, config, rotation)
+        if config.export_gptq and METHODS[method].quantized:
+            export_checkpoint(model, tokenizer, config, method)
         return report
 
     per_example: PerExample = {}

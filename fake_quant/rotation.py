@@ -16,6 +16,9 @@ Built from the shared pieces of :mod:`common.llama.rotation` (see its docstring 
    ``H_576 (I_9 ⊗ H_64)``, which spreads outliers across all channels as QuaRot intends.
 6. Optional K rotation (``H_d`` on queries and keys after RoPE) and KV-cache fake quantization.
 
+``online=False`` stops after step 3: every transform is then fused into the weights and the model is a plain
+``LlamaForCausalLM`` again (the weight-only QuaRot rows of the paper; what a ``gptq`` checkpoint can hold).
+
 Online transforms are installed by replacing ``self_attn.o_proj`` and ``mlp.down_proj`` with
 :class:`common.quant.qlinear.QuantLinear` (``input_transform=`` the online module); other linears stay
 ``nn.Linear``. Fallback: any transform whose size has no Hadamard construction (see :mod:`common.quant.hadamard`)
@@ -75,8 +78,8 @@ class RotationInfo:
     shape: LlamaShape
     residual: str
     v_o_heads: str
-    o_proj_online: str
-    down_proj_online: str
+    o_proj_online: str | None
+    down_proj_online: str | None
     k_rotation: str | None
     k_bits: int
     v_bits: int
@@ -93,6 +96,7 @@ def rotate_model(
     v_bits: int = FULL_PRECISION_BITS,
     kv_clip_ratio: float = 1.0,
     rotate_k: bool | None = None,
+    online: bool = True,
 ) -> RotationInfo:
     """Apply QuaRot's rotation to ``model`` in place (see the module docstring); returns what was done.
 
@@ -103,6 +107,7 @@ def rotate_model(
         k_bits, v_bits: KV-cache fake-quantization bits, 1..16 (16 = off).
         kv_clip_ratio: range shrink of the KV quantizers, in (0, 1].
         rotate_k: online Hadamard on queries/keys after RoPE; ``None`` means "when ``k_bits < 16``" (as QuaRot).
+        online: install the online Hadamards of steps 4-6; ``False`` keeps only the transforms fused into weights.
 
     Raises:
         ValueError: unknown ``mode``, bits outside 1..16, bad clip ratio, unsupported or already rotated model.
@@ -115,6 +120,9 @@ def rotate_model(
     check_clip_ratio(kv_clip_ratio, "kv_clip_ratio")
     check_llama(model)
     rotate_k = k_bits < FULL_PRECISION_BITS if rotate_k is None else bool(rotate_k)
+    if not online and (rotate_k or k_bits < FULL_PRECISION_BITS or v_bits < FULL_PRECISION_BITS):
+        raise ValueError(f"online=False keeps no online transform, so it allows no K rotation or KV-cache "
+                         f"quantization; got rotate_k={rotate_k}, k_bits={k_bits}, v_bits={v_bits}")
     kv_on = rotate_k or k_bits < FULL_PRECISION_BITS or v_bits < FULL_PRECISION_BITS
     if kv_on:
         check_kv_attention(model)
@@ -123,15 +131,16 @@ def rotate_model(
     o_in = model.model.layers[0].self_attn.o_proj.in_features
     q = residual_rotation(shape.hidden_size, mode=mode, seed=seed)
     head = online_transform(shape.head_dim, seed=seed + _SEED_OFFSET["head"], what="head_dim rotation")
-    o_online = online_transform(o_in, seed=seed + _SEED_OFFSET["o_proj"], what="o_proj online rotation")
-    down_online = online_transform(shape.intermediate_size, seed=seed + _SEED_OFFSET["down_proj"],
-                                   what="down_proj online rotation")
-
     head_matrix = transform_matrix(head)
     rotate_weights_(model, residual=q, heads=[head_matrix] * shape.num_layers)
-    for layer in model.model.layers:
-        layer.self_attn.o_proj = fuse_online(layer.self_attn.o_proj, copy.deepcopy(o_online))
-    fuse_down_proj_online(model, down_online)
+    o_online = down_online = None
+    if online:
+        o_online = online_transform(o_in, seed=seed + _SEED_OFFSET["o_proj"], what="o_proj online rotation")
+        down_online = online_transform(shape.intermediate_size, seed=seed + _SEED_OFFSET["down_proj"],
+                                       what="down_proj online rotation")
+        for layer in model.model.layers:
+            layer.self_attn.o_proj = fuse_online(layer.self_attn.o_proj, copy.deepcopy(o_online))
+        fuse_down_proj_online(model, down_online)
 
     k_rotation = head if rotate_k else None
     attn_implementation = model.config._attn_implementation
@@ -149,8 +158,8 @@ def rotate_model(
         shape=shape,
         residual=residual_label,
         v_o_heads=head.label,
-        o_proj_online=o_online.label,
-        down_proj_online=down_online.label,
+        o_proj_online=o_online.label if o_online is not None else None,
+        down_proj_online=down_online.label if down_online is not None else None,
         k_rotation=k_rotation.label if k_rotation is not None else None,
         k_bits=k_bits,
         v_bits=v_bits,

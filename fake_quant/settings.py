@@ -7,7 +7,10 @@ from pathlib import Path
 from typing import ClassVar
 
 from common.config import ConfigError
+from common.export.gptq_format import BITS as GPTQ_FORMAT_BITS
 from common.llama.settings import LlamaSettings
+from common.methods import METHODS
+from common.quant.quantizers import FULL_PRECISION_BITS
 from common.run_settings import check_one_of, describe
 from fake_quant.rotation import MODES
 
@@ -20,18 +23,54 @@ class LlamaRunConfig(LlamaSettings):
 
     rotate: bool = field(default=True, metadata=describe("apply QuaRot's rotation"))
     rotate_mode: str = field(default="hadamard", metadata=describe(f"residual rotation, one of {MODES}"))
+    rotate_online: bool = field(default=True, metadata=describe(
+        "QuaRot's online Hadamards (o_proj, down_proj inputs); false: only the rotations fused into weights"))
     save_qmodel_path: str | None = field(default=None, metadata=describe("folder to save quantized models into"))
     load_qmodel_path: str | None = field(default=None, metadata=describe("folder to evaluate saved models from"))
+    export_gptq: str | None = field(default=None, metadata=describe(
+        "folder: a gptq checkpoint <folder>/<method>/ per quantized method (weight-only runs, w_grid: gptq)"))
+    load_gptq: str | None = field(default=None, metadata=describe(
+        "folder of --export_gptq checkpoints to evaluate (read by this repo's own reader)"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_one_of("rotate_mode", self.rotate_mode, MODES)
-        if self.save_qmodel_path and self.load_qmodel_path:
-            raise ConfigError("save_qmodel_path and load_qmodel_path exclude each other: a loaded model is already "
-                              "saved; give one of them")
+        loads = [name for name in ("load_qmodel_path", "load_gptq") if getattr(self, name)]
+        saves = [name for name in ("save_qmodel_path", "export_gptq") if getattr(self, name)]
+        if len(loads) > 1 or (loads and saves):
+            raise ConfigError(f"{' and '.join(saves + loads)} exclude each other: a loaded model is already saved; "
+                              f"give one of them")
+        if self.export_gptq:
+            self.check_exportable()
+
+    def check_exportable(self) -> None:
+        """The checkpoint format holds integer weights on a float16 grid and nothing else; ``ConfigError`` otherwise."""
+        problems = []
+        if self.a_bits < FULL_PRECISION_BITS:
+            problems.append(f"a_bits must be 16 (activations stay in full precision), got {self.a_bits}")
+        if self.k_bits < FULL_PRECISION_BITS or self.v_bits < FULL_PRECISION_BITS:
+            problems.append(f"k_bits and v_bits must be 16 (no KV-cache quantizer), got {self.k_bits}, {self.v_bits}")
+        if self.rotate and self.rotate_online:
+            problems.append("rotate_online must be false (the format has no online Hadamard; the rotation fused "
+                            "into the weights is kept), or rotate false")
+        if self.w_grid != "gptq":
+            problems.append(f"w_grid must be 'gptq' (float16 scales, zero points 1..2^bits-1, which the "
+                            f"checkpoint stores exactly), got {self.w_grid!r}")
+        if self.w_bits not in GPTQ_FORMAT_BITS:
+            problems.append(f"w_bits must be one of {GPTQ_FORMAT_BITS}, got {self.w_bits}")
+        if not any(METHODS[name].quantized for name in self.methods):
+            problems.append(f"methods must name a quantizing method, got {self.methods}")
+        if problems:
+            raise ConfigError("export_gptq writes weight-only gptq checkpoints: " + "; ".join(problems))
 
     def output_folders(self) -> dict[str, Path]:
         folders = super().output_folders()
-        if self.save_qmodel_path:
-            folders["save_qmodel_path"] = Path(self.save_qmodel_path)
+        for name in ("save_qmodel_path", "export_gptq"):
+            if getattr(self, name):
+                folders[name] = Path(getattr(self, name))
         return folders
+
+    @property
+    def run_name(self) -> str:
+        """As :class:`LlamaSettings`, with ``-from-gptq`` when evaluating exported checkpoints."""
+        return super().run_name + ("-from-gptq" if self.load_gptq and not self.name else "")

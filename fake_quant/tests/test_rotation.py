@@ -96,6 +96,19 @@ def test_rotation_is_exact_in_float64(mode: str, monkeypatch: pytest.MonkeyPatch
            below=1e-12)  # measured ~1e-15
 
 
+def test_rotation_without_online_transforms_is_a_plain_llama(margin) -> None:
+    model = tiny_llama()
+    ids = input_ids()
+    rotated = rotated_copy(model, seed=3, online=False)
+    assert not any(isinstance(module, QuantLinear) for module in rotated.modules())
+    assert type(rotated.model.layers[0].mlp.down_proj) is nn.Linear
+    margin("relative max logit difference, float32, fused transforms only",
+           relative_max_diff(logits(rotated, ids), logits(model, ids)), below=1e-5)
+    reloaded = LlamaForCausalLM(rotated.config).eval()
+    reloaded.load_state_dict(rotated.state_dict())
+    assert torch.equal(logits(reloaded, ids), logits(rotated, ids))  # nothing outside the state dict
+
+
 def test_fallback_to_random_orthogonal_warns_and_preserves_logits(margin) -> None:
     model = tiny_llama(NOT_CONSTRUCTIBLE)
     ids = input_ids()
@@ -206,6 +219,7 @@ def test_generation_with_kv_cache_matches() -> None:
         ({"v_bits": True}, "v_bits"),
         ({"kv_clip_ratio": 0.0}, "kv_clip_ratio"),
         ({"seed": "0"}, "seed"),
+        ({"online": False, "k_bits": 4}, "online=False keeps no online transform"),
     ],
 )
 def test_bad_arguments_raise_before_touching_the_model(kwargs: dict, match: str) -> None:

@@ -1,0 +1,121 @@
+"""Weight-only runs exported as gptq checkpoints and read back (tiny random Llama, offline)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from common.config import ConfigError
+from common.export.checkpoint import CheckpointError, read_gptq_checkpoint
+from common.tests.llama_fixtures import tiny_llama
+from fake_quant import main as fq_main
+from fake_quant.settings import LlamaRunConfig
+
+WEIGHT_ONLY = {
+    "name": "tiny-w4", "calib_dataset": "tiny_text", "eval_datasets": ["tiny_text"], "nsamples": 8, "seqlen": 32,
+    "eval_max_windows": 6, "calib_batch_size": 3, "device": "cpu", "w_clip": False, "a_bits": 16, "rotate": False,
+    "w_grid": "gptq", "w_asym": False, "w_groupsize": 16, "act_order": True, "methods": ["fp", "rtn", "gptq", "gptaq"],
+}
+
+
+def _config(folder, **overrides) -> LlamaRunConfig:
+    return LlamaRunConfig(**{**WEIGHT_ONLY, "results_dir": str(folder), **overrides})
+
+
+def _ppl(csv_path) -> dict[str, str]:
+    with open(csv_path, newline="") as handle:
+        row = next(row for row in csv.DictReader(handle) if row["metric"] == "tiny_text_ppl")
+    return {m: row[m] for m in ("fp", "rtn", "gptq", "gptaq") if m in row}
+
+
+@pytest.mark.parametrize("overrides", [{}, {"w_asym": True, "w_bits": 3, "act_order": False},
+                                       {"rotate": True, "rotate_online": False, "w_bits": 2, "w_groupsize": -1}],
+                         ids=["sym-w4-g16-act_order", "asym-w3-g16", "rotated-w2-per_channel"])
+def test_export_reproduces_the_fake_quantized_model_exactly(tiny_setup, overrides):
+    export, saved = tiny_setup / "gptq", tiny_setup / "fake"
+    csv_path, _ = fq_main.run(_config(tiny_setup, export_gptq=str(export), save_qmodel_path=str(saved), **overrides))
+    for method in ("rtn", "gptq", "gptaq"):
+        folder = export / method
+        quantization = json.loads((folder / "config.json").read_text())["quantization_config"]
+        bits = overrides.get("w_bits", 4)
+        assert quantization | {"meta": None} == quantization | {
+            "quant_method": "gptq", "checkpoint_format": "gptq", "bits": bits, "meta": None,
+            "group_size": overrides.get("w_groupsize", 16), "desc_act": overrides.get("act_order", True),
+            "sym": not overrides.get("w_asym", False)}
+        assert json.loads((folder / "quantize_config.json").read_text())["bits"] == bits
+        with safe_open(str(folder / "model.safetensors"), "pt") as handle:
+            keys = set(handle.keys())
+            assert handle.get_tensor("model.layers.0.mlp.down_proj.qweight").shape == (128 * bits // 32, 64)
+            assert handle.get_tensor("model.layers.0.mlp.down_proj.qweight").dtype == torch.int32
+            assert handle.get_tensor("model.layers.0.mlp.down_proj.scales").dtype == torch.float16
+        assert "model.layers.0.mlp.down_proj.weight" not in keys
+        assert ("lm_head.weight" in keys) == overrides.get("rotate", False)  # tied stays tied unless rotated
+        fake = load_file(str(saved / f"{method}.safetensors"))
+        model, _ = read_gptq_checkpoint(folder)
+        for name, tensor in model.state_dict().items():
+            if name in fake:
+                assert torch.equal(tensor, fake[name]), name
+    reread, _ = fq_main.run(_config(tiny_setup, name="reread", load_gptq=str(export), **overrides))
+    assert _ppl(reread) == _ppl(csv_path)
+
+
+def test_tied_embeddings_survive_and_the_unquantized_tensors_are_kept(tiny_setup):
+    export = tiny_setup / "gptq"
+    fq_main.run(_config(tiny_setup, methods=["gptq"], export_gptq=str(export)))
+    model, tokenizer = read_gptq_checkpoint(export / "gptq")
+    assert tokenizer is None  # the test tokenizer has nothing to save
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    original = tiny_llama()
+    assert torch.equal(model.model.embed_tokens.weight, original.model.embed_tokens.weight)
+    assert torch.equal(model.model.norm.weight, original.model.norm.weight)
+    quantized = model.model.layers[1].self_attn.q_proj.weight
+    assert not torch.equal(quantized, original.model.layers[1].self_attn.q_proj.weight)
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    ({"a_bits": 4}, "a_bits must be 16"),
+    ({"k_bits": 4}, "k_bits and v_bits must be 16"),
+    ({"rotate": True}, "rotate_online must be false"),
+    ({"w_grid": "float"}, "w_grid must be 'gptq'"),
+    ({"w_bits": 5}, r"w_bits must be one of \(2, 3, 4, 8\), got 5"),
+    ({"methods": ["fp"]}, "methods must name a quantizing method"),
+    ({"load_qmodel_path": "x"}, "^export_gptq and load_qmodel_path exclude each other"),
+])
+def test_unexportable_settings_are_refused_up_front(tiny_setup, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        _config(tiny_setup, export_gptq=str(tiny_setup / "out"), **overrides)
+
+
+def test_broken_checkpoints_are_clear_errors_naming_the_file(tiny_setup):
+    export = tiny_setup / "gptq"
+    fq_main.run(_config(tiny_setup, methods=["rtn"], export_gptq=str(export)))
+    weights = export / "rtn" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=f"{weights} is not a readable safetensors file"):
+        read_gptq_checkpoint(export / "rtn")
+    with pytest.raises(ConfigError, match=f"load_gptq: {weights}"):
+        fq_main.run(_config(tiny_setup, name="broken", load_gptq=str(export)))
+    weights.write_bytes(b"\x00" * 16)
+    with pytest.raises(CheckpointError, match="is not a readable safetensors file"):
+        read_gptq_checkpoint(export / "rtn")
+    config_file = export / "rtn" / "config.json"
+    config_file.write_text("{ not json")
+    with pytest.raises(CheckpointError, match=f"{config_file} is not readable JSON"):
+        read_gptq_checkpoint(export / "rtn")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_gptq_checkpoint(tiny_setup / "nowhere")
+
+
+def test_reading_with_other_settings_is_refused(tiny_setup):
+    export = tiny_setup / "gptq"
+    fq_main.run(_config(tiny_setup, methods=["rtn"], export_gptq=str(export)))
+    with pytest.raises(ConfigError, match=r"quantized with other settings than this run's .*group_size: 16 vs 32"):
+        fq_main.run(_config(tiny_setup, name="other", w_groupsize=32, load_gptq=str(export)))
+    with pytest.raises(ConfigError, match=r"holds no <method>/config\.json"):
+        fq_main.run(_config(tiny_setup, name="none", load_gptq=str(tiny_setup / "empty")))
