@@ -10,7 +10,7 @@ MODEL ?= embedded
 METHODS ?=
 METHOD_ARGS := $(if $(METHODS),--methods $(METHODS))
 
-.PHONY: setup test test-fast test-numerics margins lint profile-llama-w4a4 profile-llama-w2a4 bench-solver reproduce-llama-w4a4 reproduce-llama-w2a4 reproduce-vit \
+.PHONY: setup setup-export test-export bench-gptqmodel test test-fast test-numerics margins lint profile-llama-w4a4 profile-llama-w2a4 bench-solver reproduce-llama-w4a4 reproduce-llama-w2a4 reproduce-llama-w4 reproduce-llama-w3 reproduce-vit \
 	reproduce-spinquant-w4a4 reproduce-spinquant-w2a4 reproduce-llama-w4a4-zeroshot reproduce-spinquant-w4a4-zeroshot \
 	data-fashion-mnist
 
@@ -45,11 +45,43 @@ lint: setup
 bench-solver: setup
 	$(PY) -m common.bench_solver
 
+# The optional export environment (envs/export.txt): GPTQModel and optimum beside this repo, in .venv-export.
+EXPORT_VENV := .venv-export
+EXPORT_STAMP := $(EXPORT_VENV)/.setup-complete
+setup-export: $(EXPORT_STAMP)
+
+$(EXPORT_STAMP): envs/export.txt envs/fake_quant.txt envs/common.txt pyproject.toml
+	test -x $(EXPORT_VENV)/bin/python || $(PYTHON) -m venv $(EXPORT_VENV)
+	$(EXPORT_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(EXPORT_VENV)/bin/python -m pip install --quiet -r envs/export.txt
+	$(EXPORT_VENV)/bin/python -m pip install --quiet --no-deps -r envs/assets.txt
+	$(EXPORT_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $(EXPORT_STAMP)
+
+# Exported checkpoints loaded by GPTQModel and transformers (the tests that are skipped without them).
+test-export: setup-export
+	$(EXPORT_VENV)/bin/python -m pytest -q fake_quant/tests/test_gptqmodel_interop.py
+
+# Weight-only calibration time and memory, this repo against GPTQModel (results/bench_gptqmodel.csv).
+bench-gptqmodel: setup-export
+	$(EXPORT_VENV)/bin/python -m fake_quant.bench_gptqmodel
+
 reproduce-llama-w4a4 reproduce-llama-w2a4: reproduce-llama-%: setup
 ifeq ($(MODEL),embedded)
 	$(PY) -m fake_quant.main --config fake_quant/configs/embedded_$*.yaml $(METHOD_ARGS)
 else
 	MODEL=$(MODEL) PYTHON=$(PY) bash fake_quant/run_llama_$*.sh $(METHOD_ARGS)
+endif
+
+# Weight-only GPTQ/GPTAQ (activations in full precision), each quantized model exported as a gptq checkpoint
+# under $(GPTQ_EXPORT)-<w4|w3>/<method>/ and then evaluated again from those folders by this repo's reader.
+GPTQ_EXPORT := results/gptq/smollm2-135m
+reproduce-llama-w4 reproduce-llama-w3: reproduce-llama-%: setup
+ifeq ($(MODEL),embedded)
+	$(PY) -m fake_quant.main --config fake_quant/configs/embedded_$*_weight_only.yaml --export_gptq $(GPTQ_EXPORT)-$* $(METHOD_ARGS)
+	$(PY) -m fake_quant.main --config fake_quant/configs/embedded_$*_weight_only.yaml --load_gptq $(GPTQ_EXPORT)-$* $(METHOD_ARGS)
+else
+	MODEL=$(MODEL) PYTHON=$(PY) bash fake_quant/run_llama_weight_only.sh $* $(METHOD_ARGS)
 endif
 
 # The embedded W4A4 run plus two offline zero-shot tasks (1000 examples each, lm-eval; common/lm/embedded_tasks.py).

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -140,6 +141,7 @@ def evaluate_checkpoints(config: LlamaRunConfig) -> tuple[Path, Path]:
             results[method] = evaluate(evaluated, tokenizer, config, method, eval_sets, device,
                                        per_example.setdefault(method, {}))
         evaluated.to("cpu")
+        del evaluated  # one checkpoint in memory at a time
     return write_llama_run(config, metric_rows(results, methods), settings=dataclasses.asdict(config), layers={},
                            timer=timer, device=device, metadata={"rotation": None, "checkpoints": config.load_gptq},
                            per_example={config.setting: per_example})
@@ -230,7 +232,9 @@ def run(config: LlamaRunConfig) -> tuple[Path, Path]:
         if config.save_qmodel_path and METHODS[method].quantized:
             save_qmodel(model, Path(config.save_qmodel_path), method, config, rotation)
         if config.export_gptq and METHODS[method].quantized:
+            began = time.perf_counter()
             export_checkpoint(model, tokenizer, config, method)
+            report.add_part("export", time.perf_counter() - began, 0.0)
         return report
 
     per_example: PerExample = {}

@@ -30,7 +30,7 @@ class LlamaRunConfig(LlamaSettings):
     export_gptq: str | None = field(default=None, metadata=describe(
         "folder: a gptq checkpoint <folder>/<method>/ per quantized method (weight-only runs, w_grid: gptq)"))
     load_gptq: str | None = field(default=None, metadata=describe(
-        "folder of --export_gptq checkpoints to evaluate (read by this repo's own reader)"))
+        "folder of --export_gptq checkpoints to evaluate (this repo's reader); writes results/<name>-from-gptq.csv"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,5 +72,6 @@ class LlamaRunConfig(LlamaSettings):
 
     @property
     def run_name(self) -> str:
-        """As :class:`LlamaSettings`, with ``-from-gptq`` when evaluating exported checkpoints."""
-        return super().run_name + ("-from-gptq" if self.load_gptq and not self.name else "")
+        """As :class:`LlamaSettings`, with ``-from-gptq`` when evaluating exported checkpoints (so that the
+        run that exported them keeps its result files)."""
+        return super().run_name + ("-from-gptq" if self.load_gptq else "")

@@ -13,6 +13,7 @@ import json
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,14 @@ from common.quant.qlinear import QuantLinear
 WEIGHTS_FILE = "model.safetensors"
 PACKED = ("qweight", "qzeros", "scales", "g_idx")
 """The tensors of one quantized linear, ``<module>.<name>``."""
-PRODUCER = "gptaq-reference"
+
+
+def _producer() -> str:
+    """``<package>:<version>`` of this repository, the ``meta.quantizer`` entry readers log."""
+    try:
+        return f"gptaq-repro:{metadata.version('gptaq-repro')}"
+    except metadata.PackageNotFoundError:
+        return "gptaq-repro:unknown"
 
 
 class CheckpointError(ValueError):
@@ -70,7 +78,7 @@ class GptqSettings:
             "damp_percent": self.damp_percent,
             "pack_dtype": "int32",
             "lm_head": False,
-            "meta": {"quantizer": [PRODUCER], "method": self.method},
+            "meta": {"quantizer": [_producer()], "method": self.method},
         }
 
 

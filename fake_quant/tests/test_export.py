@@ -61,6 +61,7 @@ def test_export_reproduces_the_fake_quantized_model_exactly(tiny_setup, override
             if name in fake:
                 assert torch.equal(tensor, fake[name]), name
     reread, _ = fq_main.run(_config(tiny_setup, name="reread", load_gptq=str(export), **overrides))
+    assert reread.name == "reread-from-gptq.csv"
     assert _ppl(reread) == _ppl(csv_path)
 
 
