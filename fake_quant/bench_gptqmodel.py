@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -112,10 +113,17 @@ def measure_gptqmodel(method: str, out: Path) -> dict[str, float]:
             "wiki_embedded_ppl": _perplexity(target, config)}
 
 
+def _child_environment() -> dict[str, str]:
+    """GPTQModel sizes its CPU worker pool at half the cores and then asks 2 of them for its model loader,
+    which fails on a 2-core machine; its own override gives the pool the machine's cores (2 here)."""
+    workers = os.environ.get("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
+    return {**os.environ, "GPTQMODEL_CPU_WORKERS": workers}
+
+
 def _child(implementation: str, method: str) -> dict[str, float]:
     """One measurement in a fresh process (its JSON on the last stdout line)."""
     command = [sys.executable, "-m", "fake_quant.bench_gptqmodel", "--child", implementation, method]
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, env=_child_environment())
     if done.returncode != 0:
         raise RuntimeError(f"{implementation} {method} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
