@@ -35,7 +35,7 @@ from common.files import atomic_write_csv
 from common.results.provenance import REPO_ROOT
 
 CONFIG = REPO_ROOT / "fake_quant" / "configs" / "embedded_w4_weight_only.yaml"
-IMPLEMENTATIONS = ("ours", "gptqmodel")
+IMPLEMENTATIONS = ("gptqmodel", "ours")
 METHODS = ("gptq", "gptaq")
 FIELDS = ["method", "implementation", "quantize_seconds", "save_seconds", "peak_rss_mb", "wiki_embedded_ppl",
           "quantize_over_ours", "device", "threads", "versions"]
@@ -100,7 +100,7 @@ def measure_gptqmodel(method: str, out: Path) -> dict[str, float]:
         device="cpu", offload_to_disk=False, fallback=None, format="gptq",
         gptaq=GPTAQConfig(alpha=config.alpha, device="cpu") if method == "gptaq" else None,
     )
-    model = GPTQModel.load(str(folder), quantize_config=quantize_config, device="cpu", dtype=torch.float32)
+    model = GPTQModel.load(str(folder), quantize_config=quantize_config, dtype=torch.float32)
     start = time.perf_counter()
     model.quantize([window for window in windows], batch_size=config.calib_batch_size)
     quantized = time.perf_counter()
