@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from common import distributed
 from common.gptaq import CalibrationStatistics, SolverConfig
 from common.methods import METHODS, Method
 from common.methods import method as get_method
@@ -265,7 +266,7 @@ def _first_block_inputs(
 
     handle = first_block.register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        for batch in _rebatch(batches, settings.batch_size):
+        for batch in distributed.shard(_rebatch(batches, settings.batch_size)):
             try:
                 adapter.run_prologue(model, batch, settings.device)
             except _StopForward:
@@ -331,14 +332,26 @@ class _BlockCalibration:
         next_full = None
         if full_stream is not None:
             next_full, full_inputs, reference_norms = self._full_precision_pass(full_stream)
+            reference_norms = distributed.sum_floats(reference_norms)
         set_input_quantization(self.block, self.settings.quantize_activations)
         records: list[LayerRecord] = []
         solved: list[str] = []
         for group in self.groups:
             shared = self._sharing(group)
             stats = self._group_statistics(group, shared, quant_stream, full_inputs, solved)
+            for statistics in stats.values():
+                statistics.reduce_(distributed.sum_)
+            owners = distributed.assign_by_cost({name: self._solve_cost(name) for name in group})
             for name in group:
-                records.append(self._solve(name, stats[shared[name]], reference_norms.get(name)))
+                record = None
+                if owners[name] == distributed.rank():
+                    record = self._solve(name, stats[shared[name]], reference_norms.get(name))
+                record = self._share_solution(name, record, owners[name])
+                logger.info(
+                    "block %d %-24s %s loss=%.4g output_error=%.4e damp=%.3g %.2fs", record.block, name,
+                    record.method, record.loss, record.output_error, record.percdamp, record.seconds,
+                )
+                records.append(record)
             for name in set(shared.values()):
                 full_inputs.pop(name, None)  # this group's full-precision inputs are not needed again
             solved += group
@@ -465,6 +478,24 @@ class _BlockCalibration:
         self.report.add_part("forwards", time.perf_counter() - began, counter.get_total_flops())
         return output
 
+    def _solve_cost(self, name: str) -> float:
+        """The solve's floating-point operations (its method's FLOP model; ``m·n²`` without one)."""
+        rows, columns = self.linears[name].weight.shape
+        flops = self.settings.spec.flops
+        return flops(rows, columns, self.settings.solver_for(name).blocksize) if flops else float(rows * columns**2)
+
+    def _share_solution(self, name: str, record: LayerRecord | None, owner: int) -> LayerRecord:
+        """Give every rank the owner's quantized weight, grid and record (a no-op in one process)."""
+        if not distributed.active():
+            return record
+        linear = self.linears[name]
+        with torch.no_grad():
+            distributed.broadcast_(linear.weight.data, owner)
+        grid = linear.weight_grid if owner == distributed.rank() else None
+        grid, record = distributed.broadcast_object((_grid_to(grid, torch.device("cpu")), record), owner)
+        linear.weight_grid = _grid_to(grid, linear.weight.device)
+        return record
+
     def _solve(self, name: str, stats: CalibrationStatistics, reference_norm: float | None) -> LayerRecord:
         linear, settings = self.linears[name], self.settings
         weight = linear.weight.detach()
@@ -477,12 +508,14 @@ class _BlockCalibration:
         linear.weight_grid = result.grid
         flops = settings.spec.flops(*weight.shape, config.blocksize) if settings.spec.flops else 0.0
         self.report.add_part("solves", result.seconds, flops)
-        logger.info(
-            "block %d %-24s %s loss=%.4g output_error=%.4e damp=%.3g %.2fs",
-            self.index, name, settings.method, result.loss, error, result.percdamp, result.seconds,
-        )
         return LayerRecord(self.index, name, settings.method, *weight.shape, result.loss, error, result.percdamp,
                            result.seconds)
+
+
+def _grid_to(grid: WeightGrid | None, device: torch.device) -> WeightGrid | None:
+    if grid is None:
+        return None
+    return WeightGrid(grid.scales.to(device), grid.zeros.to(device), grid.g_idx.to(device), grid.maxq)
 
 
 def _same_input_preprocessing(a: QuantLinear, b: QuantLinear) -> bool:

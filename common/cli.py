@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from common import distributed
 from common.config import parse_config
 from common.gptaq import CalibrationError
 from common.profile import format_profile
@@ -26,15 +28,30 @@ def run_cli(
 
     ``ValueError`` (config and argument errors), ``FileNotFoundError`` (missing data) and
     :class:`CalibrationError` are always treated as bad input, plus ``expected_errors``.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank joins the process group (:mod:`common.distributed`)
+    and checks that all ranks have the same settings before any work; a rank that fails leaves its message
+    for the others, which then exit with it; only rank 0 prints the results.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         settings = parse_config(settings_class, argv, description)
+        distributed.initialize(settings.device)
+        distributed.check_same_settings(dataclasses.asdict(settings))
         with logging_redirect_tqdm():
             csv_path, json_path = run(settings)
-    except (ValueError, FileNotFoundError, CalibrationError, *expected_errors) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, CalibrationError, distributed.DistributedError, *expected_errors) as error:
+        distributed.report_failure(error)
+        prefix = f"rank {distributed.rank()}: " if distributed.active() else ""
+        print(f"error: {prefix}{error}", file=sys.stderr)
         return 2
+    except BaseException as error:
+        distributed.report_failure(error)
+        raise
+    if not distributed.is_main():
+        distributed.finalize()
+        return 0
+    distributed.finalize()
     print(f"wrote {csv_path} and {json_path}")
     print(csv_path.read_text())
     profile = json.loads(json_path.read_text(encoding="utf-8")).get("profile")

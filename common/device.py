@@ -6,6 +6,8 @@ import platform
 
 import torch
 
+from common import distributed
+
 
 def device_description(device: torch.device) -> str:
     """A human-readable name of ``device``: the GPU model, or the CPU with its thread count."""
@@ -15,10 +17,13 @@ def device_description(device: torch.device) -> str:
 
 
 def pick_device(requested: str | None = None) -> torch.device:
-    """``requested`` if given (``"cpu"``, ``"cuda"``, ``"cuda:1"``), else CUDA when available, else CPU."""
+    """``requested`` if given (``"cpu"``, ``"cuda"``, ``"cuda:1"``), else CUDA when available, else CPU.
+
+    Under ``torchrun`` a CUDA run gives each rank its own GPU, ``cuda:<LOCAL_RANK>``.
+    """
     if requested in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {requested!r} requested but CUDA is not available; use 'cpu' or 'auto'")
-    return device
+    return distributed.local_device(device)

@@ -165,8 +165,10 @@ class CalibrationStatistics:
     """Streams calibration inputs of one linear layer into ``H`` (and ``D`` for GPTAQ).
 
     Inputs may have any leading shape ``[..., n]``; every row counts as one sample, so ``N`` is the
-    number of rows seen and does not depend on how the data were split into batches. Raw sums are kept in
-    ``dtype`` (float32 by default, float64 for references) and scaled by ``2/N`` on read.
+    number of rows seen and does not depend on how the data were split into batches. Each batch's products
+    are computed in ``dtype`` (float32 by default, float64 for references) and summed across batches in
+    float64, so the order of those sums (one process, or shards summed over processes: :meth:`reduce_`)
+    changes ``H`` and ``D`` by ~1e-16 relative, invisible once read back in ``dtype`` (scaled by ``2/N``).
 
     Args:
         columns: ``n``, the layer's input features.
@@ -188,7 +190,8 @@ class CalibrationStatistics:
         self.columns = columns
         self.name = name
         self.rows = 0
-        self._xtx = torch.zeros(columns, columns, dtype=dtype, device=device)
+        self.dtype = dtype
+        self._xtx = torch.zeros(columns, columns, dtype=torch.float64, device=device)
         self._dxtx = torch.zeros_like(self._xtx) if asymmetric else None
 
     @property
@@ -201,28 +204,36 @@ class CalibrationStatistics:
             raise ValueError(
                 f"{self.name}: expected inputs with last dimension {self.columns}, got {tuple(x_quant.shape)}"
             )
-        xq = x_quant.reshape(-1, self.columns).to(self._xtx)
-        self._xtx.addmm_(xq.T, xq)
+        xq = x_quant.reshape(-1, self.columns).to(device=self._xtx.device, dtype=self.dtype)
+        self._xtx += xq.T @ xq
         if self._dxtx is not None:
             if x_full is None or x_full.shape != x_quant.shape:
                 raise ValueError(
                     f"{self.name}: GPTAQ statistics need x_full with the shape of x_quant {tuple(x_quant.shape)}"
                 )
-            xf = x_full.reshape(-1, self.columns).to(self._xtx)
-            self._dxtx.addmm_((xf - xq).T, xq)
+            xf = x_full.reshape(-1, self.columns).to(device=self._xtx.device, dtype=self.dtype)
+            self._dxtx += (xf - xq).T @ xq
         self.rows += xq.shape[0]
+
+    def reduce_(self, sum_: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace the raw sums and the row count by ``sum_`` of each (e.g. summed over processes, each of
+        which saw part of the rows)."""
+        self._xtx = sum_(self._xtx)
+        if self._dxtx is not None:
+            self._dxtx = sum_(self._dxtx)
+        self.rows = int(sum_(torch.tensor([self.rows], dtype=torch.float64, device=self._xtx.device)).item())
 
     def hessian(self) -> torch.Tensor:
         """``H = 2/N Σ x̃ x̃ᵀ`` [n, n]."""
         self._check_rows()
-        return self._xtx * (2.0 / self.rows)
+        return (self._xtx * (2.0 / self.rows)).to(self.dtype)
 
     def drift(self) -> torch.Tensor | None:
         """``D = 2/N Σ (x − x̃) x̃ᵀ`` [n, n], or ``None`` for GPTQ statistics."""
         if self._dxtx is None:
             return None
         self._check_rows()
-        return self._dxtx * (2.0 / self.rows)
+        return (self._dxtx * (2.0 / self.rows)).to(self.dtype)
 
     def output_error(self, weight: torch.Tensor, quantized: torch.Tensor, reference: float | None = None) -> float:
         """Relative output error over the calibration tokens, from the statistics (float64).

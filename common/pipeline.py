@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from common import distributed
 from common.cache import cache_root
 from common.calibration import (
     CalibrationReport,
@@ -110,7 +111,7 @@ def compare_methods(
     prefix = f"{stage_prefix} " if stage_prefix else ""
     results: dict[str, dict[str, float]] = {}
     layers: dict[str, list[dict[str, Any]]] = {}
-    flops = evaluation_flops() if evaluation_flops is not None else None
+    flops = evaluation_flops() if evaluation_flops is not None and distributed.is_main() else None
     with WeightSnapshot(model) as start:
         for method in methods:
             _compare_one(model, method, start, prepare, evaluate, timer, prefix, results, layers)
@@ -142,7 +143,8 @@ def _compare_one(model: nn.Module, method: str, start: WeightSnapshot, prepare, 
         for part, (seconds, flops) in report.parts.items():
             timer.add(f"{stage}: {part}", seconds, flops)
     with timer(f"{prefix}evaluate {method}"):
-        results[method] = evaluate(method)
+        results[method] = evaluate(method) if distributed.is_main() else {}
+    distributed.wait_for_main(f"{prefix}evaluate {method}")  # the other ranks wait without a time limit
 
 
 class WeightSnapshot:

@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_model
 from safetensors.torch import load_model as load_saved_model
 
+from common import distributed
 from common.calibration import set_input_quantization
 from common.cli import run_cli
 from common.config import ConfigError
@@ -229,9 +230,10 @@ def run(config: LlamaRunConfig) -> tuple[Path, Path]:
                 load_saved_model(model, str(saved / f"{method}.safetensors"), device=where)
             return None
         report = quantize_method(method)
-        if config.save_qmodel_path and METHODS[method].quantized:
+        writes = METHODS[method].quantized and distributed.is_main()  # every rank holds the same weights
+        if config.save_qmodel_path and writes:
             save_qmodel(model, Path(config.save_qmodel_path), method, config, rotation)
-        if config.export_gptq and METHODS[method].quantized:
+        if config.export_gptq and writes:
             began = time.perf_counter()
             export_checkpoint(model, tokenizer, config, method)
             report.add_part("export", time.perf_counter() - began, 0.0)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import distributed
 from common.files import atomic_write_set, csv_text, json_text, sweep_stale_temporaries, write_text
 from common.methods import BASELINE, METHOD_NAMES
 from common.results.intervals import comparisons
@@ -116,6 +117,8 @@ def write_run(
     of every method against :data:`common.methods.BASELINE` computed from it become rows of the CSV.
     """
     results_dir = Path(results_dir)
+    if not distributed.is_main():  # rank 0 writes the run's files
+        return results_dir / f"{name}.csv", results_dir / f"{name}.json"
     if per_example:
         rows = [*rows, *interval_rows(per_example)]
         metadata = {**metadata, "per_example": per_example}
