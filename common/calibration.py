@@ -178,6 +178,7 @@ def quantize_model(
     report = CalibrationReport(settings.method)
     blocks = adapter.blocks(model)
     if not settings.spec.calibrated:
+        progress = progress and distributed.progress_bars()
         for index, block in enumerate(tqdm(blocks, desc=settings.method, disable=not progress)):
             for name, linear in _group_linears(adapter, block):
                 began = time.perf_counter()
@@ -199,7 +200,8 @@ def quantize_model(
         quant_stream, block_kwargs = _first_block_inputs(model, adapter, blocks[0], calibration_batches, settings)
         quant_stream = [h.to(offload) for h in quant_stream]
         full_stream = [h.clone() for h in quant_stream] if settings.spec.needs_full_precision_stream else None
-        bar = tqdm(list(enumerate(blocks)), desc=settings.method, disable=not progress)
+        shown = progress and distributed.progress_bars()
+        bar = tqdm(list(enumerate(blocks)), desc=settings.method, disable=not shown)
         for index, block in bar:
             original_device = _module_device(block)
             block.to(settings.device)

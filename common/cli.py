@@ -48,10 +48,10 @@ def run_cli(
     except BaseException as error:
         distributed.report_failure(error)
         raise
-    if not distributed.is_main():
-        distributed.finalize()
+    main = distributed.is_main()
+    distributed.finalize(wait_for_peers=True)
+    if not main:
         return 0
-    distributed.finalize()
     print(f"wrote {csv_path} and {json_path}")
     print(csv_path.read_text())
     profile = json.loads(json_path.read_text(encoding="utf-8")).get("profile")

@@ -4,8 +4,8 @@ One process per device; ``torchrun`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK
 rank holds every ``world``-th calibration batch (and its part of both streams); the statistics of a group
 (``H``, ``D``, their row count and the output norms) are summed across ranks before the solve; each linear of
 a group is solved on one rank (a balanced assignment by cost) and its quantized weight broadcast. Only rank 0
-evaluates, writes results, logs and shows progress bars. Without ``WORLD_SIZE`` (or with 1) nothing here
-does anything and a run is exactly the single-process one.
+evaluates, writes results, logs and shows progress bars (:func:`progress_bars`). Without ``WORLD_SIZE`` (or
+with 1) nothing here does anything and a run is the single-process one.
 
 Faults: a rank that raises leaves its message in the rendezvous store before it exits; its peers, whose next
 collective then fails (the connection closes) or who wait on rank 0 (:func:`wait_for_main`), raise
@@ -20,6 +20,7 @@ import heapq
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
@@ -30,7 +31,7 @@ import torch.distributed as dist
 
 TIMEOUT_ENV_VAR = "GPTAQ_DIST_TIMEOUT_S"
 _ERROR_KEY = "gptaq/error"
-_POLL = timedelta(seconds=2)
+_POLL_SECONDS = 1.0
 T = TypeVar("T")
 
 
@@ -56,6 +57,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def progress_bars() -> bool:
+    """Whether this process shows progress bars (rank 0 only)."""
+    return is_main()
+
+
 def requested_world_size() -> int:
     """``WORLD_SIZE`` from the launcher (1 without one)."""
     try:
@@ -79,12 +85,16 @@ def initialize(device_setting: str) -> bool:
     dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout)
     if not is_main():
         logging.getLogger().setLevel(logging.WARNING)
-        os.environ["TQDM_DISABLE"] = "1"
     return True
 
 
-def finalize() -> None:
+def finalize(*, wait_for_peers: bool = False) -> None:
+    """Leave the process group; with ``wait_for_peers``, only once every rank got here (a finished rank 0,
+    which may host the rendezvous store, must not leave while its peers still read it)."""
     if dist.is_available() and dist.is_initialized():
+        if wait_for_peers and active():
+            with _reporting_peer_failures():
+                dist.barrier()
         dist.destroy_process_group()
 
 
@@ -190,16 +200,13 @@ def wait_for_main(step: str) -> None:
     if is_main():
         store.set(key, "1")
         return
-    while True:
-        try:
-            store.wait([key], _POLL)
-            return
-        except (RuntimeError, dist.DistStoreError) as error:
-            failure = _peer_failure()
-            if failure is not None:
-                raise DistributedError(failure) from None
-            if "timeout" not in str(error).lower() and "wait" not in str(error).lower():
-                raise DistributedError(f"rank {rank()} lost the rendezvous while waiting for rank 0: {error}") from None
+    try:
+        while not store.check([key]):
+            if store.check([_ERROR_KEY]):
+                raise DistributedError(store.get(_ERROR_KEY).decode())
+            time.sleep(_POLL_SECONDS)
+    except (RuntimeError, dist.DistStoreError) as error:
+        raise DistributedError(f"rank {rank()} lost the rendezvous while waiting for rank 0: {error}") from None
 
 
 @contextmanager
