@@ -32,7 +32,7 @@ import torch
 from common.config import make_config
 from common.device import device_description
 from common.files import atomic_write_csv
-from common.results.provenance import REPO_ROOT
+from common.results.provenance import BENCH_GPTQMODEL_CSV, REPO_ROOT
 
 CONFIG = REPO_ROOT / "fake_quant" / "configs" / "embedded_w4_weight_only.yaml"
 IMPLEMENTATIONS = ("gptqmodel", "ours")
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{method:6s} {implementation:10s} quantize {values['quantize_seconds']:7.1f} s  save "
                   f"{values['save_seconds']:5.1f} s  peak {values['peak_rss_mb']:6.0f} MB  ppl "
                   f"{values['wiki_embedded_ppl']:.3f}  × ours {rows[-1]['quantize_over_ours']:.2f}", flush=True)
-    path = atomic_write_csv(Path(args.results_dir) / "bench_gptqmodel.csv", rows, FIELDS)
+    path = atomic_write_csv(Path(args.results_dir) / BENCH_GPTQMODEL_CSV, rows, FIELDS)
     print(f"wrote {path}")
     return 0
 

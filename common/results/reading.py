@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common.methods import METHOD_NAMES
-from common.results.provenance import BENCH_SOLVER_CSV
+from common.results.provenance import BENCH_CSVS
 from common.results.runs import CSV_DIGEST_KEY
 
 TREES = ("fake_quant", "spinquant", "vit_quant")
@@ -198,7 +198,7 @@ def load_runs(results_dir: Path) -> list[Run]:
     """Every run of ``results_dir`` (``*.csv`` at its top level but the solver benchmark's), sorted by name."""
     if not results_dir.is_dir():
         raise ReportError(f"results folder {results_dir} does not exist (run an experiment first)")
-    paths = sorted(path for path in results_dir.glob("*.csv") if path.name != BENCH_SOLVER_CSV)
+    paths = sorted(path for path in results_dir.glob("*.csv") if path.name not in BENCH_CSVS)
     if not paths:
         raise ReportError(f"no result files (*.csv) in {results_dir} (run an experiment first)")
     return [read_run(path) for path in paths]

@@ -142,12 +142,13 @@ def test_missing_json_is_reported_with_a_note_and_tree_from_the_file_name(tmp_pa
     assert "- Wall time: data 1.2 s, quantize gptq 10.0 s; total 11.2 s" in vit
 
 
-def test_solver_benchmark_table_beside_the_runs_is_not_a_run(tmp_path: Path) -> None:
+def test_benchmark_tables_beside_the_runs_are_not_runs(tmp_path: Path) -> None:
     write_csv(tmp_path / "bench_solver.csv", ["device,rows,columns,method,seconds", "cpu,576,576,gptq,0.1"])
+    write_csv(tmp_path / "bench_gptqmodel.csv", ["method,implementation,quantize_seconds", "gptq,ours,65.7"])
     write_result(tmp_path, "vit_quant-deit", [("top1", True, {"gptq": 70.0, "gptaq": 71.0})])
     report = report_of(tmp_path)
     assert "`vit_quant-deit` |" in section(report, "vit_quant")
-    assert "bench_solver" not in report
+    assert "bench_solver" not in report and "bench_gptqmodel" not in report
 
 
 def test_duplicated_header_names_take_the_first_occurrence(tmp_path: Path) -> None:
