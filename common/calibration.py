@@ -177,8 +177,8 @@ def quantize_model(
     start = time.perf_counter()
     report = CalibrationReport(settings.method)
     blocks = adapter.blocks(model)
+    progress = progress and distributed.progress_bars()
     if not settings.spec.calibrated:
-        progress = progress and distributed.progress_bars()
         for index, block in enumerate(tqdm(blocks, desc=settings.method, disable=not progress)):
             for name, linear in _group_linears(adapter, block):
                 began = time.perf_counter()
@@ -200,8 +200,7 @@ def quantize_model(
         quant_stream, block_kwargs = _first_block_inputs(model, adapter, blocks[0], calibration_batches, settings)
         quant_stream = [h.to(offload) for h in quant_stream]
         full_stream = [h.clone() for h in quant_stream] if settings.spec.needs_full_precision_stream else None
-        shown = progress and distributed.progress_bars()
-        bar = tqdm(list(enumerate(blocks)), desc=settings.method, disable=not shown)
+        bar = tqdm(list(enumerate(blocks)), desc=settings.method, disable=not progress)
         for index, block in bar:
             original_device = _module_device(block)
             block.to(settings.device)
@@ -494,8 +493,8 @@ class _BlockCalibration:
         with torch.no_grad():
             distributed.broadcast_(linear.weight.data, owner)
         grid = linear.weight_grid if owner == distributed.rank() else None
-        grid, record = distributed.broadcast_object((_grid_to(grid, torch.device("cpu")), record), owner)
-        linear.weight_grid = _grid_to(grid, linear.weight.device)
+        grid, record = distributed.broadcast_object((grid.to("cpu") if grid is not None else None, record), owner)
+        linear.weight_grid = grid.to(linear.weight.device) if grid is not None else None
         return record
 
     def _solve(self, name: str, stats: CalibrationStatistics, reference_norm: float | None) -> LayerRecord:
@@ -512,12 +511,6 @@ class _BlockCalibration:
         self.report.add_part("solves", result.seconds, flops)
         return LayerRecord(self.index, name, settings.method, *weight.shape, result.loss, error, result.percdamp,
                            result.seconds)
-
-
-def _grid_to(grid: WeightGrid | None, device: torch.device) -> WeightGrid | None:
-    if grid is None:
-        return None
-    return WeightGrid(grid.scales.to(device), grid.zeros.to(device), grid.g_idx.to(device), grid.maxq)
 
 
 def _same_input_preprocessing(a: QuantLinear, b: QuantLinear) -> bool:

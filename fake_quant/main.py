@@ -26,7 +26,13 @@ from common.calibration import set_input_quantization
 from common.cli import run_cli
 from common.config import ConfigError
 from common.device import pick_device
-from common.export.checkpoint import CheckpointError, GptqSettings, read_gptq_checkpoint, write_gptq_checkpoint
+from common.export.checkpoint import (
+    CheckpointError,
+    GptqSettings,
+    read_gptq_checkpoint,
+    read_quantization_config,
+    write_gptq_checkpoint,
+)
 from common.files import atomic_write, atomic_write_json
 from common.llama.experiment import (
     DTYPES,
@@ -102,9 +108,9 @@ def exported_methods(config: LlamaRunConfig) -> list[str]:
             continue
         if METHODS[method].quantized:
             try:
-                stored = json.loads(checkpoint.read_text(encoding="utf-8"))["quantization_config"]
-            except (OSError, ValueError, KeyError, TypeError) as error:
-                raise ConfigError(f"load_gptq: {checkpoint} is not a readable checkpoint config ({error})") from None
+                stored = read_quantization_config(checkpoint.parent)
+            except CheckpointError as error:
+                raise ConfigError(f"load_gptq: {error}") from None
             expected = gptq_settings(config, method).as_dict()
             differ = [key for key in ("bits", "group_size", "desc_act", "sym") if stored.get(key) != expected[key]]
             if differ:

@@ -112,7 +112,7 @@ def gptq_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for name, linear in linears.items():
         codes = linear.weight_grid.codes(linear.weight)
-        for key, tensor in pack_linear(codes.cpu(), _cpu_grid(linear)).items():
+        for key, tensor in pack_linear(codes.cpu(), linear.weight_grid.to("cpu")).items():
             state[f"{name}.{key}"] = tensor
     packed_weights = {f"{name}.weight" for name in linears}
     tied = _tied_head(model)
@@ -158,7 +158,7 @@ def read_gptq_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32)
     truncated or inconsistent folder.
     """
     folder = Path(folder)
-    quantization = _read_config(folder)
+    quantization = read_quantization_config(folder)
     bits = quantization["bits"]
     tensors = _read_tensors(folder / WEIGHTS_FILE)
     state = _dequantized_state(tensors, bits, folder / WEIGHTS_FILE)
@@ -180,11 +180,6 @@ def read_gptq_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32)
         raise CheckpointError(f"{folder / WEIGHTS_FILE} does not fit the model of its config.json ({error})") from None
     tokenizer = AutoTokenizer.from_pretrained(str(folder)) if (folder / "tokenizer_config.json").is_file() else None
     return model.eval(), tokenizer
-
-
-def _cpu_grid(linear: QuantLinear):
-    grid = linear.weight_grid
-    return type(grid)(grid.scales.cpu(), grid.zeros.cpu(), grid.g_idx.cpu(), grid.maxq)
 
 
 def _tied_head(model: PreTrainedModel) -> str | None:
@@ -209,8 +204,10 @@ def _replace_folder(tmp: Path, folder: Path) -> None:
         shutil.rmtree(old)
 
 
-def _read_config(folder: Path) -> Mapping[str, Any]:
-    """The checked ``quantization_config`` of ``folder/config.json``."""
+def read_quantization_config(folder: str | Path) -> Mapping[str, Any]:
+    """The checked ``quantization_config`` of ``folder/config.json``; :class:`CheckpointError` naming the
+    file if it is missing, unreadable or not a gptq checkpoint this reader can read."""
+    folder = Path(folder)
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: {folder} is not an exported checkpoint (--export_gptq)")

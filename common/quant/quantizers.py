@@ -107,6 +107,10 @@ class WeightGrid:
     def bits(self) -> int:
         return self.maxq.bit_length()
 
+    def to(self, device: torch.device | str) -> WeightGrid:
+        """The same grid with its tensors on ``device``."""
+        return WeightGrid(self.scales.to(device), self.zeros.to(device), self.g_idx.to(device), self.maxq)
+
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
         """The integer codes [m, n] (int32) of ``weight`` on this grid; ``ValueError`` if it is not on it.
 

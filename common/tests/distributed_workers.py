@@ -29,12 +29,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def join_group(rank: int, world: int, port: int) -> None:
-    """Set the variables ``torchrun`` sets, then join (as :func:`common.distributed.initialize` does)."""
+def as_torchrun_rank(rank: int, world: int, port: int) -> None:
+    """Set the variables ``torchrun`` sets for ``rank`` (a local rendezvous, 60-s collectives), one thread."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), GPTAQ_DIST_TIMEOUT_S="60")
     torch.set_num_threads(1)
-    distributed.initialize("cpu")
 
 
 def tiny_family(family: str):
@@ -71,7 +70,8 @@ def quantized_state(family: str, method: str, options: dict, stats_dtype: torch.
 
 def engine_worker(rank: int, world: int, port: int, family: str, method: str, options: dict, out: str,
                   stats_dtype: torch.dtype = torch.float32) -> None:
-    join_group(rank, world, port)
+    as_torchrun_rank(rank, world, port)
+    distributed.initialize("cpu")
     state = quantized_state(family, method, options, stats_dtype)
     if distributed.is_main():
         torch.save(state, Path(out) / "weights.pt")
@@ -79,11 +79,9 @@ def engine_worker(rank: int, world: int, port: int, family: str, method: str, op
 
 
 def cli_worker(rank: int, world: int, port: int, argvs: list[list[str]], fail_rank: int | None, out: str) -> None:
-    """``fake_quant.main.main(argvs[rank])`` on the tiny Llama and corpus; ``fail_rank`` raises in its
-    calibration."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), GPTAQ_DIST_TIMEOUT_S="60")
-    torch.set_num_threads(1)
+    """``fake_quant.main.main(argvs[rank])`` (which joins the group) on the tiny Llama and corpus; ``fail_rank``
+    raises in its calibration."""
+    as_torchrun_rank(rank, world, port)
     from common import calibration
     from common.tests.llama_fixtures import install_tiny_corpus, install_tiny_model
     from fake_quant import main as fq_main
