@@ -10,7 +10,7 @@ MODEL ?= embedded
 METHODS ?=
 METHOD_ARGS := $(if $(METHODS),--methods $(METHODS))
 
-.PHONY: setup setup-export test-export bench-gptqmodel test test-fast test-numerics margins lint profile-llama-w4a4 profile-llama-w2a4 bench-solver reproduce-llama-w4a4 reproduce-llama-w2a4 reproduce-llama-w4 reproduce-llama-w3 reproduce-vit \
+.PHONY: setup setup-export test-export bench-gptqmodel test test-fast test-numerics margins lint profile-llama-w4a4 profile-llama-w2a4 bench-solver bench-official reproduce-llama-w4a4 reproduce-llama-w2a4 reproduce-llama-w4 reproduce-llama-w3 reproduce-vit \
 	reproduce-spinquant-w4a4 reproduce-spinquant-w2a4 reproduce-llama-w4a4-zeroshot reproduce-spinquant-w4a4-zeroshot \
 	data-fashion-mnist
 
@@ -44,6 +44,13 @@ lint: setup
 
 bench-solver: setup
 	$(PY) -m common.bench_solver
+
+# Our solvers beside the official GPTQ and GPTAQ code: clone IST-DASLab/gptq and
+# Intelligent-Computing-Lab-Yale/GPTAQ and pass their folders.
+OFFICIAL_GPTQ ?= ../gptq
+OFFICIAL_GPTAQ ?= ../GPTAQ
+bench-official: setup
+	$(PY) -m common.bench_official --gptq-repo $(OFFICIAL_GPTQ) --gptaq-repo $(OFFICIAL_GPTAQ)
 
 # The optional export environment (envs/export.txt): GPTQModel and optimum beside this repo, in .venv-export.
 EXPORT_VENV := .venv-export

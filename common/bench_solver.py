@@ -37,7 +37,8 @@ BENCHED = tuple(name for name, method in METHODS.items() if method.calibrated an
 """The solvers timed (the official lazy update is GPTAQ's cost)."""
 
 
-def _problem(rows: int, columns: int, device: torch.device, seed: int = 0):
+def seeded_problem(rows: int, columns: int, device: torch.device, seed: int = 0):
+    """A layer problem: weight [rows, columns], ``H`` and ``D`` [columns, columns] from 2·columns tokens."""
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(rows, columns, generator=g)
     x_full = torch.randn(2 * columns, columns, generator=g)
@@ -70,7 +71,7 @@ def run(shapes, repeats: int, device: torch.device, bits: int = 4, blocksize: in
     config = SolverConfig(bits=bits, blocksize=blocksize)
     rows_out = []
     for rows, columns in shapes:
-        weight, hessian, drift = _problem(rows, columns, device)
+        weight, hessian, drift = seeded_problem(rows, columns, device)
         seconds = {m: time_solve(METHODS[m], weight, hessian, drift, repeats, config) for m in methods}
         for method in methods:
             flops = METHODS[method].flops(rows, columns, blocksize)
@@ -103,7 +104,8 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _shape(text: str) -> tuple[int, int]:
+def parse_shape(text: str) -> tuple[int, int]:
+    """``"ROWSxCOLUMNS"`` -> (rows, columns); an argparse error otherwise."""
     try:
         rows, columns = (int(part) for part in text.lower().split("x"))
     except ValueError:
@@ -113,7 +115,7 @@ def _shape(text: str) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", type=_shape, default=list(DEFAULT_SHAPES), help="ROWSxCOLUMNS")
+    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=list(DEFAULT_SHAPES), help="ROWSxCOLUMNS")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "results" / BENCH_SOLVER_CSV)

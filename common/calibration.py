@@ -314,7 +314,10 @@ class _BlockCalibration:
     * Quantized passes stop as soon as the group's inputs are seen. With ``reuse_outputs``, a linear's
       output is recorded in the first pass after its group is solved and replayed in the later ones (its
       inputs depend only on weights that are already final), so each linear is computed once per pass
-      structure instead of once per later group.
+      structure instead of once per later group. The last group's pass records nothing: what it would
+      record (the outputs of the group before, an MLP's wide hidden layer) would serve the final pass alone,
+      which computes them once more instead of holding them.
+    * The full-precision stream is consumed by its pass (each batch released once its output is computed).
     """
 
     def __init__(self, index: int, block: nn.Module, adapter: ModelAdapter, block_kwargs: list[dict[str, Any]],
@@ -328,6 +331,7 @@ class _BlockCalibration:
 
     def run(self, quant_stream: list[torch.Tensor], full_stream: list[torch.Tensor] | None
             ) -> tuple[list[LayerRecord], list[torch.Tensor], list[torch.Tensor] | None]:
+        """Quantize the block; returns its records and both streams' outputs (``full_stream`` is emptied)."""
         full_inputs: dict[str, list[torch.Tensor]] = {}
         reference_norms: dict[str, float] = {}
         next_full = None
@@ -337,9 +341,10 @@ class _BlockCalibration:
         set_input_quantization(self.block, self.settings.quantize_activations)
         records: list[LayerRecord] = []
         solved: list[str] = []
-        for group in self.groups:
+        for position, group in enumerate(self.groups):
             shared = self._sharing(group)
-            stats = self._group_statistics(group, shared, quant_stream, full_inputs, solved)
+            last = position == len(self.groups) - 1
+            stats = self._group_statistics(group, shared, quant_stream, full_inputs, solved, record_new=not last)
             for statistics in stats.values():
                 statistics.reduce_(distributed.sum_)
             owners = distributed.assign_by_cost({name: self._solve_cost(name) for name in group})
@@ -389,10 +394,12 @@ class _BlockCalibration:
         for linear_name in self.linears:
             self.linears[linear_name].recorder = norm_of(linear_name)
         try:
-            for batch, (hidden, kwargs) in enumerate(zip(full_stream, self.block_kwargs, strict=True)):
+            for batch, kwargs in enumerate(self.block_kwargs):
                 self.batch = batch
                 seen = {name: [] for name in representatives}
+                hidden, full_stream[batch] = full_stream[batch], None
                 output = self._timed_forward(hidden, kwargs, observe=seen, stop=False)
+                del hidden
                 next_full.append(output.to(self.offload))
                 for name in representatives:
                     inputs[name].append(seen[name][0].to(self.offload))
@@ -401,7 +408,7 @@ class _BlockCalibration:
                 linear.recorder = None
         return next_full, inputs, norms
 
-    def _group_statistics(self, group, shared, quant_stream, full_inputs, solved):
+    def _group_statistics(self, group, shared, quant_stream, full_inputs, solved, *, record_new: bool):
         settings = self.settings
         representatives = list(dict.fromkeys(shared.values()))
         asymmetric = self.settings.spec.needs_full_precision_stream
@@ -412,7 +419,7 @@ class _BlockCalibration:
             )
             for name in representatives
         }
-        replay, record = self._reuse(solved, record_new=True)
+        replay, record = self._reuse(solved, record_new=record_new)
         for batch, hidden in enumerate(quant_stream):
             self.batch = batch
             seen = {name: [] for name in representatives}

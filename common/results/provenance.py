@@ -13,7 +13,9 @@ BENCH_SOLVER_CSV = "bench_solver.csv"
 """The solver benchmark's table in a results folder: not a run, so the report passes over it."""
 BENCH_GPTQMODEL_CSV = "bench_gptqmodel.csv"
 """The side-by-side benchmark against GPTQModel (``make bench-gptqmodel``): not a run either."""
-BENCH_CSVS = (BENCH_SOLVER_CSV, BENCH_GPTQMODEL_CSV)
+BENCH_OFFICIAL_CSV = "bench_official.csv"
+"""Our solvers beside the official GPTQ and GPTAQ code (``make bench-official``): not a run either."""
+BENCH_CSVS = (BENCH_SOLVER_CSV, BENCH_GPTQMODEL_CSV, BENCH_OFFICIAL_CSV)
 
 
 def git_commit() -> str:
