@@ -14,7 +14,6 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from common import distributed
 from common.config import parse_config
 from common.gptaq import CalibrationError
-from common.host_memory import map_large_allocations
 from common.profile import format_profile
 
 
@@ -35,7 +34,6 @@ def run_cli(
     for the others, which then exit with it; only rank 0 prints the results.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    map_large_allocations()
     try:
         settings = parse_config(settings_class, argv, description)
         distributed.initialize(settings.device)

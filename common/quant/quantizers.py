@@ -81,9 +81,18 @@ def working_dtype(tensor: torch.Tensor) -> torch.dtype:
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Round ``x`` onto the grid ``scale * (q - zero)``, ``q`` in ``0..maxq`` (shapes broadcast)."""
-    q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
-    return scale * (q - zero)
+    """Round ``x`` onto the grid ``scale * (q - zero)``, ``q`` in ``0..maxq`` (shapes broadcast).
+
+    Outside autograd the steps run in place on one output tensor (the same numbers, one allocation).
+    """
+    tensors = [t for t in (x, scale, zero) if isinstance(t, torch.Tensor)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+        return scale * (q - zero)
+    out = torch.div(x, scale)
+    if isinstance(zero, torch.Tensor) and torch.broadcast_shapes(out.shape, zero.shape) != out.shape:
+        out = out.expand(torch.broadcast_shapes(out.shape, zero.shape)).clone()
+    return out.round_().add_(zero).clamp_(0, maxq).sub_(zero).mul_(scale)
 
 
 @dataclass(frozen=True)

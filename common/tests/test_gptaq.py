@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import common.gptaq as gptaq_module
 from common.gptaq import (
     CalibrationError,
     CalibrationStatistics,
@@ -390,6 +391,13 @@ class TestErrors:
             alpha = 1e30
         with pytest.raises(error, match=match):
             solve(weight, hessian, drift, SolverConfig(bits=4, alpha=alpha), name="fc9")
+
+    @pytest.mark.parametrize("n", [5, 512, 513, 1100])
+    def test_tiled_asymmetry_equals_the_whole_matrix_difference(self, n):
+        matrix = torch.randn(n, n, generator=torch.Generator().manual_seed(n))
+        matrix = matrix + matrix.T
+        matrix[n - 1, 0] += 3.0  # in the tile farthest from the diagonal
+        assert gptaq_module._largest_asymmetry(matrix) == float((matrix - matrix.T).abs().max())
 
     def test_float_rounding_asymmetry_is_accepted(self):
         weight, x_full, x_quant = layer()

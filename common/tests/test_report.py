@@ -145,10 +145,11 @@ def test_missing_json_is_reported_with_a_note_and_tree_from_the_file_name(tmp_pa
 def test_benchmark_tables_beside_the_runs_are_not_runs(tmp_path: Path) -> None:
     write_csv(tmp_path / "bench_solver.csv", ["device,rows,columns,method,seconds", "cpu,576,576,gptq,0.1"])
     write_csv(tmp_path / "bench_gptqmodel.csv", ["method,implementation,quantize_seconds", "gptq,ours,65.7"])
+    write_csv(tmp_path / "bench_official.csv", ["rows,columns,method,official_seconds", "576,576,gptq,0.03"])
     write_result(tmp_path, "vit_quant-deit", [("top1", True, {"gptq": 70.0, "gptaq": 71.0})])
     report = report_of(tmp_path)
     assert "`vit_quant-deit` |" in section(report, "vit_quant")
-    assert "bench_solver" not in report and "bench_gptqmodel" not in report
+    assert "bench_solver" not in report and "bench_gptqmodel" not in report and "bench_official" not in report
 
 
 def test_duplicated_header_names_take_the_first_occurrence(tmp_path: Path) -> None:
