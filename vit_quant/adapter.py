@@ -19,7 +19,8 @@ from common.quant.qlinear import QuantLinear, wrap_linears
 from common.quant.quantizers import ActivationQuantizer
 
 
-def _blocks(model: nn.Module) -> Sequence[nn.Module]:
+def vit_blocks(model: nn.Module) -> Sequence[nn.Module]:
+    """The transformer blocks of a timm ViT (``model.blocks``); a clear error for other models."""
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.Sequential | nn.ModuleList) or len(blocks) == 0:
         raise ValueError(f"{type(model).__name__} has no `blocks` container; supported: timm vision transformers "
@@ -29,7 +30,7 @@ def _blocks(model: nn.Module) -> Sequence[nn.Module]:
 
 def block_linear_input_sizes(model: nn.Module) -> dict[str, int]:
     """``{name: in_features}`` of the linears in the first block (the ones that are quantized)."""
-    return {name: module.in_features for name, module in _blocks(model)[0].named_modules()
+    return {name: module.in_features for name, module in vit_blocks(model)[0].named_modules()
             if isinstance(module, nn.Linear | QuantLinear)}
 
 
@@ -66,7 +67,7 @@ class VitAdapter:
         self.groups = groups
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
-        return _blocks(model)
+        return vit_blocks(model)
 
     def linear_groups(self, block: nn.Module) -> list[list[str]]:
         return [list(group) for group in self.groups]
@@ -86,7 +87,7 @@ def prepare_vit(
 
     ``sample`` [batch, channels, height, width] is one input batch, used to discover the groups.
     """
-    blocks = _blocks(model)
+    blocks = vit_blocks(model)
     hidden: list[torch.Tensor] = []
 
     def catch(_module, args):
