@@ -28,23 +28,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import io
-import statistics
 import sys
-import time
 import types
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from common.bench_solver import parse_shape, seeded_problem
+from common.bench_solver import median_seconds, parse_shape, seeded_problem
 from common.device import device_description, pick_device
 from common.files import atomic_write_csv
 from common.gptaq import SolverConfig
 from common.methods import GPTAQ, GPTAQ_OFFICIAL, GPTQ
-from common.profile import matmul_rate, synchronize
+from common.profile import matmul_rate
 from common.results.provenance import BENCH_OFFICIAL_CSV, REPO_ROOT
 
 DEFAULT_SHAPES = ((576, 576), (4096, 4096), (11008, 4096))
@@ -131,29 +131,18 @@ def _ours(method) -> Callable:
     return solve
 
 
-def _median_seconds(solve: Callable, problem: tuple[torch.Tensor, ...], repeats: int) -> tuple[float, torch.Tensor]:
-    result = solve(*problem)
-    times = []
-    for _ in range(repeats):
-        synchronize(problem[0].device)
-        start = time.perf_counter()
-        result = solve(*problem)
-        synchronize(problem[0].device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
-
-
 def run(shapes, repeats: int, device: torch.device, gptq_repo: Path, gptaq_repo: Path) -> list[dict]:
-    """A row per (shape, method) with both times, their ratio and the largest weight difference."""
+    """A row per (shape, method): both times, their ratio, the floors and the fraction of weights that differ."""
     official = dict(zip(("gptq", "gptaq"), load_official(gptq_repo, gptaq_repo), strict=True))
     rate = matmul_rate(device, size=4096, repeats=3)
     rows_out = []
     for rows, columns in shapes:
         problem = seeded_problem(rows, columns, device)
         for method, same_form in ((GPTQ, GPTQ), (GPTAQ, GPTAQ_OFFICIAL)):
-            official_seconds, official_weight = _median_seconds(official[method.name], problem, repeats)
-            ours_seconds, _ = _median_seconds(_ours(method), problem, repeats)
-            same_form_weight = _ours(same_form)(*problem)
+            official_seconds, official_weight = median_seconds(partial(official[method.name], *problem), device,
+                                                               repeats)
+            ours_seconds, ours_weight = median_seconds(partial(_ours(method), *problem), device, repeats)
+            same_form_weight = ours_weight if same_form is method else _ours(same_form)(*problem)
             floor = method.flops(rows, columns, BLOCKSIZE) / rate
             rows_out.append({
                 "device": device_description(device), "rows": rows, "columns": columns, "method": method.name,

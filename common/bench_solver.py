@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -27,6 +29,8 @@ from common.gptaq import SolverConfig
 from common.methods import BASELINE, GPTAQ_OFFICIAL, METHODS, Method
 from common.profile import matmul_rate, synchronize
 from common.results.provenance import BENCH_SOLVER_CSV, REPO_ROOT
+
+T = TypeVar("T")
 
 DEFAULT_SHAPES = ((576, 576), (576, 1536), (4096, 4096), (11008, 4096))
 FIELDS = [
@@ -48,19 +52,23 @@ def seeded_problem(rows: int, columns: int, device: torch.device, seed: int = 0)
     return weight.to(device), hessian.to(device), drift.to(device)
 
 
-def time_solve(method: Method, weight, hessian, drift, repeats: int, config: SolverConfig) -> float:
-    """Median wall time in seconds of ``method``'s solve (after one warm-up call)."""
-    device = weight.device
-    config = method.solver_config(config)
-    method.solve(weight, hessian, drift, config)
+def median_seconds(call: Callable[[], T], device: torch.device, repeats: int) -> tuple[float, T]:
+    """Median wall time in seconds of ``call()`` over ``repeats`` calls after one warm-up, and its last result."""
+    result = call()
     times = []
     for _ in range(repeats):
         synchronize(device)
         start = time.perf_counter()
-        method.solve(weight, hessian, drift, config)
+        result = call()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), result
+
+
+def time_solve(method: Method, weight, hessian, drift, repeats: int, config: SolverConfig) -> float:
+    """Median wall time in seconds of ``method``'s solve (after one warm-up call)."""
+    config = method.solver_config(config)
+    return median_seconds(lambda: method.solve(weight, hessian, drift, config), weight.device, repeats)[0]
 
 
 def run(shapes, repeats: int, device: torch.device, bits: int = 4, blocksize: int = 128,
