@@ -42,7 +42,7 @@ from common import distributed
 from common.gptaq import CalibrationStatistics, SolverConfig
 from common.methods import METHODS, Method
 from common.methods import method as get_method
-from common.profile import counting_flops
+from common.profile import counting_flops, release_freed_memory
 from common.quant.qlinear import QuantLinear
 from common.quant.quantizers import WeightGrid, rtn_quantize
 
@@ -318,6 +318,9 @@ class _BlockCalibration:
       record (the outputs of the group before, an MLP's wide hidden layer) would serve the final pass alone,
       which computes them once more instead of holding them.
     * The full-precision stream is consumed by its pass (each batch released once its output is computed).
+    * Before each pass, memory the allocator freed is handed back to the system: the passes keep different
+      tensors, and glibc would otherwise hold the freed ones' pages (measured: 0.1 GB less peak resident
+      memory in the embedded W4A4 GPTAQ calibration, same speed).
     """
 
     def __init__(self, index: int, block: nn.Module, adapter: ModelAdapter, block_kwargs: list[dict[str, Any]],
@@ -336,6 +339,7 @@ class _BlockCalibration:
         reference_norms: dict[str, float] = {}
         next_full = None
         if full_stream is not None:
+            release_freed_memory()
             next_full, full_inputs, reference_norms = self._full_precision_pass(full_stream)
             reference_norms = distributed.sum_floats(reference_norms)
         set_input_quantization(self.block, self.settings.quantize_activations)
@@ -344,6 +348,7 @@ class _BlockCalibration:
         for position, group in enumerate(self.groups):
             shared = self._sharing(group)
             last = position == len(self.groups) - 1
+            release_freed_memory()
             stats = self._group_statistics(group, shared, quant_stream, full_inputs, solved, record_new=not last)
             for statistics in stats.values():
                 statistics.reduce_(distributed.sum_)
@@ -361,6 +366,7 @@ class _BlockCalibration:
             for name in set(shared.values()):
                 full_inputs.pop(name, None)  # this group's full-precision inputs are not needed again
             solved += group
+        release_freed_memory()
         next_quant = self._forward_all(quant_stream, solved)
         set_input_quantization(self.block, True)
         self.outputs.clear()
