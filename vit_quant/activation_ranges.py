@@ -19,9 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from common.config import ConfigError, parse_config
 from vit_quant.adapter import vit_blocks
-from vit_quant.settings import VitRunConfig
 
 
 @dataclass(frozen=True)
@@ -89,15 +87,12 @@ def format_ranges(ranges: Sequence[ChannelRanges], scales: Sequence[tuple[str, f
 
 def main(argv: list[str] | None = None) -> int:
     """Load the config's model and calibration images, print the table."""
-    from vit_quant.main import load_data, load_model, preflight
+    from vit_quant.main import load_data, load_probe_model
 
-    try:
-        config = parse_config(VitRunConfig, argv, __doc__.splitlines()[0])
-        preflight(config)
-    except (ConfigError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    loaded = load_probe_model(argv, __doc__.splitlines()[0])
+    if loaded is None:
         return 2
-    model, source = load_model(config)
+    config, model, source = loaded
     calibration, _ = load_data(config, model)
     print(f"model: {config.model} ({source['source']}); {len(calibration)} calibration images")
     print(format_ranges(channel_ranges(model, calibration, batch_size=config.calib_batch_size),

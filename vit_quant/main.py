@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from common.cli import run_cli
-from common.config import ConfigError
+from common.config import ConfigError, parse_config
 from common.device import device_description, pick_device
 from common.pipeline import compare_methods, quantize
 from common.profile import forward_flops, start_profile
@@ -78,6 +78,20 @@ def data_identity(config: VitRunConfig) -> dict[str, str]:
         return {"imagenet": str(config.data_path)}
     folder = Path(config.data_path) if config.data_path else DEFAULT_FASHION_MNIST_DIR
     return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.glob("*-ubyte*"))}
+
+
+def load_probe_model(argv: list[str] | None, description: str) -> tuple[VitRunConfig, torch.nn.Module, dict] | None:
+    """A probe's start (``python -m vit_quant.<probe> --config ...``): the run's config from the command line,
+    checked by :func:`preflight`, and its full-precision model (:func:`load_model`); ``None`` after printing
+    the error when the input is bad (the probe then exits with status 2)."""
+    try:
+        config = parse_config(VitRunConfig, argv, description)
+        preflight(config)
+    except (ConfigError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return None
+    model, source = load_model(config)
+    return config, model, source
 
 
 def preflight(config: VitRunConfig) -> None:

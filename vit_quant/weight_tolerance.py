@@ -21,9 +21,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from common.config import ConfigError, parse_config
 from vit_quant.adapter import vit_blocks
-from vit_quant.settings import VitRunConfig
 
 NOISE_LEVELS = (0.1, 0.2, 0.4)
 """Noise standard deviations, as fractions of each weight row's standard deviation."""
@@ -101,15 +99,12 @@ def format_profiles(full: float, depth: Sequence[tuple[int, float]], noise: Sequ
 def main(argv: list[str] | None = None) -> int:
     """Load the config's model and evaluation data, print both probes."""
     from vit_quant.embedded_model import evaluate_top1
-    from vit_quant.main import load_data, load_model, preflight
+    from vit_quant.main import load_data, load_probe_model
 
-    try:
-        config = parse_config(VitRunConfig, argv, __doc__.splitlines()[0])
-        preflight(config)
-    except (ConfigError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    loaded = load_probe_model(argv, __doc__.splitlines()[0])
+    if loaded is None:
         return 2
-    model, source = load_model(config)
+    config, model, source = loaded
     _, evaluation = load_data(config, model)
 
     def top1(candidate: nn.Module) -> float:

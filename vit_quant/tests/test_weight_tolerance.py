@@ -72,3 +72,10 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="level must be >= 0"), noisy_block_weights(model, -0.1, seed=0):
         pass
     assert len(model.blocks) == 3
+
+
+def test_the_command_refuses_an_unknown_model_before_loading(capsys):
+    from vit_quant.weight_tolerance import main
+
+    assert main(["--model", "no_such_vit"]) == 2
+    assert "unknown model 'no_such_vit'" in capsys.readouterr().err
