@@ -87,16 +87,14 @@ def format_ranges(ranges: Sequence[ChannelRanges], scales: Sequence[tuple[str, f
 
 def main(argv: list[str] | None = None) -> int:
     """Load the config's model and calibration images, print the table."""
-    from vit_quant.main import load_data, load_probe_model
+    from vit_quant.main import load_probe
 
-    loaded = load_probe_model(argv, __doc__.splitlines()[0])
-    if loaded is None:
+    probe = load_probe(argv, __doc__.splitlines()[0])
+    if probe is None:
         return 2
-    config, model, source = loaded
-    calibration, _ = load_data(config, model)
-    print(f"model: {config.model} ({source['source']}); {len(calibration)} calibration images")
-    print(format_ranges(channel_ranges(model, calibration, batch_size=config.calib_batch_size),
-                        layer_norm_scales(model)))
+    print(f"model: {probe.config.model} ({probe.source['source']}); {len(probe.calibration)} calibration images")
+    print(format_ranges(channel_ranges(probe.model, probe.calibration, batch_size=probe.config.calib_batch_size),
+                        layer_norm_scales(probe.model)))
     return 0
 
 

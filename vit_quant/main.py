@@ -80,10 +80,22 @@ def data_identity(config: VitRunConfig) -> dict[str, str]:
     return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.glob("*-ubyte*"))}
 
 
-def load_probe_model(argv: list[str] | None, description: str) -> tuple[VitRunConfig, torch.nn.Module, dict] | None:
+@dataclasses.dataclass
+class ProbeInputs:
+    """What a probe of a ViT config works on: the config, its full-precision model, where the model came
+    from, the calibration images [n, C, H, W] and the evaluation data (:func:`load_data`)."""
+
+    config: VitRunConfig
+    model: torch.nn.Module
+    source: dict
+    calibration: torch.Tensor
+    evaluation: object
+
+
+def load_probe(argv: list[str] | None, description: str) -> ProbeInputs | None:
     """A probe's start (``python -m vit_quant.<probe> --config ...``): the run's config from the command line,
-    checked by :func:`preflight`, and its full-precision model (:func:`load_model`); ``None`` after printing
-    the error when the input is bad (the probe then exits with status 2)."""
+    checked by :func:`preflight`, then its model and data; ``None`` after printing the error when the input
+    is bad (the probe then exits with status 2)."""
     try:
         config = parse_config(VitRunConfig, argv, description)
         preflight(config)
@@ -91,7 +103,8 @@ def load_probe_model(argv: list[str] | None, description: str) -> tuple[VitRunCo
         print(f"error: {error}", file=sys.stderr)
         return None
     model, source = load_model(config)
-    return config, model, source
+    calibration, evaluation = load_data(config, model)
+    return ProbeInputs(config, model, source, calibration, evaluation)
 
 
 def preflight(config: VitRunConfig) -> None:

@@ -99,20 +99,19 @@ def format_profiles(full: float, depth: Sequence[tuple[int, float]], noise: Sequ
 def main(argv: list[str] | None = None) -> int:
     """Load the config's model and evaluation data, print both probes."""
     from vit_quant.embedded_model import evaluate_top1
-    from vit_quant.main import load_data, load_probe_model
+    from vit_quant.main import load_probe
 
-    loaded = load_probe_model(argv, __doc__.splitlines()[0])
-    if loaded is None:
+    probe = load_probe(argv, __doc__.splitlines()[0])
+    if probe is None:
         return 2
-    config, model, source = loaded
-    _, evaluation = load_data(config, model)
 
     def top1(candidate: nn.Module) -> float:
-        return evaluate_top1(candidate, evaluation, batch_size=config.eval_batch_size)
+        return evaluate_top1(candidate, probe.evaluation, batch_size=probe.config.eval_batch_size)
 
-    print(f"model: {config.model} ({source['source']})")
+    print(f"model: {probe.config.model} ({probe.source['source']})")
+    model = probe.model
     full = top1(model)
-    print(format_profiles(full, depth_profile(model, top1), noise_profile(model, top1, seed=config.seed)))
+    print(format_profiles(full, depth_profile(model, top1), noise_profile(model, top1, seed=probe.config.seed)))
     return 0
 
 
