@@ -592,10 +592,14 @@ class _BlockSolver:
         self.official = official
         self.group_params: list[tuple[torch.Tensor, torch.Tensor]] = []
         """Each dynamic group's ``(scale, zero)``, in solve order."""
-        if groupsize > 0:
-            self.scale, self.zero = None, None
-        else:
-            self.scale, self.zero = quantizer.params(start.work if start.first_grid is None else start.first_grid)
+        self.scale: torch.Tensor | None = None
+        """The current grid's scales [m, 1] (``zero``: its zero points), as :meth:`WeightQuantizer.params`."""
+        self.zero: torch.Tensor | None = None
+        self.column_scale: torch.Tensor | None = None
+        """``scale`` as [m] (``column_zero``: ``zero``), the shape one column is quantized with."""
+        self.column_zero: torch.Tensor | None = None
+        if groupsize <= 0:
+            self._set_grid(*quantizer.params(start.work if start.first_grid is None else start.first_grid))
 
     def run(self, blocksize: int) -> tuple[torch.Tensor, float]:
         """Quantize every column; returns the quantized weight [m, n] and the proxy loss.
@@ -608,43 +612,46 @@ class _BlockSolver:
         """
         work, upper, correction = self.work, self.upper, self.correction
         columns, rows = work.shape
+        diagonal = torch.diagonal(upper).tolist()
         quantized = torch.empty_like(work)
         loss = torch.zeros((), dtype=work.dtype, device=work.device)
         for i1 in range(0, columns, blocksize):
             i2 = min(i1 + blocksize, columns)
             width = i2 - i1
             block = work[i1:i2].clone()
-            errors = torch.empty_like(block)
-            originals = torch.empty_like(block) if correction is not None else None
-            coefficients = self._in_block_coefficients(i1, i2)
             pairs = work.new_zeros(width, 2, rows)
+            errors = pairs[:, 0]
+            originals = pairs[:, 1] if correction is not None else None
+            coefficients = self._in_block_coefficients(i1, i2)
             for j1 in range(0, width, _INNER_BLOCK):
                 j2 = min(j1 + _INNER_BLOCK, width)
                 for i in range(j1, j2):
                     column = i1 + i
-                    w = block[i].clone()
-                    self._update_params(column, i1, i2, i, j1, j2, block, errors, originals, pairs, coefficients)
+                    if self.groupsize > 0:
+                        self._update_params(column, i1, i2, i, j1, j2, block, errors, originals, pairs,
+                                            coefficients)
+                    w = block[i] if originals is None else originals[i].copy_(block[i])
                     target = self.first_column if column == 0 and self.first_column is not None else w
-                    q = self.quantizer.quantize(target.unsqueeze(1), self.scale, self.zero).squeeze(1)
-                    quantized[column] = q
-                    err = (w - q) / upper[column, column]
-                    errors[i] = err
-                    loss += torch.dot(err, err)
-                    pairs[i, 0] = err
-                    if originals is not None:
-                        originals[i] = w
-                        pairs[i, 1] = w
+                    q = self.quantizer.quantize_column_(target, self.column_scale, self.column_zero,
+                                                        out=quantized[column])
+                    torch.sub(w, q, out=errors[i]).div_(diagonal[column])
                     if i + 1 < j2:
                         block[i + 1 : j2].addmm_(coefficients[i, :, i + 1 : j2].T, pairs[i])
                 if j2 < width:
                     block[j2:].addmm_(coefficients[j1:j2, :, j2:].reshape(-1, width - j2).T,
                                       pairs[j1:j2].reshape(-1, rows))
+            loss += errors.square().sum()
             if i2 < columns:
                 work[i2:].addmm_(upper[i1:i2, i2:].T, errors, alpha=-1)
                 if correction is not None:
                     lhs = quantized[i1:i2] if self.official else originals
                     work[i2:].addmm_(correction[i1:i2, i2:].T, lhs)
         return quantized.T, float(loss) / 2
+
+    def _set_grid(self, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """Make ``(scale, zero)`` [m, 1] the grid of the columns that follow."""
+        self.scale, self.zero = scale, zero
+        self.column_scale, self.column_zero = scale.reshape(-1), zero.reshape(-1)
 
     def _in_block_coefficients(self, i1: int, i2: int) -> torch.Tensor:
         """``[−U[i]; P[i]]`` [b, 2, b] for the block's columns: the in-block update of column ``i`` is
@@ -675,19 +682,19 @@ class _BlockSolver:
         if self.groupsize <= 0:
             return
         if self.static_params is not None:
-            self.scale, self.zero = self.static_params[self.group_of_column[column]]
+            self._set_grid(*self.static_params[self.group_of_column[column]])
             return
         if column % self.groupsize != 0:
             return
         end = column + self.groupsize
         if column == 0 and self.first_grid is not None:
-            self.scale, self.zero = self.quantizer.params(self.first_grid[:, :end])
+            self._set_grid(*self.quantizer.params(self.first_grid[:, :end]))
         elif self.official:
-            self.scale, self.zero = self.quantizer.params(self.work[column:end].T.contiguous())
+            self._set_grid(*self.quantizer.params(self.work[column:end].T.contiguous()))
         else:
             values = self._current_values(column, end, i1, i2, i, j1, j2, block, errors, originals, pairs,
                                           coefficients)
-            self.scale, self.zero = self.quantizer.params(values.T.contiguous())
+            self._set_grid(*self.quantizer.params(values.T.contiguous()))
         self.group_params.append((self.scale, self.zero))
 
     def _current_values(

@@ -200,6 +200,15 @@ class WeightQuantizer:
         """Fake-quantize ``w`` with parameters from :meth:`params` (broadcast over columns)."""
         return fake_quantize(w, scale, zero, self.maxq)
 
+    def quantize_column_(self, column: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                         out: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize one weight column [m] into ``out`` [m] (``scale``, ``zero``: [m]); returns ``out``.
+
+        The solver's per-column step: :func:`fake_quantize`'s operations in the same order (the same
+        numbers), without its checks and without allocating.
+        """
+        return torch.div(column, scale, out=out).round_().add_(zero).clamp_(0, self.maxq).sub_(zero).mul_(scale)
+
     def _grid(self, xmin: torch.Tensor, xmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scale = (xmax - xmin) / self.maxq
         checkpoint = self.grid_format == "gptq"
