@@ -10,7 +10,7 @@ MODEL ?= embedded
 METHODS ?=
 METHOD_ARGS := $(if $(METHODS),--methods $(METHODS))
 
-.PHONY: setup setup-export test-export bench-gptqmodel test test-fast test-numerics margins lint profile-llama-w4a4 profile-llama-w2a4 bench-solver bench-official reproduce-llama-w4a4 reproduce-llama-w2a4 reproduce-llama-w4 reproduce-llama-w3 reproduce-vit \
+.PHONY: setup setup-export test-export bench-gptqmodel test test-fast test-numerics margins lint profile-llama-w4a4 profile-llama-w2a4 bench-solver bench-revision bench-official reproduce-llama-w4a4 reproduce-llama-w2a4 reproduce-llama-w4 reproduce-llama-w3 reproduce-vit \
 	reproduce-spinquant-w4a4 reproduce-spinquant-w2a4 reproduce-llama-w4a4-zeroshot reproduce-spinquant-w4a4-zeroshot \
 	data-fashion-mnist
 
@@ -44,6 +44,12 @@ lint: setup
 
 bench-solver: setup
 	$(PY) -m common.bench_solver
+
+# This checkout's solver beside a git revision's, alternating in one process: REV=<revision> (MSE=1 adds
+# the clip search, the embedded runs' setting).
+bench-revision: setup
+	$(if $(REV),,$(error bench-revision needs REV=<git revision>, e.g. REV=HEAD~1))
+	$(PY) -m common.bench_revision --revision $(REV) $(if $(MSE),--mse)
 
 # Our solvers beside the official GPTQ and GPTAQ code: clone IST-DASLab/gptq and
 # Intelligent-Computing-Lab-Yale/GPTAQ and pass their folders.

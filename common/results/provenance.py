@@ -15,7 +15,9 @@ BENCH_GPTQMODEL_CSV = "bench_gptqmodel.csv"
 """The side-by-side benchmark against GPTQModel (``make bench-gptqmodel``): not a run either."""
 BENCH_OFFICIAL_CSV = "bench_official.csv"
 """Our solvers beside the official GPTQ and GPTAQ code (``make bench-official``): not a run either."""
-BENCH_CSVS = (BENCH_SOLVER_CSV, BENCH_GPTQMODEL_CSV, BENCH_OFFICIAL_CSV)
+BENCH_REVISION_CSV = "bench_revision.csv"
+"""This checkout's solver beside another git revision's (``make bench-revision``): not a run either."""
+BENCH_CSVS = (BENCH_SOLVER_CSV, BENCH_GPTQMODEL_CSV, BENCH_OFFICIAL_CSV, BENCH_REVISION_CSV)
 
 
 def git_commit() -> str:
