@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import subprocess
 import sys
-import tempfile
 import time
 import types
 from collections.abc import Callable
@@ -48,15 +46,11 @@ def load_revision_solver(revision: str, repo: Path = REPO_ROOT) -> types.ModuleT
     if shown.returncode != 0:
         raise ValueError(f"revision must be a git revision of {repo} with {SOLVER_PATH}, got {revision!r}: "
                          f"{shown.stderr.strip()}")
-    folder = Path(tempfile.mkdtemp(prefix="bench_revision_"))
-    path = folder / "revision_gptaq.py"
-    path.write_text(shown.stdout)
     name = f"_revision_gptaq_{abs(hash((revision, shown.stdout)))}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
+    module = types.ModuleType(name)
     sys.modules[name] = module  # dataclasses look their module up by name
     try:
-        spec.loader.exec_module(module)
+        exec(compile(shown.stdout, f"{revision}:{SOLVER_PATH}", "exec"), module.__dict__)
     except ImportError as error:
         del sys.modules[name]
         raise ValueError(f"revision {revision!r}: its solver cannot be imported beside this checkout: {error}"

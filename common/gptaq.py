@@ -678,9 +678,10 @@ class _BlockSolver:
         pairs: torch.Tensor,
         coefficients: torch.Tensor,
     ) -> None:
-        """Set the grid for ``column`` when a group starts there (or for every column, static groups)."""
-        if self.groupsize <= 0:
-            return
+        """Set the grid for ``column`` when a group starts there (or for every column, static groups).
+
+        Only called with groups (``groupsize > 0``): without them the row's grid is set once, at the start.
+        """
         if self.static_params is not None:
             self._set_grid(*self.static_params[self.group_of_column[column]])
             return

@@ -110,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"model: {probe.config.model} ({probe.source['source']})")
     model = probe.model
-    full = top1(model)
-    print(format_profiles(full, depth_profile(model, top1), noise_profile(model, top1, seed=probe.config.seed)))
+    depth = depth_profile(model, top1)
+    full = depth[-1][1]  # every block kept: the full model
+    print(format_profiles(full, depth, noise_profile(model, top1, seed=probe.config.seed)))
     return 0
 
 

@@ -92,7 +92,12 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq
     out = torch.div(x, scale)
     if isinstance(zero, torch.Tensor) and torch.broadcast_shapes(out.shape, zero.shape) != out.shape:
         out = out.expand(torch.broadcast_shapes(out.shape, zero.shape)).clone()
-    return out.round_().add_(zero).clamp_(0, maxq).sub_(zero).mul_(scale)
+    return _onto_grid_(out, scale, zero, maxq)
+
+
+def _onto_grid_(scaled: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """``scale * (clamp(round(scaled) + zero, 0, maxq) − zero)`` in place on ``scaled`` (= ``x / scale``)."""
+    return scaled.round_().add_(zero).clamp_(0, maxq).sub_(zero).mul_(scale)
 
 
 @dataclass(frozen=True)
@@ -204,10 +209,10 @@ class WeightQuantizer:
                          out: torch.Tensor) -> torch.Tensor:
         """Fake-quantize one weight column [m] into ``out`` [m] (``scale``, ``zero``: [m]); returns ``out``.
 
-        The solver's per-column step: :func:`fake_quantize`'s operations in the same order (the same
-        numbers), without its checks and without allocating.
+        The solver's per-column step: :func:`fake_quantize`'s operations (the same numbers), without its
+        checks and without allocating.
         """
-        return torch.div(column, scale, out=out).round_().add_(zero).clamp_(0, self.maxq).sub_(zero).mul_(scale)
+        return _onto_grid_(torch.div(column, scale, out=out), scale, zero, self.maxq)
 
     def _grid(self, xmin: torch.Tensor, xmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scale = (xmax - xmin) / self.maxq
