@@ -211,3 +211,22 @@ def test_errors():
     plain = ToyModel().double()
     with pytest.raises(TypeError, match=r"fc1 must be a QuantLinear \(common\.quant\.qlinear\)"):
         quantize_model(plain, ToyAdapter(), _settings("gptq"), data, progress=False)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_squared_norm_by_slices_equals_the_whole_float64_sum(with_bias):
+    from common.calibration import _squared_norm
+
+    generator = torch.Generator().manual_seed(3)
+    output = torch.randn(3, 1000, 7, generator=generator)  # 3000 rows: several slices, the last one short
+    bias = torch.randn(7, generator=generator) if with_bias else None
+    reference = (output.double() - (0 if bias is None else bias.double())).square().sum()
+    assert _squared_norm(output, bias) == pytest.approx(float(reference), rel=1e-13)
+
+
+def test_squared_norm_leaves_a_float64_output_alone():
+    from common.calibration import _squared_norm
+
+    output = torch.arange(6, dtype=torch.float64).reshape(2, 3)
+    assert _squared_norm(output, None) == 55.0
+    assert torch.equal(output, torch.arange(6, dtype=torch.float64).reshape(2, 3))
