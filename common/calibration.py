@@ -22,7 +22,9 @@ quantized afterwards); ``act_quant_during_calibration`` overrides this for every
 
 The linears named by the adapter must be :class:`common.quant.qlinear.QuantLinear` (their activation
 quantizers configured by the caller). Blocks are moved to ``device`` one at a time; the streams and the
-full-precision input cache live on ``offload_device`` so large models fit one GPU.
+full-precision input cache live on ``offload_device`` so large models fit one GPU. Once the first block's
+inputs are computed, the parameters outside the blocks (embedding, head) wait in a file
+(:func:`common.weight_files.parked`): calibration does not read them.
 """
 
 from __future__ import annotations
@@ -41,11 +43,13 @@ from tqdm.auto import tqdm
 from common import distributed
 from common.batch_store import BatchStore
 from common.gptaq import CalibrationStatistics, SolverConfig
+from common.memory import release_freed_memory
 from common.methods import METHODS, Method
 from common.methods import method as get_method
-from common.profile import counting_flops, release_freed_memory
+from common.profile import counting_flops
 from common.quant.qlinear import QuantLinear
 from common.quant.quantizers import WeightGrid, rtn_quantize
+from common.weight_files import parked
 
 logger = logging.getLogger(__name__)
 
@@ -196,23 +200,41 @@ def quantize_model(
     if not calibration_batches:
         raise ValueError(f"calibration_batches must not be empty for method {settings.method!r}")
 
-    offload = settings.offload_device or settings.device
     with torch.no_grad():
-        quant_stream, block_kwargs = _first_block_inputs(model, adapter, blocks[0], calibration_batches, settings)
-        quant_stream = BatchStore.of(quant_stream, offload)
-        full_stream = quant_stream.clone() if settings.spec.needs_full_precision_stream else None
-        bar = tqdm(list(enumerate(blocks)), desc=settings.method, disable=not progress)
-        for index, block in bar:
-            original_device = _module_device(block)
-            block.to(settings.device)
-            records, quant_stream, full_stream = _BlockCalibration(
-                index, block, adapter, block_kwargs, settings, offload, report
-            ).run(quant_stream, full_stream)
-            block.to(original_device)
-            report.layers.extend(records)
-            bar.set_postfix(err=f"{sum(r.output_error for r in records) / len(records):.2e}")
+        first_inputs, block_kwargs = _first_block_inputs(model, adapter, blocks[0], calibration_batches, settings)
+        quant_stream = BatchStore.of(first_inputs, settings.offload_device or settings.device)
+        del first_inputs
+        with parked(_outside_blocks(model, blocks)):
+            _calibrate_blocks(blocks, adapter, settings, quant_stream, block_kwargs, report, progress)
+            del quant_stream
+            release_freed_memory()  # before the parked parameters come back
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _calibrate_blocks(blocks: Sequence[nn.Module], adapter: ModelAdapter, settings: CalibrationSettings,
+                      quant_stream: BatchStore, block_kwargs: list[dict[str, Any]], report: CalibrationReport,
+                      progress: bool) -> None:
+    """Calibrate every block in order, both streams starting from ``quant_stream`` (the first block's inputs)."""
+    offload = settings.offload_device or settings.device
+    full_stream = quant_stream.clone() if settings.spec.needs_full_precision_stream else None
+    bar = tqdm(list(enumerate(blocks)), desc=settings.method, disable=not progress)
+    for index, block in bar:
+        original_device = _module_device(block)
+        block.to(settings.device)
+        records, quant_stream, full_stream = _BlockCalibration(
+            index, block, adapter, block_kwargs, settings, offload, report
+        ).run(quant_stream, full_stream)
+        block.to(original_device)
+        report.layers.extend(records)
+        bar.set_postfix(err=f"{sum(r.output_error for r in records) / len(records):.2e}")
+
+
+def _outside_blocks(model: nn.Module, blocks: Sequence[nn.Module]) -> dict[str, nn.Parameter]:
+    """The model's parameters that no block holds (a language model's embedding and head): once the
+    first block's inputs are computed, calibration never reads them."""
+    inside = {id(parameter) for block in blocks for parameter in block.parameters()}
+    return {name: parameter for name, parameter in model.named_parameters() if id(parameter) not in inside}
 
 
 def _rtn(weight: torch.Tensor, solver: SolverConfig) -> tuple[torch.Tensor, WeightGrid | None]:

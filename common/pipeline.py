@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import uuid
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from common import distributed
-from common.cache import cache_root
 from common.calibration import (
     CalibrationReport,
     CalibrationSettings,
@@ -27,12 +23,12 @@ from common.calibration import (
     quantize_model,
     set_input_quantization,
 )
-from common.files import sweep_stale_temporaries
 from common.gptaq import SolverConfig
 from common.methods import method as get_method
 from common.profile import StageProfile
 from common.results.runs import STDERR_SUFFIX, MetricRow
 from common.run_settings import RunSettings
+from common.weight_files import WeightSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -145,54 +141,3 @@ def _compare_one(model: nn.Module, method: str, start: WeightSnapshot, prepare, 
     with timer(f"{prefix}evaluate {method}"):
         results[method] = evaluate(method) if distributed.is_main() else {}
     distributed.wait_for_main(f"{prefix}evaluate {method}")  # the other ranks wait without a time limit
-
-
-class WeightSnapshot:
-    """A model's weights kept in a file, not in memory, and read back into the model's own tensors.
-
-    ``with WeightSnapshot(model) as start: ... start.restore(model)``. The file holds the raw bytes of every
-    tensor of the state dict (tied tensors once), in the cache root (``$GPTAQ_CACHE_DIR``) under a name
-    carrying the process id; it is removed on exit, and one a killed run left is swept by the next
-    (:func:`common.files.sweep_stale_temporaries`). Restoring reads straight into the parameters (from the
-    page cache, as a rule), so a run's resident memory holds one model, not two.
-    """
-
-    def __init__(self, model: nn.Module, folder: Path | None = None) -> None:
-        folder = cache_root() / "snapshots" if folder is None else folder
-        folder.mkdir(parents=True, exist_ok=True)
-        sweep_stale_temporaries(folder)
-        self.path = folder / f".weights.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        self.entries: list[tuple[str, int, int]] = []
-        offsets: dict[tuple[int, int], int] = {}
-        with open(self.path, "wb") as handle:
-            for name, tensor in model.state_dict().items():
-                key = (tensor.data_ptr(), tensor.nbytes)
-                if key not in offsets:
-                    offsets[key] = handle.tell()
-                    handle.write(_raw_bytes(tensor.detach().cpu().contiguous()))
-                self.entries.append((name, offsets[key], tensor.nbytes))
-
-    def restore(self, model: nn.Module) -> None:
-        """Read the saved bytes back into ``model``'s parameters and buffers, in place."""
-        state = model.state_dict()
-        with open(self.path, "rb") as handle, torch.no_grad():
-            for name, offset, size in self.entries:
-                target = state[name]
-                direct = target.device.type == "cpu" and target.is_contiguous()
-                buffer = target if direct else torch.empty_like(target, device="cpu").contiguous()
-                handle.seek(offset)
-                if handle.readinto(_raw_bytes(buffer)) != size:
-                    raise OSError(f"weight snapshot {self.path} is truncated at {name}")
-                if not direct:
-                    target.copy_(buffer)
-
-    def __enter__(self) -> WeightSnapshot:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.path.unlink(missing_ok=True)
-
-
-def _raw_bytes(tensor: torch.Tensor) -> memoryview:
-    """A writable byte view of a contiguous CPU tensor's storage."""
-    return memoryview(tensor.view(-1).view(torch.uint8).numpy())

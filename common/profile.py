@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import re
 import resource
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from common.memory import release_freed_memory
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -82,26 +83,6 @@ def forward_flops(forward: Callable[[], object]) -> float:
     with torch.no_grad(), counting_flops() as counter:
         forward()
     return float(counter.get_total_flops())
-
-
-def release_freed_memory() -> None:
-    """Hand memory the allocator has freed back to the system (glibc's ``malloc_trim``; elsewhere nothing)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim  # noqa: B018 (glibc only)
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-_LIBC = _load_libc()
 
 
 def _peak_rss_bytes() -> int:

@@ -230,3 +230,22 @@ def test_squared_norm_leaves_a_float64_output_alone():
     output = torch.arange(6, dtype=torch.float64).reshape(2, 3)
     assert _squared_norm(output, None) == 55.0
     assert torch.equal(output, torch.arange(6, dtype=torch.float64).reshape(2, 3))
+
+
+def test_parameters_outside_the_blocks_wait_in_a_file_and_come_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("GPTAQ_CACHE_DIR", str(tmp_path))
+    model, data = _toy()
+    embedding = {name: p.detach().clone() for name, p in model.embed.named_parameters()}
+    sizes_while_calibrating = []
+    adapter = ToyAdapter()
+    run_block = adapter.run_block
+
+    def watching(block, hidden, kwargs):
+        sizes_while_calibrating.append(model.embed.weight.numel())
+        return run_block(block, hidden, kwargs)
+
+    adapter.run_block = watching
+    quantize_model(model, adapter, _settings("gptaq"), data, progress=False)
+    assert sizes_while_calibrating and set(sizes_while_calibrating) == {0}
+    for name, parameter in model.embed.named_parameters():
+        assert torch.equal(parameter, embedding[name]), name
