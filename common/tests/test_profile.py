@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.profile import StageProfile, counting_flops, format_profile, forward_flops, main
+from common.profile import StageProfile, counting_flops, format_profile, forward_flops, main, matmul_rate
 
 
 def test_stages_accumulate_and_floors_use_the_rate() -> None:
@@ -47,3 +47,11 @@ def test_main_prints_a_recorded_profile_and_refuses_files_without_one(tmp_path: 
     old.write_text("{}")
     assert main([str(old)]) == 2
     assert "records no profile" in capsys.readouterr().err
+
+
+def test_the_matmul_rate_is_timed_for_at_least_the_minimum(monkeypatch) -> None:
+    clock = iter(range(1000))
+    monkeypatch.setattr("common.profile.time.perf_counter", lambda: float(next(clock)))
+    rate = matmul_rate(torch.device("cpu"), size=8, repeats=2, min_seconds=5.0)
+    assert rate == 2 * 8**3  # every product "took" one second: five of them, the best one second
+    assert next(clock) == 10  # five products, two clock reads each
