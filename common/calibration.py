@@ -216,14 +216,13 @@ def _calibrate_blocks(blocks: Sequence[nn.Module], adapter: ModelAdapter, settin
                       quant_stream: BatchStore, block_kwargs: list[dict[str, Any]], report: CalibrationReport,
                       progress: bool) -> None:
     """Calibrate every block in order, both streams starting from ``quant_stream`` (the first block's inputs)."""
-    offload = settings.offload_device or settings.device
     full_stream = quant_stream.clone() if settings.spec.needs_full_precision_stream else None
     bar = tqdm(list(enumerate(blocks)), desc=settings.method, disable=not progress)
     for index, block in bar:
         original_device = _module_device(block)
         block.to(settings.device)
         records, quant_stream, full_stream = _BlockCalibration(
-            index, block, adapter, block_kwargs, settings, offload, report
+            index, block, adapter, block_kwargs, settings, report
         ).run(quant_stream, full_stream)
         block.to(original_device)
         report.layers.extend(records)
@@ -231,10 +230,25 @@ def _calibrate_blocks(blocks: Sequence[nn.Module], adapter: ModelAdapter, settin
 
 
 def _outside_blocks(model: nn.Module, blocks: Sequence[nn.Module]) -> dict[str, nn.Parameter]:
-    """The model's parameters that no block holds (a language model's embedding and head): once the
-    first block's inputs are computed, calibration never reads them."""
-    inside = {id(parameter) for block in blocks for parameter in block.parameters()}
-    return {name: parameter for name, parameter in model.named_parameters() if id(parameter) not in inside}
+    """The model's parameters that no block holds or shares memory with (a language model's embedding and
+    head): once the first block's inputs are computed, calibration never reads them."""
+    inside = [parameter for block in blocks for parameter in block.parameters()]
+    held = {id(parameter) for parameter in inside}
+    spans = [_span(parameter) for parameter in inside]
+    return {
+        name: parameter for name, parameter in model.named_parameters()
+        if id(parameter) not in held and not any(_overlap(_span(parameter), span) for span in spans)
+    }
+
+
+def _span(tensor: torch.Tensor) -> tuple[torch.device, int, int]:
+    """Where the memory behind a tensor lies (its whole storage): device, first byte address, one past the last."""
+    storage = tensor.untyped_storage()
+    return tensor.device, storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+
+
+def _overlap(a: tuple[torch.device, int, int], b: tuple[torch.device, int, int]) -> bool:
+    return a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
 
 
 def _rtn(weight: torch.Tensor, solver: SolverConfig) -> tuple[torch.Tensor, WeightGrid | None]:
@@ -350,9 +364,9 @@ class _BlockCalibration:
     """
 
     def __init__(self, index: int, block: nn.Module, adapter: ModelAdapter, block_kwargs: list[dict[str, Any]],
-                 settings: CalibrationSettings, offload: torch.device, report: CalibrationReport) -> None:
+                 settings: CalibrationSettings, report: CalibrationReport) -> None:
         self.index, self.block, self.adapter = index, block, adapter
-        self.block_kwargs, self.settings, self.offload, self.report = block_kwargs, settings, offload, report
+        self.block_kwargs, self.settings, self.report = block_kwargs, settings, report
         self.groups = adapter.linear_groups(block)
         self.linears = {name: _quant_linear(block, name) for group in self.groups for name in group}
         self.outputs: dict[str, BatchStore] = {}
@@ -380,6 +394,9 @@ class _BlockCalibration:
             release_freed_memory()
             stats = self._group_statistics(group, shared, quant_stream, full_inputs, solved,
                                            record_new=not last)
+            for name in set(shared.values()):
+                full_inputs.pop(name, None)  # in the statistics now: not needed while solving, nor again
+            release_freed_memory()
             for statistics in stats.values():
                 statistics.reduce_(distributed.sum_)
             owners = distributed.assign_by_cost({name: self._solve_cost(name) for name in group})
@@ -393,8 +410,6 @@ class _BlockCalibration:
                     record.method, record.loss, record.output_error, record.percdamp, record.seconds,
                 )
                 records.append(record)
-            for name in set(shared.values()):
-                full_inputs.pop(name, None)  # this group's full-precision inputs are not needed again
             solved += group
         release_freed_memory()
         self._forward_all(quant_stream, solved)

@@ -249,3 +249,13 @@ def test_parameters_outside_the_blocks_wait_in_a_file_and_come_back(monkeypatch,
     assert sizes_while_calibrating and set(sizes_while_calibrating) == {0}
     for name, parameter in model.embed.named_parameters():
         assert torch.equal(parameter, embedding[name]), name
+
+
+def test_a_parameter_sharing_memory_with_a_block_is_not_parked():
+    from common.calibration import _outside_blocks
+
+    model, _ = _toy()
+    alias = nn.Parameter(model.blocks[0].fc1.weight.data[:4])  # another parameter over a block's memory
+    model.register_parameter("alias", alias)
+    names = _outside_blocks(model, model.blocks)
+    assert "alias" not in names and {"embed.weight", "embed.bias"} <= names.keys()
