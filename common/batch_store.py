@@ -1,7 +1,7 @@
 """Per-batch activations of the calibration engine, kept in one contiguous buffer per tensor kind.
 
 The engine keeps, for every calibration batch, a block's input and output, a group's full-precision input
-and some linears' outputs. Held as one tensor per batch (1–3 MB each in the embedded run), they are
+and some linears' outputs. Held as one tensor per batch (3–25 MB each in the embedded run), they are
 scattered among the forward's temporaries in the allocator's heap: the freed temporaries between them
 cannot be returned to the system, and the process's resident set grows far past its live tensors. A
 :class:`BatchStore` holds all batches of one kind in a single buffer (large enough that the allocator maps

@@ -20,7 +20,7 @@ def _load_libc():
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc = ctypes.CDLL("libc.so.6")
         libc.malloc_trim  # noqa: B018 (glibc only)
     except (OSError, AttributeError):
         return None
