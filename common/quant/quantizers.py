@@ -16,7 +16,9 @@ reference code's float32 grid.
 
 The optional MSE clip search shrinks the range by ``1 - i / grid`` for ``i < maxshrink * grid`` and keeps,
 per row, the shrink with the smallest ``sum |x - dequant(quant(x))| ** norm`` (``norm = 2.4``), as GPTQ's
-reference code does.
+reference code does. On the CPU, where it is dearest, the search's result is remembered by the exact bytes
+of the weight (:class:`_SearchMemo`): the methods of one run quantize the same starting weights, and each
+would otherwise search them again.
 
 Activations are quantized dynamically per token (per row of the last dimension, optionally per group of
 ``groupsize`` channels) with QuaRot's grids: asymmetric ``0..2**bits - 1`` with a zero point, or symmetric
@@ -26,6 +28,8 @@ signed ``-2**(bits-1)..2**(bits-1) - 1``; the range is shrunk by ``clip_ratio`` 
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +45,9 @@ _FLOAT16 = torch.finfo(torch.float16)
 
 _MSE_CHUNK_ELEMENTS = 1 << 18
 """Candidate errors computed at once by the MSE clip search (1 MB in float32: cache-resident)."""
+
+_MEMO_BYTES = 64 << 20
+"""Most bytes of grid parameters the clip-search memo keeps (about 8 million rows' scale and zero)."""
 
 
 def check_bits(bits: int, name: str = "bits") -> int:
@@ -198,7 +205,12 @@ class WeightQuantizer:
         xmax = torch.where(empty, torch.ones_like(xmax), xmax)
         scale, zero = self._grid(xmin, xmax)
         if self.mse:
-            scale, zero = self._mse_search(w, xmin, xmax, scale, zero)
+            key = _SEARCHES.key(w, (self.maxq, self.sym, self.grid, self.maxshrink, self.norm, self.grid_format))
+            found = _SEARCHES.get(key)
+            if found is None:
+                found = self._mse_search(w, xmin, xmax, scale, zero)
+                _SEARCHES.put(key, found)
+            scale, zero = found
         return scale.unsqueeze(1), zero.unsqueeze(1)
 
     def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -254,6 +266,58 @@ class WeightQuantizer:
             scale[part] = grid_scale.gather(0, best)[0]
             zero[part] = grid_zero.gather(0, best)[0]
         return scale, zero
+
+
+class _SearchMemo:
+    """Clip-search results ``(scale, zero)`` (each [rows]) by settings and the exact bytes of the weight.
+
+    The search is a pure function of the weight and the quantizer's settings, so a remembered result is the
+    one a new search would return, bit for bit. Only CPU weights are remembered (hashing a GPU weight would
+    cost more than its search there); the least recently used results go first past :data:`_MEMO_BYTES`.
+    Results are handed out as copies, so a caller's in-place change never reaches the memo.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.bytes = 0
+
+    @staticmethod
+    def key(w: torch.Tensor, settings: tuple) -> tuple | None:
+        """The memo key of weight ``w`` searched with ``settings``, or ``None`` for a weight not on the CPU."""
+        if w.device.type != "cpu":
+            return None
+        data = w.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        return settings, w.dtype, tuple(w.shape), hashlib.blake2b(data, digest_size=32).digest()
+
+    def get(self, key: tuple | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if key is None or key not in self.entries:
+            return None
+        self.entries.move_to_end(key)
+        scale, zero = self.entries[key]
+        return scale.clone(), zero.clone()
+
+    def put(self, key: tuple | None, result: tuple[torch.Tensor, torch.Tensor]) -> None:
+        if key is None or key in self.entries:
+            return
+        scale, zero = (t.clone() for t in result)
+        self.entries[key] = scale, zero
+        self.bytes += _nbytes(scale) + _nbytes(zero)
+        while self.bytes > self.max_bytes and self.entries:
+            old_scale, old_zero = self.entries.popitem(last=False)[1]
+            self.bytes -= _nbytes(old_scale) + _nbytes(old_zero)
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+_SEARCHES = _SearchMemo(_MEMO_BYTES)
+"""The process's clip-search memo."""
 
 
 def rtn_quantize_weight(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.quant.quantizers import ActivationQuantizer, WeightQuantizer, rtn_quantize_weight
+from common.quant.quantizers import _SEARCHES, ActivationQuantizer, WeightQuantizer, _SearchMemo, rtn_quantize_weight
 
 pytestmark = pytest.mark.numerics  # float results against references: CI reruns them on other kernels
 
@@ -66,6 +66,40 @@ class TestWeightQuantizer:
             best.append(min(candidates, key=lambda c: c[0])[1])
         torch.testing.assert_close(scale[:, 0], torch.tensor(best, dtype=torch.float64))
         assert torch.all(error(scale, zero) <= error(*plain.params(w)) + 1e-12)
+
+    def test_clip_search_is_remembered_by_the_weights_exact_bytes(self, monkeypatch):
+        _SEARCHES.clear()
+        w = torch.randn(24, 96)
+        w[:, 3] = 6.0
+        quantizer = WeightQuantizer(4, mse=True)
+        fresh = quantizer.params(w)
+        calls = []
+        search = WeightQuantizer._mse_search
+        monkeypatch.setattr(WeightQuantizer, "_mse_search",
+                            lambda self, *args: calls.append(1) or search(self, *args))
+        remembered = quantizer.params(w.clone())
+        assert calls == [] and all(a.equal(b) for a, b in zip(remembered, fresh, strict=True))
+        remembered[0].mul_(2)  # a caller's in-place change stays its own
+        assert quantizer.params(w)[0].equal(fresh[0]) and calls == []
+
+        changed = w.clone()
+        changed[5, 7] = torch.nextafter(changed[5, 7], torch.tensor(10.0))
+        other_settings = WeightQuantizer(4, mse=True, norm=2.0)
+        quantizer.params(changed)
+        other_settings.params(w)
+        WeightQuantizer(4, mse=True, sym=True).params(w)
+        assert len(calls) == 3  # one changed bit, or any other setting, searches again
+        _SEARCHES.clear()
+        assert quantizer.params(changed)[0].equal(quantizer.params(changed)[0]) and len(calls) == 4
+
+    def test_clip_search_memo_is_bounded_and_skips_weights_off_the_cpu(self):
+        memo = _SearchMemo(max_bytes=3 * 2 * 10 * 4)  # three results of 10 float32 rows
+        keys = [memo.key(torch.full((10, 4), float(i)), ()) for i in range(4)]
+        for key in keys:
+            memo.put(key, (torch.ones(10), torch.zeros(10)))
+        assert memo.get(keys[0]) is None and all(memo.get(key) is not None for key in keys[1:])
+        assert memo.bytes == 3 * 2 * 10 * 4
+        assert memo.key(torch.ones(10, 4, device="meta"), ()) is None and memo.get(None) is None
 
     def test_rtn_groups(self):
         w = torch.randn(6, 32)
