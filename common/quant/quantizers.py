@@ -302,18 +302,14 @@ class _SearchMemo:
             return
         scale, zero = (t.clone() for t in result)
         self.entries[key] = scale, zero
-        self.bytes += _nbytes(scale) + _nbytes(zero)
+        self.bytes += scale.nbytes + zero.nbytes
         while self.bytes > self.max_bytes and self.entries:
             old_scale, old_zero = self.entries.popitem(last=False)[1]
-            self.bytes -= _nbytes(old_scale) + _nbytes(old_zero)
+            self.bytes -= old_scale.nbytes + old_zero.nbytes
 
     def clear(self) -> None:
         self.entries.clear()
         self.bytes = 0
-
-
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
 
 
 _SEARCHES = _SearchMemo(_MEMO_BYTES)
