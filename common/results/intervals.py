@@ -19,11 +19,14 @@ per-example differences (paired), never from two separate standard errors:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 RESAMPLES = 10_000
 """Bootstrap resamples per interval."""
@@ -166,13 +169,19 @@ def reproduces(metric: str, data: Sequence[float] | str, value: float, rel: floa
 def comparisons(per_example: Mapping[str, Mapping[str, object]], baseline: str
                 ) -> dict[str, dict[str, PairedInterval]]:
     """``{metric: {method: interval of method vs baseline}}`` for every metric the baseline and another
-    method both have per-example data of (``per_example``: ``{method: {metric: data}}``, one setting)."""
+    method both have per-example data of (``per_example``: ``{method: {metric: data}}``, one setting).
+
+    A metric measured on fewer than two examples (``--eval_max_windows 1``) has no interval; a warning says so.
+    """
     reference = per_example.get(baseline, {})
     found: dict[str, dict[str, PairedInterval]] = {}
     for method, metrics in per_example.items():
         if method == baseline:
             continue
         for metric, data in metrics.items():
-            if metric in reference:
+            if metric in reference and min(len(data), len(reference[metric])) < 2:
+                logger.warning("no interval of %s for %s against %s: it needs two examples, got %d", metric,
+                               method, baseline, min(len(data), len(reference[metric])))
+            elif metric in reference:
                 found.setdefault(metric, {})[method] = paired_interval(metric, data, reference[metric])
     return found

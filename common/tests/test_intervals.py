@@ -115,6 +115,13 @@ def test_comparisons_pair_each_method_with_the_baseline() -> None:
     assert found["wiki_ppl"]["gptaq"].estimate == pytest.approx(math.exp(-0.1))
 
 
+def test_a_single_example_gets_no_interval_and_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    per_example = {"gptq": {"wiki_ppl": [3.0], "top1": "10"}, "gptaq": {"wiki_ppl": [2.9], "top1": "11"}}
+    found = comparisons(per_example, "gptq")
+    assert set(found) == {"top1"}
+    assert "no interval of wiki_ppl for gptaq against gptq: it needs two examples, got 1" in caplog.text
+
+
 @pytest.mark.parametrize(("a", "b", "message"), [
     ([1.0], [1.0], "length >= 2"),
     ([1.0, 2.0], [1.0], "same length"),
