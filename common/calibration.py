@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -55,6 +55,22 @@ logger = logging.getLogger(__name__)
 
 
 
+@dataclass(frozen=True)
+class Tail:
+    """A submodule of a block whose output is one of its linears' output (an attention's output projection,
+    an MLP's down projection): once the submodule's other linears are solved, that linear's input is final,
+    and the engine computes the submodule as the linear applied to its input recorded earlier.
+
+    Attributes:
+        linear: the linear's name relative to the block.
+        tuple_length: 0 if the submodule returns the linear's output itself; else it returns a tuple of this
+            length, the output first and ``None`` after it (a Hugging Face attention's ``(output, weights)``).
+    """
+
+    linear: str
+    tuple_length: int = 0
+
+
 class ModelAdapter(Protocol):
     """What the engine needs to know about a model family."""
 
@@ -69,6 +85,37 @@ class ModelAdapter(Protocol):
 
     def run_block(self, block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         """Run one block on ``hidden`` with the keyword arguments the model passed it; return its output."""
+
+    def tail_linears(self, block: nn.Module) -> dict[str, Tail]:
+        """``{submodule name: Tail}`` for the submodules of ``block`` whose output is a linear's output (may be
+        empty: the engine then runs every submodule in every pass)."""
+
+
+def find_tails(block: nn.Module, forward: Callable[[], object]) -> dict[str, Tail]:
+    """The submodules of ``block`` that are a :class:`Tail`, seen in one call of ``forward`` (which runs it).
+
+    A submodule qualifies when it holds at least two :class:`QuantLinear` and returns the very tensor one of
+    them returned (alone, or first in a tuple whose other items are ``None``); of nested ones, the outermost.
+    """
+    outputs: dict[str, object] = {}
+    handles = [module.register_forward_hook(lambda _m, _a, out, name=name: outputs.setdefault(name, out))
+               for name, module in block.named_modules() if name]
+    try:
+        with torch.no_grad():
+            forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    linears = [name for name, module in block.named_modules() if isinstance(module, QuantLinear)]
+    tails: dict[str, Tail] = {}
+    for name, output in outputs.items():
+        inside = [linear for linear in linears if linear.startswith(f"{name}.")]
+        packed = isinstance(output, tuple) and len(output) > 1 and all(item is None for item in output[1:])
+        result = output[0] if packed else output
+        tail = next((linear for linear in inside if outputs.get(linear) is result), None)
+        if len(inside) >= 2 and tail is not None:
+            tails[name] = Tail(tail, len(output) if packed else 0)
+    return {name: tail for name, tail in tails.items() if not any(name.startswith(f"{other}.") for other in tails)}
 
 
 @dataclass(frozen=True)
@@ -352,8 +399,13 @@ class _BlockCalibration:
       output is recorded in the first pass after its group is solved and replayed in the later ones (its
       inputs depend only on weights that are already final), so each linear is computed once per pass
       structure instead of once per later group. The last group's pass records nothing: what it would
-      record (the outputs of the group before, an MLP's wide hidden layer) would serve the final pass alone,
-      which computes them once more instead of holding them.
+      record (the outputs of the group before, an MLP's wide hidden layer) would serve the final pass alone.
+    * Also with ``reuse_outputs``, a submodule the adapter names as a :class:`Tail` (its output is one
+      linear's) is not run once its other linears are solved: the tail linear's input, seen in its group's
+      pass, is recorded, and later passes apply the linear to it (or replay its output). So attention is
+      computed once per block in the quantized stream, and the MLP's hidden layer twice (for the down
+      projection's statistics, then for nothing: the final pass multiplies the recorded input), and the
+      linears inside such a submodule are not recorded.
     * Every per-batch tensor the block keeps (both streams, the full-precision inputs, recorded outputs) lives
       in a :class:`~common.batch_store.BatchStore`, one buffer per kind, out of the heap the forwards'
       temporaries churn through. The streams advance in place: each batch's block output overwrites its
@@ -371,6 +423,16 @@ class _BlockCalibration:
         self.linears = {name: _quant_linear(block, name) for group in self.groups for name in group}
         self.outputs: dict[str, BatchStore] = {}
         """Recorded linear outputs, per linear (batches laid out as ``layout``'s)."""
+        self.tails = adapter.tail_linears(block) if settings.reuse_outputs else {}
+        self.inside = {module: [name for name in self.linears if name.startswith(f"{module}.")]
+                       for module in self.tails}
+        """``{tail submodule: the linears inside it}``."""
+        for module, tail in self.tails.items():
+            if tail.linear not in self.inside[module]:
+                raise ValueError(f"{type(adapter).__name__}.tail_linears: {tail.linear!r} is not one of the "
+                                 f"quantized linears inside {module!r} ({self.inside[module]})")
+        self.tail_inputs: dict[str, BatchStore] = {}
+        """Recorded inputs of tail linears (as their observers saw them), kept until their outputs are."""
         self.layout: BatchStore | None = None
         """The quantized stream: every per-batch store of the block has its batches' rows."""
         self.batch = 0
@@ -391,6 +453,8 @@ class _BlockCalibration:
         for position, group in enumerate(self.groups):
             shared = self._sharing(group)
             last = position == len(self.groups) - 1
+            for name in [name for name in self.tail_inputs if self._complete(name)]:
+                del self.tail_inputs[name]  # its output is replayed from now on
             release_freed_memory()
             stats = self._group_statistics(group, shared, quant_stream, full_inputs, solved,
                                            record_new=not last)
@@ -415,6 +479,7 @@ class _BlockCalibration:
         self._forward_all(quant_stream, solved)
         set_input_quantization(self.block, True)
         self.outputs.clear()
+        self.tail_inputs.clear()
         return records, quant_stream, full_stream
 
     def _sharing(self, group: list[str]) -> dict[str, str]:
@@ -467,11 +532,17 @@ class _BlockCalibration:
             )
             for name in representatives
         }
-        replay, record = self._reuse(solved, record_new=record_new)
+        replay, record = self._reuse(solved, group, record_new=record_new)
+        shortcuts = self._shortcuts(solved)
+        recorded_tails = [name for name in group if self._final_tail(name, [*solved, *group])]
+        for name in recorded_tails:
+            self.tail_inputs[name] = self.layout.like()
         for batch, hidden in enumerate(quant_stream):
             self.batch = batch
             seen = {name: [] for name in representatives}
-            self._forward(hidden, self.block_kwargs[batch], replay, record, seen, stop=True)
+            self._forward(hidden, self.block_kwargs[batch], replay, record, seen, shortcuts, stop=True)
+            for name in recorded_tails:
+                self.tail_inputs[name][batch] = seen[shared[name]][0]
             began = time.perf_counter()
             for name in representatives:
                 full = full_inputs[name][batch].to(settings.device) if asymmetric else None
@@ -483,32 +554,74 @@ class _BlockCalibration:
             self.report.add_part("statistics", time.perf_counter() - began, flops)
         return stats
 
-    def _reuse(self, solved: list[str], *, record_new: bool) -> tuple[list[str], list[str]]:
-        """Which solved linears replay their recorded outputs in the next pass, and which record them."""
+    def _complete(self, name: str) -> bool:
+        return name in self.outputs and self.outputs[name].complete
+
+    def _reuse(self, solved: list[str], group: list[str], *, record_new: bool) -> tuple[list[str], list[str]]:
+        """Which solved linears replay their recorded outputs in the pass of ``group``, and which record them.
+
+        Linears inside a tail submodule that later passes will not run (its tail linear's input is final by
+        the end of this pass) are not recorded: nothing would replay them.
+        """
         if not self.settings.reuse_outputs:
             return [], []
-        complete = {name for name, outputs in self.outputs.items() if outputs.complete}
-        replay = [name for name in solved if name in complete]
-        return replay, [name for name in solved if name not in complete] if record_new else []
+        replay = [name for name in solved if self._complete(name)]
+        if not record_new:
+            return replay, []
+        final = [*solved, *group]
+        skipped = {name for module, tail in self.tails.items() if self._final_tail(tail.linear, final)
+                   for name in self.inside[module] if name != tail.linear}
+        return replay, [name for name in solved if not self._complete(name) and name not in skipped]
 
-    def _forward(self, hidden, kwargs, replay: list[str], record: list[str], observe, *, stop: bool):
+    def _final_tail(self, name: str, solved: list[str]) -> bool:
+        """Whether ``name`` is a tail linear whose submodule's other linears are all in ``solved``."""
+        return any(tail.linear == name and set(self.inside[module]) - {name} <= set(solved)
+                   for module, tail in self.tails.items())
+
+    def _shortcuts(self, solved: list[str]) -> list[str]:
+        """The tail submodules computed from their tail linear alone in a pass after ``solved`` are solved."""
+        return [module for module, tail in self.tails.items()
+                if self._final_tail(tail.linear, solved)
+                and (self._complete(tail.linear) or (tail.linear in self.tail_inputs
+                                                     and self.tail_inputs[tail.linear].complete))]
+
+    def _forward(self, hidden, kwargs, replay: list[str], record: list[str], observe, shortcuts: list[str], *,
+                 stop: bool):
         for name in replay:
             self.linears[name].replay = self._replay(name)
         for name in record:
             self.linears[name].recorder = self._recorder(name)
+        for module in shortcuts:
+            self.block.get_submodule(module).forward = self._shortcut(self.tails[module])
         try:
             return self._timed_forward(hidden, kwargs, observe=observe, stop=stop)
         finally:
             for name in [*replay, *record]:
                 self.linears[name].replay = None
                 self.linears[name].recorder = None
+            for module in shortcuts:
+                del self.block.get_submodule(module).forward
 
     def _forward_all(self, stream: BatchStore, solved: list[str]) -> None:
         """Replace every batch of ``stream`` by the block's output (the last pass: nothing more to record)."""
-        replay, record = self._reuse(solved, record_new=False)
+        replay, record = self._reuse(solved, [], record_new=False)
+        shortcuts = self._shortcuts(solved)
         for batch in range(len(stream)):
             self.batch = batch
-            stream[batch] = self._forward(stream[batch], self.block_kwargs[batch], replay, record, {}, stop=False)
+            stream[batch] = self._forward(stream[batch], self.block_kwargs[batch], replay, record, {}, shortcuts,
+                                          stop=False)
+
+    def _shortcut(self, tail: Tail):
+        """A submodule's forward that applies its tail linear to the recorded input (or replays its output)."""
+        linear = self.linears[tail.linear]
+
+        def forward(*_args, **_kwargs):
+            inputs = self.tail_inputs.get(tail.linear)
+            x = None if inputs is None else inputs[self.batch].to(self.settings.device)
+            output = linear(x, prepared=True)
+            return (output, *[None] * (tail.tuple_length - 1)) if tail.tuple_length else output
+
+        return forward
 
     def _replay(self, name: str):
         def replay() -> torch.Tensor | None:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.calibration import Tail, find_tails
 from common.quant.qlinear import QuantLinear, wrap_linears
 from common.quant.quantizers import ActivationQuantizer
 
@@ -61,10 +62,13 @@ def discover_linear_groups(block: nn.Module, hidden: torch.Tensor) -> list[list[
 
 
 class VitAdapter:
-    """:class:`common.calibration.ModelAdapter` for timm ViTs; ``groups`` from :func:`discover_linear_groups`."""
+    """:class:`common.calibration.ModelAdapter` for timm ViTs; ``groups`` from :func:`discover_linear_groups`,
+    ``tails`` from :func:`common.calibration.find_tails` (both found on the first block, the same in every block).
+    """
 
-    def __init__(self, groups: list[list[str]]) -> None:
+    def __init__(self, groups: list[list[str]], tails: dict[str, Tail] | None = None) -> None:
         self.groups = groups
+        self.tails = dict(tails or {})
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         return vit_blocks(model)
@@ -78,6 +82,9 @@ class VitAdapter:
 
     def run_block(self, block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         return block(hidden, **kwargs)
+
+    def tail_linears(self, block: nn.Module) -> dict[str, Tail]:
+        return dict(self.tails)
 
 
 def prepare_vit(
@@ -109,7 +116,7 @@ def prepare_vit(
     for block in blocks:
         for linear in wrap_linears(block, names).values():
             linear.act_quantizer = ActivationQuantizer(bits, sym=sym, clip_ratio=clip_ratio, groupsize=groupsize)
-    return VitAdapter(groups)
+    return VitAdapter(groups, find_tails(blocks[0], lambda: blocks[0](hidden[0])))
 
 
 class _Caught(Exception):

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
+from common.calibration import Tail
 from common.quant.qlinear import QuantLinear, wrap_linears
 from common.quant.quantizers import ActivationQuantizer
 
@@ -19,6 +20,9 @@ LINEAR_GROUPS = (
     ("mlp.down_proj",),
 )
 """True-sequential order; the linears of one group read the same input (one shared Hessian)."""
+
+TAILS = {"self_attn": Tail("self_attn.o_proj", tuple_length=2), "mlp": Tail("mlp.down_proj")}
+"""The attention returns ``(o_proj's output, attention weights: None)``, the MLP down_proj's output."""
 
 
 class LlamaAdapter:
@@ -38,6 +42,9 @@ class LlamaAdapter:
     def run_block(self, block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         output = block(hidden, **kwargs)
         return output[0] if isinstance(output, tuple) else output
+
+    def tail_linears(self, block: nn.Module) -> dict[str, Tail]:
+        return dict(TAILS)
 
 
 def add_activation_quantizers(

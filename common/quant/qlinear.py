@@ -10,7 +10,8 @@ quantizes weights before activations); ``observer``, when set, is called with th
 multiplies (after ``R`` and ``quant``) on every forward, which is how the engine collects statistics;
 ``recorder``, when set, is called with the output; ``replay``, when set and returning a tensor, supplies
 the output without computing anything (the engine replays outputs whose inputs and weight cannot have
-changed since they were recorded). The engine also leaves ``weight_grid``, the grid it rounded the weight
+changed since they were recorded); ``forward(x, prepared=True)`` multiplies an input an observer saw,
+without transforming and quantizing it again. The engine also leaves ``weight_grid``, the grid it rounded the weight
 onto (scales, zero points, each column's group), for export (:mod:`common.export`).
 """
 
@@ -63,10 +64,17 @@ class QuantLinear(nn.Module):
             x = self.act_quantizer(x)
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | None, *, prepared: bool = False) -> torch.Tensor:
+        """``W · quant(R(x)) + b``; with ``prepared``, ``x`` is already ``quant(R(·))`` (what ``observer`` saw).
+
+        ``x`` may be ``None`` only while ``replay`` supplies the output.
+        """
         if self.replay is not None and (recorded := self.replay()) is not None:
             return recorded
-        x = self.quantized_input(x)
+        if x is None:
+            raise ValueError("x is None and no recorded output replaces it")
+        if not prepared:
+            x = self.quantized_input(x)
         if self.observer is not None:
             self.observer(x)
         output = F.linear(x, self.weight, self.bias)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from common.calibration import CalibrationSettings, quantize_model
+from common.calibration import CalibrationSettings, Tail, find_tails, quantize_model
 from common.gptaq import CalibrationStatistics, SolverConfig
 from common.methods import METHODS
 from common.quant.qlinear import QuantLinear, wrap_linears
@@ -57,6 +57,9 @@ class ToyAdapter:
 
     def run_block(self, block, hidden, kwargs):
         return block(hidden, **kwargs)
+
+    def tail_linears(self, block):
+        return {}
 
 
 def _toy(seed: int = 0, act_bits: int = 4) -> tuple[ToyModel, list[torch.Tensor]]:
@@ -259,3 +262,100 @@ def test_a_parameter_sharing_memory_with_a_block_is_not_parked():
     model.register_parameter("alias", alias)
     names = _outside_blocks(model, model.blocks)
     assert "alias" not in names and {"embed.weight", "embed.bias"} <= names.keys()
+
+
+class ToyMixer(nn.Module):
+    """Attention-like: returns ``(o(relu(a(x)) · b(x)), None)``."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(width, hidden), nn.Linear(width, hidden, bias=False)
+        self.act = nn.ReLU()
+        self.o = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.o(self.act(self.a(x)) * self.b(x)), None
+
+
+class ToyFeedForward(nn.Module):
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class ToyTailBlock(nn.Module):
+    """Shaped like a Llama block: two submodules whose outputs are their last linear's."""
+
+    def __init__(self, width: int = 16, hidden: int = 24) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.mix = ToyMixer(width, hidden)
+        self.ffn = ToyFeedForward(width, hidden)
+
+    def forward(self, x, *, scale: float):
+        x = x + self.mix(self.norm(x))[0]
+        return x + scale * self.ffn(x)
+
+
+TAIL_GROUPS = [["mix.a", "mix.b"], ["mix.o"], ["ffn.fc1"], ["ffn.fc2"]]
+
+
+class ToyTailAdapter(ToyAdapter):
+    def __init__(self, tails: dict[str, Tail]) -> None:
+        self.tails = tails
+
+    def linear_groups(self, block):
+        return [list(group) for group in TAIL_GROUPS]
+
+    def tail_linears(self, block):
+        return dict(self.tails)
+
+
+def _tails_of(block: nn.Module) -> dict[str, Tail]:
+    return find_tails(block, lambda: block(torch.randn(2, 3, 16, dtype=torch.float64), scale=0.5))
+
+
+def _toy_with_tails() -> tuple[ToyModel, list[torch.Tensor]]:
+    torch.manual_seed(1)
+    model = ToyModel()
+    model.blocks = nn.ModuleList(ToyTailBlock() for _ in range(3))
+    model = model.double()
+    for block in model.blocks:
+        for linear in wrap_linears(block, [name for group in TAIL_GROUPS for name in group]).values():
+            linear.act_quantizer = ActivationQuantizer(4, clip_ratio=0.9)
+    return model, [torch.randn(4, 10, 8, dtype=torch.float64) for _ in range(3)]
+
+
+def test_find_tails_sees_the_submodules_that_return_a_linears_output():
+    model, _ = _toy_with_tails()
+    block = model.blocks[0]
+    assert _tails_of(block) == {"mix": Tail("mix.o", 2), "ffn": Tail("ffn.fc2")}
+
+
+@pytest.mark.parametrize("method", ["gptq", "gptaq"])
+def test_tail_submodules_are_skipped_without_changing_the_result(method):
+    """Once a tail's other linears are solved the engine applies the tail linear to its recorded input: the
+    same weights bit for bit as running every submodule, with the mixer's and the MLP's activations run once
+    per batch (in the pass that first needs them) instead of in every later pass."""
+    results, calls = [], []
+    for tails, reuse in ((True, True), (False, True), (False, False)):
+        model, data = _toy_with_tails()
+        adapter = ToyTailAdapter(_tails_of(model.blocks[0]) if tails else {})
+        counts = {"mix": 0, "ffn": 0}
+        for name in counts:
+            model.blocks[1].get_submodule(f"{name}.act").register_forward_hook(
+                lambda *_args, name=name, counts=counts: counts.__setitem__(name, counts[name] + 1))
+        quantize_model(model, adapter, _settings(method, batch_size=4, reuse_outputs=reuse), data,
+                       progress=False)
+        results.append(_weights(model))
+        calls.append(counts)
+    for other in results[1:]:
+        for got, want in zip(other, results[0], strict=True):
+            assert torch.equal(got, want)
+    full_precision_pass = 1 if METHODS[method].needs_full_precision_stream else 0
+    batches = len(data)
+    assert calls[0] == {name: batches * (1 + full_precision_pass) for name in ("mix", "ffn")}
+    assert calls[1] == {"mix": batches * (4 + full_precision_pass), "ffn": batches * (2 + full_precision_pass)}

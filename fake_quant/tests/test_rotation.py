@@ -12,6 +12,8 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from common.calibration import find_tails
+from common.llama.adapter import TAILS, add_activation_quantizers
 from common.llama.rotation import KVQuantizer, OnlineHadamard, OnlineOrthogonal, fold_rms_norms
 from common.quant.hadamard import hadamard_transform
 from common.quant.qlinear import QuantLinear
@@ -277,3 +279,12 @@ def test_embedded_smollm2_rotation_preserves_logits(margin) -> None:
     print(f"SmolLM2 rotation: {elapsed:.1f} s, logits max abs diff {abs_diff:.2e}, relative {rel_diff:.2e}")
     margin("relative max logit difference, SmolLM2", rel_diff, below=2e-5)  # measured 2.4e-6
     assert torch.equal(rotated.argmax(-1), reference.argmax(-1))
+
+
+def test_rotated_blocks_keep_the_adapters_tails() -> None:
+    """With online transforms and KV quantization the attention still returns o_proj's output (the engine
+    computes it from o_proj's recorded input once q/k/v are solved) and the MLP down_proj's."""
+    model = tiny_llama()
+    rotate_model(model, k_bits=4, v_bits=4)
+    add_activation_quantizers(model, bits=4, sym=False, clip_ratio=0.9, groupsize=-1)
+    assert find_tails(model.model.layers[0], lambda: model(input_ids())) == TAILS

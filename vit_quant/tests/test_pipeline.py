@@ -11,7 +11,7 @@ import torch
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
-from common.calibration import CalibrationSettings, quantize_model
+from common.calibration import CalibrationSettings, Tail, quantize_model
 from common.config import make_config
 from common.gptaq import SolverConfig
 from common.quant.qlinear import QuantLinear
@@ -85,6 +85,14 @@ def test_eva_split_projections_and_swiglu_groups():
     groups = discover_linear_groups(eva.blocks[0], hidden)
     assert groups == [["attn.q_proj", "attn.k_proj", "attn.v_proj"], ["attn.proj"], ["mlp.fc1_g", "mlp.fc1_x"],
                       ["mlp.fc2"]]
+    sample = torch.randn(2, 1, 28, 28)
+    adapter = prepare_vit(eva, sample, bits=4, sym=False, clip_ratio=1.0, groupsize=-1)
+    assert adapter.tail_linears(eva.blocks[0]) == {"attn": Tail("attn.proj"), "mlp": Tail("mlp.fc2")}
+
+
+def test_attention_and_mlp_are_tails():
+    adapter = prepare_vit(_tiny_vit(), torch.randn(2, 1, 28, 28), bits=4, sym=False, clip_ratio=1.0, groupsize=-1)
+    assert adapter.tails == {"attn": Tail("attn.proj"), "mlp": Tail("mlp.fc2")}
 
 
 def test_gptaq_with_identical_streams_equals_gptq():
