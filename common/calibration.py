@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -262,18 +262,42 @@ def quantize_model(
 def _calibrate_blocks(blocks: Sequence[nn.Module], adapter: ModelAdapter, settings: CalibrationSettings,
                       quant_stream: BatchStore, block_kwargs: list[dict[str, Any]], report: CalibrationReport,
                       progress: bool) -> None:
-    """Calibrate every block in order, both streams starting from ``quant_stream`` (the first block's inputs)."""
+    """Calibrate every block in order, both streams starting from ``quant_stream`` (the first block's inputs).
+
+    On the CPU, the blocks not being calibrated wait in a file (:func:`common.weight_files.parked`): in the
+    embedded run that is 0.39 of the 0.41 GB of blocks out of the resident set while a block calibrates.
+    """
     full_stream = quant_stream.clone() if settings.spec.needs_full_precision_stream else None
     bar = tqdm(list(enumerate(blocks)), desc=settings.method, disable=not progress)
-    for index, block in bar:
-        original_device = _module_device(block)
-        block.to(settings.device)
-        records, quant_stream, full_stream = _BlockCalibration(
-            index, block, adapter, block_kwargs, settings, report
-        ).run(quant_stream, full_stream)
-        block.to(original_device)
-        report.layers.extend(records)
-        bar.set_postfix(err=f"{sum(r.output_error for r in records) / len(records):.2e}")
+    waiting: dict[int, AbstractContextManager] = {}
+    try:
+        if settings.device.type == "cpu":
+            for index, block in enumerate(blocks):
+                if index > 0:
+                    waiting[index] = _park(block)
+        for index, block in bar:
+            if index in waiting:
+                waiting.pop(index).__exit__(None, None, None)
+            original_device = _module_device(block)
+            block.to(settings.device)
+            records, quant_stream, full_stream = _BlockCalibration(
+                index, block, adapter, block_kwargs, settings, report
+            ).run(quant_stream, full_stream)
+            block.to(original_device)
+            if settings.device.type == "cpu":
+                waiting[index] = _park(block)
+            report.layers.extend(records)
+            bar.set_postfix(err=f"{sum(r.output_error for r in records) / len(records):.2e}")
+    finally:
+        for index in list(waiting):
+            waiting.pop(index).__exit__(None, None, None)
+
+
+def _park(block: nn.Module) -> AbstractContextManager:
+    """``block``'s parameters parked (entered: the caller exits it to bring them back)."""
+    context = parked(dict(block.named_parameters()))
+    context.__enter__()
+    return context
 
 
 def _outside_blocks(model: nn.Module, blocks: Sequence[nn.Module]) -> dict[str, nn.Parameter]:
@@ -534,15 +558,11 @@ class _BlockCalibration:
         }
         replay, record = self._reuse(solved, group, record_new=record_new)
         shortcuts = self._shortcuts(solved)
-        recorded_tails = [name for name in group if self._final_tail(name, [*solved, *group])]
-        for name in recorded_tails:
-            self.tail_inputs[name] = self.layout.like()
+        tail_stores = self._tail_stores(group, shared, solved, full_inputs)
         for batch, hidden in enumerate(quant_stream):
             self.batch = batch
             seen = {name: [] for name in representatives}
             self._forward(hidden, self.block_kwargs[batch], replay, record, seen, shortcuts, stop=True)
-            for name in recorded_tails:
-                self.tail_inputs[name][batch] = seen[shared[name]][0]
             began = time.perf_counter()
             for name in representatives:
                 full = full_inputs[name][batch].to(settings.device) if asymmetric else None
@@ -552,7 +572,23 @@ class _BlockCalibration:
             flops = sum(grams * 2 * seen[name][0].numel() * n for name, n in zip(representatives, columns,
                                                                                    strict=True))
             self.report.add_part("statistics", time.perf_counter() - began, flops)
+            for name, store in tail_stores.items():
+                store[batch] = seen[name][0]  # after the statistics: it may overwrite the batch's x_full
         return stats
+
+    def _tail_stores(self, group, shared, solved, full_inputs) -> dict[str, BatchStore]:
+        """``{representative: store}`` for the inputs of the group's tail linears that later passes multiply
+        (registered in ``tail_inputs``). A representative's full-precision inputs are not read again once a
+        batch's statistics are in, so its tail inputs overwrite them in the same buffer."""
+        stores: dict[str, BatchStore] = {}
+        for name in group:
+            if self._final_tail(name, [*solved, *group]):
+                representative = shared[name]
+                if representative not in stores:
+                    reused = full_inputs.get(representative)
+                    stores[representative] = reused if reused is not None else self.layout.like()
+                self.tail_inputs[name] = stores[representative]
+        return stores
 
     def _complete(self, name: str) -> bool:
         return name in self.outputs and self.outputs[name].complete
