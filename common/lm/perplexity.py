@@ -9,6 +9,9 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+NLL_ROWS = 128
+"""Positions per softmax in :func:`window_nlls`."""
+
 
 @torch.no_grad()
 def window_nlls(
@@ -24,8 +27,9 @@ def window_nlls(
 
     Every window is scored independently; its first token is context only, so each sum is over
     ``seqlen − 1`` predicted tokens. ``model(input_ids).logits`` must be [batch, seqlen, vocab] (Hugging Face
-    causal LMs); logits are upcast to float32 before the softmax. Raises ``FloatingPointError`` naming
-    ``desc`` if a sum is not finite.
+    causal LMs); logits are upcast to float32 before the softmax, which runs on :data:`NLL_ROWS` positions at
+    a time (a whole window's log-probabilities would double the logits' memory: 96 MiB for 512 tokens of a
+    49k vocabulary). Raises ``FloatingPointError`` naming ``desc`` if a sum is not finite.
     """
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be [n_windows, seqlen >= 2], got shape {tuple(windows.shape)}")
@@ -37,7 +41,9 @@ def window_nlls(
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits
         for logit_row, target_row in zip(logits, batch, strict=True):
-            sums.append(F.cross_entropy(logit_row[:-1].float(), target_row[1:], reduction="sum").item())
+            sums.append(sum(F.cross_entropy(part.float(), targets, reduction="sum").item()
+                            for part, targets in zip(logit_row[:-1].split(NLL_ROWS), target_row[1:].split(NLL_ROWS),
+                                                     strict=True)))
     if not all(math.isfinite(value) for value in sums):
         raise FloatingPointError(f"{desc}: the model produced non-finite log-likelihoods")
     return sums
