@@ -42,6 +42,7 @@ from common.llama.experiment import (
     evaluate,
     load_data,
     load_model,
+    load_tokenizer,
     preflight,
     quantizing,
     write_llama_run,
@@ -131,10 +132,11 @@ def evaluate_checkpoints(config: LlamaRunConfig) -> tuple[Path, Path]:
     device = pick_device(config.device)
     timer = start_profile(device)
     preflight(config, timer, calibrate=False)
-    with timer("load"):
-        model, tokenizer = load_model(config)
     with timer("data"):
+        tokenizer = load_tokenizer(config)
         _, eval_sets = load_data(tokenizer, config, calibrate=False)
+    with timer("load"):
+        model, _ = load_model(config)
     results: dict[str, dict[str, float]] = {}
     per_example: PerExample = {}
     for method in methods:
@@ -219,12 +221,13 @@ def run(config: LlamaRunConfig) -> tuple[Path, Path]:
     saved = Path(config.load_qmodel_path) if config.load_qmodel_path else None
     calibrate = config.calibrates and saved is None
     preflight(config, timer, calibrate=calibrate)
+    with timer("data"):
+        tokenizer = load_tokenizer(config)
+        calibration, eval_sets = load_data(tokenizer, config, calibrate=calibrate)
     with timer("load and rotate"):
-        model, tokenizer, rotation = build_quantizable_model(config)
+        model, _, rotation = build_quantizable_model(config)
     if saved is not None:
         check_saved_models(saved, methods, model)
-    with timer("data"):
-        calibration, eval_sets = load_data(tokenizer, config, calibrate=calibrate)
     quantize_method = quantizing(model, config, calibration, device)
 
     def prepare(method: str):

@@ -29,6 +29,7 @@ from common.llama.experiment import (
     compare_rotated,
     load_data,
     load_model,
+    load_tokenizer,
     preflight,
     quantizing,
     write_llama_run,
@@ -155,13 +156,14 @@ def run(config: SpinQuantConfig) -> tuple[Path, Path]:
     device = pick_device(config.device)
     timer = start_profile(device)
     check_rotation_file(config, preflight(config, timer, calibrate=True))
+    with timer("data"):
+        tokenizer = load_tokenizer(config)
+        calibration, eval_sets = load_data(tokenizer, config, calibrate=config.calibrates)
     with timer("load and prepare"):
-        model, tokenizer = load_model(config)
+        model, _ = load_model(config)
         shape = prepare_model(model, seed=config.seed, k_bits=config.k_bits, v_bits=config.v_bits,
                               kv_clip_ratio=config.kv_clip_ratio)
         add_quantizers(model, config)
-    with timer("data"):
-        calibration, eval_sets = load_data(tokenizer, config, calibrate=config.calibrates)
     trainer = RotationTrainer(model, shape, config.training_settings())
     with timer("rotation training"):
         learned, path, trained_with = learned_rotation(trainer, tokenizer, shape, config, device)

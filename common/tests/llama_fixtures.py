@@ -56,6 +56,7 @@ def install_tiny_model(monkeypatch: pytest.MonkeyPatch, tokenizer: object | None
     tokenizer = tokenizer if tokenizer is not None else CharTokenizer()
     monkeypatch.setattr(experiment, "load_llama", lambda model, dtype: (tiny_llama().to(dtype), tokenizer))
     monkeypatch.setattr(experiment, "load_llama_config", lambda model: tiny_llama().config)
+    monkeypatch.setattr(experiment, "load_llama_tokenizer", lambda model: tokenizer)
 
 
 @pytest.fixture
