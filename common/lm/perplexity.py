@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
+from transformers import LlamaForCausalLM
 
 NLL_ROWS = 128
 """Positions per softmax in :func:`window_nlls`."""
@@ -27,9 +29,11 @@ def window_nlls(
 
     Every window is scored independently; its first token is context only, so each sum is over
     ``seqlen − 1`` predicted tokens. ``model(input_ids).logits`` must be [batch, seqlen, vocab] (Hugging Face
-    causal LMs); logits are upcast to float32 before the softmax, which runs on :data:`NLL_ROWS` positions at
-    a time (a whole window's log-probabilities would double the logits' memory: 96 MiB for 512 tokens of a
-    49k vocabulary). Raises ``FloatingPointError`` naming ``desc`` if a sum is not finite.
+    causal LMs); logits are upcast to float32 before the softmax. Both run on :data:`NLL_ROWS` positions at a
+    time: a whole window's logits and log-probabilities are 96 MiB each for 512 tokens of a 49k vocabulary.
+    (A ``LlamaForCausalLM``'s head is applied to the decoder's output a slice of positions at a time, the
+    same numbers as its whole logits; any other model's logits are computed whole.) Raises
+    ``FloatingPointError`` naming ``desc`` if a sum is not finite.
     """
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be [n_windows, seqlen >= 2], got shape {tuple(windows.shape)}")
@@ -39,14 +43,23 @@ def window_nlls(
     sums = []
     for batch in tqdm(windows.split(batch_size), desc=desc, disable=not progress, leave=False):
         batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits
-        for logit_row, target_row in zip(logits, batch, strict=True):
+        for logit_parts, target_row in zip(_logit_slices(model, batch), batch, strict=True):
             sums.append(sum(F.cross_entropy(part.float(), targets, reduction="sum").item()
-                            for part, targets in zip(logit_row[:-1].split(NLL_ROWS), target_row[1:].split(NLL_ROWS),
-                                                     strict=True)))
+                            for part, targets in zip(logit_parts, target_row[1:].split(NLL_ROWS), strict=True)))
     if not all(math.isfinite(value) for value in sums):
         raise FloatingPointError(f"{desc}: the model produced non-finite log-likelihoods")
     return sums
+
+
+def _logit_slices(model: nn.Module, batch: torch.Tensor) -> Iterator[Iterator[torch.Tensor]]:
+    """For each window of ``batch`` [b, seqlen], its logits of positions ``0..seqlen−2`` in slices of
+    :data:`NLL_ROWS` (each ``[≤ NLL_ROWS, vocab]``)."""
+    if isinstance(model, LlamaForCausalLM):
+        hidden = model.get_decoder()(input_ids=batch, use_cache=False).last_hidden_state
+        head = model.get_output_embeddings()
+        return ((head(part) for part in row[:-1].split(NLL_ROWS)) for row in hidden)
+    logits = model(input_ids=batch, use_cache=False).logits
+    return (iter(row[:-1].split(NLL_ROWS)) for row in logits)
 
 
 def perplexity_of(nll_sums: list[float], seqlen: int) -> float:

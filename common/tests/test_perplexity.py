@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from common.lm.perplexity import NLL_ROWS, perplexity, window_nlls
+from common.tests.llama_fixtures import tiny_llama
 
 pytestmark = pytest.mark.numerics
 
@@ -39,3 +40,22 @@ def test_window_nlls_are_the_summed_next_token_nll():
     assert got == pytest.approx(expected, rel=1e-6)
     assert perplexity(model, windows, progress=False) == pytest.approx(
         math.exp(sum(expected) / (3 * (seqlen - 1))), rel=1e-6)
+
+
+class Whole(nn.Module):
+    """Any causal LM that is not a LlamaForCausalLM: its logits are computed whole."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, use_cache=False):
+        return self.inner(input_ids=input_ids, use_cache=use_cache)
+
+
+def test_llama_head_by_slices_gives_the_whole_logits_nll():
+    model = tiny_llama()
+    windows = torch.randint(0, 256, (2, NLL_ROWS + 20), generator=torch.Generator().manual_seed(2))
+    sliced = window_nlls(model, windows, batch_size=2, progress=False)
+    whole = window_nlls(Whole(model), windows, batch_size=2, progress=False)
+    assert sliced == pytest.approx(whole, rel=1e-6)
