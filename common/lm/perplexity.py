@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
-NLL_ROWS = 128
+NLL_ROWS = 256
 """Positions per softmax in :func:`window_nlls`."""
 
 
