@@ -426,10 +426,9 @@ class _BlockCalibration:
       record (the outputs of the group before, an MLP's wide hidden layer) would serve the final pass alone.
     * Also with ``reuse_outputs``, a submodule the adapter names as a :class:`Tail` (its output is one
       linear's) is not run once its other linears are solved: the tail linear's input, seen in its group's
-      pass, is recorded, and later passes apply the linear to it (or replay its output). So attention is
-      computed once per block in the quantized stream, and the MLP's hidden layer twice (for the down
-      projection's statistics, then for nothing: the final pass multiplies the recorded input), and the
-      linears inside such a submodule are not recorded.
+      pass, is recorded, and later passes apply the linear to it (or replay its output). So in the quantized
+      stream attention and the MLP's hidden layer are computed once per block (the final pass multiplies the
+      down projection's recorded input), and the other linears inside such a submodule are not recorded.
     * Every per-batch tensor the block keeps (both streams, the full-precision inputs, recorded outputs) lives
       in a :class:`~common.batch_store.BatchStore`, one buffer per kind, out of the heap the forwards'
       temporaries churn through. The streams advance in place: each batch's block output overwrites its
