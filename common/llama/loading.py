@@ -32,6 +32,7 @@ from transformers import (
 
 from common.cache import cache_root
 from common.files import sweep_stale_temporaries, temporary_dir
+from common.memory import release_freed_memory
 
 EMBEDDED = "embedded"
 """The special model name selecting the embedded SmolLM2-135M-Instruct."""
@@ -145,6 +146,7 @@ def _converted_embedded(cache_dir: Path | None) -> Path:
     folder = embedded_cache_folder(cache_dir)
     if not (folder / "config.json").is_file():
         _convert_embedded(folder)
+        release_freed_memory()  # the GGUF model's 0.4 GB would otherwise stay in the heap beside the loaded one
     return folder
 
 
