@@ -61,12 +61,12 @@ def _perplexity(folder: Path, config) -> float:
 
 
 def measure_ours(method: str, out: Path) -> dict[str, float]:
-    from common.llama.experiment import add_quantizers, load_data, load_model, quantizing
+    from common.llama.experiment import add_quantizers, load_data, load_model, load_tokenizer, quantizing
     from fake_quant.main import export_checkpoint
 
     config = _settings()
     config.export_gptq = str(out)
-    model, tokenizer = load_model(config)
+    model, tokenizer = load_model(config), load_tokenizer(config)
     add_quantizers(model, config)
     calibration, _ = load_data(tokenizer, config, calibrate=True)
     quantize = quantizing(model, config, calibration, torch.device("cpu"))

@@ -62,15 +62,15 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def build_quantizable_model(config: LlamaRunConfig):
-    """Load, rotate and wrap the model: returns ``(model, tokenizer, rotation_info or None)``."""
-    model, tokenizer = load_model(config)
+    """Load, rotate and wrap the model: returns ``(model, rotation_info or None)``."""
+    model = load_model(config)
     rotation = None
     if config.rotate:
         rotation = rotate_model(model, mode=config.rotate_mode, seed=config.seed, k_bits=config.k_bits,
                                 v_bits=config.v_bits, kv_clip_ratio=config.kv_clip_ratio,
                                 online=config.rotate_online)
     add_quantizers(model, config)
-    return model, tokenizer, rotation
+    return model, rotation
 
 
 def save_qmodel(model, folder: Path, method: str, config: LlamaRunConfig, rotation: RotationInfo | None) -> None:
@@ -136,7 +136,7 @@ def evaluate_checkpoints(config: LlamaRunConfig) -> tuple[Path, Path]:
         tokenizer = load_tokenizer(config)
         _, eval_sets = load_data(tokenizer, config, calibrate=False)
     with timer("load"):
-        model, _ = load_model(config)
+        model = load_model(config)
     results: dict[str, dict[str, float]] = {}
     per_example: PerExample = {}
     for method in methods:
@@ -225,7 +225,7 @@ def run(config: LlamaRunConfig) -> tuple[Path, Path]:
         tokenizer = load_tokenizer(config)
         calibration, eval_sets = load_data(tokenizer, config, calibrate=calibrate)
     with timer("load and rotate"):
-        model, _, rotation = build_quantizable_model(config)
+        model, rotation = build_quantizable_model(config)
     if saved is not None:
         check_saved_models(saved, methods, model)
     quantize_method = quantizing(model, config, calibration, device)

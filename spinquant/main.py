@@ -160,7 +160,7 @@ def run(config: SpinQuantConfig) -> tuple[Path, Path]:
         tokenizer = load_tokenizer(config)
         calibration, eval_sets = load_data(tokenizer, config, calibrate=config.calibrates)
     with timer("load and prepare"):
-        model, _ = load_model(config)
+        model = load_model(config)
         shape = prepare_model(model, seed=config.seed, k_bits=config.k_bits, v_bits=config.v_bits,
                               kv_clip_ratio=config.kv_clip_ratio)
         add_quantizers(model, config)

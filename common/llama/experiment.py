@@ -20,7 +20,7 @@ from common.calibration import CalibrationReport
 from common.config import ConfigError
 from common.device import device_description
 from common.llama.adapter import LlamaAdapter, add_activation_quantizers
-from common.llama.loading import load_llama, load_llama_config, load_llama_tokenizer
+from common.llama.loading import load_llama_config, load_llama_model, load_llama_tokenizer
 from common.llama.rotation import LlamaShape
 from common.llama.settings import LlamaSettings
 from common.lm.corpora import calibration_windows, corpus_fingerprint, evaluation_windows, load_corpus
@@ -37,10 +37,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 Prepare = Callable[[str], CalibrationReport | None]
 
 
-def load_model(config: LlamaSettings) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
-    """The full-precision model (eval mode, on CPU, in ``config.dtype``) and its tokenizer."""
-    model, tokenizer = load_llama(config.model, dtype=DTYPES[config.dtype])
-    return model.eval(), tokenizer
+def load_model(config: LlamaSettings) -> LlamaForCausalLM:
+    """The full-precision model (eval mode, on CPU, in ``config.dtype``); its tokenizer: :func:`load_tokenizer`."""
+    return load_llama_model(config.model, dtype=DTYPES[config.dtype])
 
 
 def load_tokenizer(config: LlamaSettings) -> PreTrainedTokenizerBase:

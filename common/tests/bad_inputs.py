@@ -77,7 +77,7 @@ def watched_llama(tiny_setup: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Pa
     from common.llama import experiment
 
     events: list[str] = []
-    load = experiment.load_llama
+    load = experiment.load_llama_model
 
     def loading(*args, **kwargs):
         events.append("load")
@@ -89,7 +89,7 @@ def watched_llama(tiny_setup: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Pa
 
         return refuse
 
-    monkeypatch.setattr(experiment, "load_llama", loading)
+    monkeypatch.setattr(experiment, "load_llama_model", loading)
     monkeypatch.setattr(experiment, "window_nlls", forbidden("evaluation"))
     monkeypatch.setattr(experiment, "quantize", forbidden("calibration"))
     return tiny_setup, events

@@ -54,7 +54,7 @@ def install_tiny_corpus(monkeypatch: pytest.MonkeyPatch) -> None:
 def install_tiny_model(monkeypatch: pytest.MonkeyPatch, tokenizer: object | None = None) -> None:
     """Make every Llama run load :func:`tiny_llama` with ``tokenizer`` (default :class:`CharTokenizer`)."""
     tokenizer = tokenizer if tokenizer is not None else CharTokenizer()
-    monkeypatch.setattr(experiment, "load_llama", lambda model, dtype: (tiny_llama().to(dtype), tokenizer))
+    monkeypatch.setattr(experiment, "load_llama_model", lambda model, dtype: tiny_llama().to(dtype))
     monkeypatch.setattr(experiment, "load_llama_config", lambda model: tiny_llama().config)
     monkeypatch.setattr(experiment, "load_llama_tokenizer", lambda model: tokenizer)
 
