@@ -269,9 +269,10 @@ def _calibrate_blocks(blocks: Sequence[nn.Module], adapter: ModelAdapter, settin
     """
     full_stream = quant_stream.clone() if settings.spec.needs_full_precision_stream else None
     bar = tqdm(list(enumerate(blocks)), desc=settings.method, disable=not progress)
+    park = settings.device.type == "cpu"
     waiting: dict[int, AbstractContextManager] = {}
     try:
-        if settings.device.type == "cpu":
+        if park:
             for index, block in enumerate(blocks):
                 if index > 0:
                     waiting[index] = _park(block)
@@ -284,7 +285,7 @@ def _calibrate_blocks(blocks: Sequence[nn.Module], adapter: ModelAdapter, settin
                 index, block, adapter, block_kwargs, settings, report
             ).run(quant_stream, full_stream)
             block.to(original_device)
-            if settings.device.type == "cpu":
+            if park:
                 waiting[index] = _park(block)
             report.layers.extend(records)
             bar.set_postfix(err=f"{sum(r.output_error for r in records) / len(records):.2e}")

@@ -179,9 +179,12 @@ def comparisons(per_example: Mapping[str, Mapping[str, object]], baseline: str
         if method == baseline:
             continue
         for metric, data in metrics.items():
-            if metric in reference and min(len(data), len(reference[metric])) < 2:
+            if metric not in reference:
+                continue
+            examples = min(len(data), len(reference[metric]))
+            if examples < 2:
                 logger.warning("no interval of %s for %s against %s: it needs two examples, got %d", metric,
-                               method, baseline, min(len(data), len(reference[metric])))
-            elif metric in reference:
+                               method, baseline, examples)
+            else:
                 found.setdefault(metric, {})[method] = paired_interval(metric, data, reference[metric])
     return found
