@@ -42,10 +42,10 @@ from torch import nn
 from common.bench_solver import median_seconds, parse_shape, seeded_problem
 from common.device import device_description, pick_device
 from common.files import atomic_write_csv
-from common.gptaq import SolverConfig
 from common.methods import GPTAQ, GPTAQ_OFFICIAL, GPTQ
 from common.profile import matmul_rate
 from common.results.provenance import BENCH_OFFICIAL_CSV, REPO_ROOT
+from common.solvers.column_loop import SolverConfig
 
 DEFAULT_SHAPES = ((576, 576), (4096, 4096), (11008, 4096))
 FIELDS = [

@@ -2,18 +2,21 @@
 common.bench_revision --revision REV`` (``make bench-revision REV=...``).
 
 A change to the solver is measured against the code it replaces on the same machine at the same moment: the
-revision's ``common/gptaq.py`` is read with ``git show`` and imported as a module of its own (it uses this
-checkout's quantizers and the rest of ``common``), both solve the same seeded problem in turn, round after
-round, and the best time of each is reported with their ratio and whether the two weights are bitwise equal.
-Prints a table and writes ``results/bench_revision.csv``.
+revision's solver is imported with its own ``common`` package (:func:`load_revision_solver`), both solve the
+same seeded problem in turn, round after round, and the best time of each is reported with their ratio and
+whether the two weights are bitwise equal. Prints a table and writes ``results/bench_revision.csv``.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib
+import io
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 import types
 from collections.abc import Callable
@@ -24,40 +27,68 @@ import torch
 from common.bench_solver import parse_shape, seeded_problem
 from common.device import device_description, pick_device
 from common.files import atomic_write_csv
-from common.gptaq import quantize_weight
 from common.profile import synchronize
 from common.results.provenance import BENCH_REVISION_CSV, REPO_ROOT
+from common.solvers.gptaq import quantize_weight
 
-SOLVER_PATH = "common/gptaq.py"
+SOLVER_MODULES = ("common.solvers.gptaq", "common.gptaq")
+"""Where a revision's ``quantize_weight`` lives (this layout first, then the single-file solver of older ones)."""
+SOLVER_PATHS = ("common/solvers", "common/gptaq.py")
+"""The files those modules are read from (what ``git diff`` checks to expect bitwise equality)."""
 DEFAULT_SHAPES = ((576, 576), (1536, 576), (576, 1536), (4096, 4096))
 FIELDS = ["device", "revision", "rows", "columns", "method", "mse", "revision_seconds", "ours_seconds",
           "ours_over_revision", "bitwise_equal"]
 
 
 def load_revision_solver(revision: str, repo: Path = REPO_ROOT) -> types.ModuleType:
-    """The module ``common/gptaq.py`` of ``revision`` (any name ``git show`` accepts), imported on its own.
+    """The solver module of ``revision`` (any name ``git show`` accepts), imported with that revision's
+    ``common`` package beside this checkout's.
+
+    The revision's ``common/`` tree is read with ``git archive``, imported under the usual module names while
+    this checkout's ``common`` modules are set aside, and this checkout's are put back afterwards: the returned
+    module and everything it imported keep the revision's code.
 
     Raises:
-        ValueError: ``revision`` is not a revision of ``repo`` holding that file, or its solver cannot be
-            imported beside this checkout (it needs names this checkout's modules no longer have).
+        ValueError: ``revision`` is not a revision of ``repo``, or it has no solver at :data:`SOLVER_MODULES`,
+            or its solver cannot be imported.
     """
-    shown = subprocess.run(["git", "-C", str(repo), "show", f"{revision}:{SOLVER_PATH}"],
-                           capture_output=True, text=True, check=False)
-    if shown.returncode != 0:
-        raise ValueError(f"revision must be a git revision of {repo} with {SOLVER_PATH}, got {revision!r}: "
-                         f"{shown.stderr.strip()}")
-    name = f"_revision_gptaq_{abs(hash((revision, shown.stdout)))}"
-    module = types.ModuleType(name)
-    sys.modules[name] = module  # dataclasses look their module up by name
-    try:
-        exec(compile(shown.stdout, f"{revision}:{SOLVER_PATH}", "exec"), module.__dict__)
-    except ImportError as error:
-        del sys.modules[name]
-        raise ValueError(f"revision {revision!r}: its solver cannot be imported beside this checkout: {error}"
-                         ) from None
+    archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", revision, "common"],
+                             capture_output=True, check=False)
+    if archive.returncode != 0:
+        raise ValueError(f"revision must be a git revision of {repo} with a common/ folder, got {revision!r}: "
+                         f"{archive.stderr.decode(errors='replace').strip()}")
+    with tempfile.TemporaryDirectory(prefix="bench-revision-") as folder:
+        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+            tar.extractall(folder, filter="data")
+        ours = _set_aside_common()
+        sys.path.insert(0, folder)
+        try:
+            module = _import_first(SOLVER_MODULES, revision)
+        finally:
+            sys.path.remove(folder)
+            _set_aside_common()
+            sys.modules.update(ours)
     if not hasattr(module, "quantize_weight"):
-        raise ValueError(f"revision {revision!r}: its {SOLVER_PATH} has no quantize_weight")
+        raise ValueError(f"revision {revision!r}: its {module.__name__} has no quantize_weight")
     return module
+
+
+def _set_aside_common() -> dict[str, types.ModuleType]:
+    """Remove the ``common`` package and its submodules from ``sys.modules``; returns them."""
+    names = [name for name in sys.modules if name == "common" or name.startswith("common.")]
+    return {name: sys.modules.pop(name) for name in names}
+
+
+def _import_first(names: tuple[str, ...], revision: str) -> types.ModuleType:
+    for name in names:
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name is None or not name.startswith(error.name):
+                raise ValueError(f"revision {revision!r}: its solver cannot be imported: {error}") from None
+        except ImportError as error:
+            raise ValueError(f"revision {revision!r}: its solver cannot be imported: {error}") from None
+    raise ValueError(f"revision {revision!r} has no solver module (looked for {', '.join(names)})")
 
 
 def _timed(call: Callable[[], torch.Tensor], device: torch.device) -> tuple[float, torch.Tensor]:

@@ -25,10 +25,10 @@ import torch
 
 from common.device import device_description, pick_device
 from common.files import atomic_write_csv
-from common.gptaq import SolverConfig
 from common.methods import BASELINE, GPTAQ_OFFICIAL, METHODS, Method
 from common.profile import matmul_rate, synchronize
 from common.results.provenance import BENCH_SOLVER_CSV, REPO_ROOT
+from common.solvers.column_loop import SolverConfig
 
 T = TypeVar("T")
 

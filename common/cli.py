@@ -13,8 +13,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from common import distributed
 from common.config import parse_config
-from common.gptaq import CalibrationError
 from common.profile import format_profile
+from common.solvers.statistics import CalibrationError
 
 
 def run_cli(

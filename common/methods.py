@@ -7,7 +7,7 @@ default (the paper's protocol: on for the asymmetric methods, off for GPTQ), its
 its solver-setting overrides, its colour in the figures and its FLOP model for the benchmark.
 
 Adding a method is one entry in :data:`METHODS`, one solve function ``solve(W, H, D, config, *, name)``
-returning a :class:`common.gptaq.SolveResult`, and its tests.
+returning a :class:`common.solvers.column_loop.SolveResult` (a module of :mod:`common.solvers`), and its tests.
 """
 
 from __future__ import annotations
@@ -17,10 +17,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-import torch
-
-from common import gptaq, qep, qronos
-from common.gptaq import SolverConfig, SolveResult
+from common.solvers import gptaq, gptq, qep, qronos
+from common.solvers.column_loop import SolverConfig, SolveResult
 
 Solve = Callable[..., SolveResult]
 """``solve(W [m, n], H [n, n], D [n, n] | None, config: SolverConfig, *, name) -> SolveResult``."""
@@ -30,11 +28,6 @@ Flops = Callable[[int, int, int], float]
 
 REFERENCE, DATA_FREE, CALIBRATED = "reference", "data-free", "calibrated"
 KINDS = (REFERENCE, DATA_FREE, CALIBRATED)
-
-
-def _gptq(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor | None, config: SolverConfig, *,
-          name: str = "layer") -> SolveResult:
-    return gptaq.solve(W, H, None, config, name=name)
 
 
 def _gptq_flops(rows: int, columns: int, blocksize: int) -> float:
@@ -119,7 +112,7 @@ METHODS: Mapping[str, Method] = MappingProxyType({method.name: method for method
     Method("rtn", "RTN", "round-to-nearest weights on the same grid, no calibration data", DATA_FREE,
            default=True, color="#8C8C8C"),
     Method("gptq", "GPTQ", "GPTQ (Frantar et al., 2023): H of the quantized-stream input", CALIBRATED,
-           statistics=("H",), solve=_gptq, default=True, color="#4C72B0", flops=_gptq_flops),
+           statistics=("H",), solve=gptq.solve, default=True, color="#4C72B0", flops=_gptq_flops),
     Method("gptaq", "GPTAQ", "GPTAQ (Li et al., 2025): GPTQ plus the drift correction P, exact lazy update",
            CALIBRATED, statistics=("H", "D"), act_quant_during_calibration=True, solve=gptaq.solve,
            default=True, color="#DD8452", flops=_gptaq_flops),
@@ -143,7 +136,7 @@ GPTQ, GPTAQ, GPTAQ_OFFICIAL = METHODS["gptq"], METHODS["gptaq"], METHODS["gptaq_
 """The methods the GPTAQ ablations (α sweep, lazy-update form) are about."""
 
 
-def method(name: str, setting: str = "method") -> Method:
+def get_method(name: str, setting: str = "method") -> Method:
     """The method called ``name``; ``ValueError`` naming ``setting`` and the allowed names otherwise."""
     if name not in METHODS:
         raise ValueError(f"{setting} must be one of {METHOD_NAMES}, got {name!r}")

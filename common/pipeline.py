@@ -15,19 +15,15 @@ import torch
 from torch import nn
 
 from common import distributed
-from common.calibration import (
-    CalibrationReport,
-    CalibrationSettings,
-    ModelAdapter,
-    clear_weight_grids,
-    quantize_model,
-    set_input_quantization,
-)
-from common.gptaq import SolverConfig
-from common.methods import method as get_method
+from common.engine.adapter import ModelAdapter
+from common.engine.model import quantize_model
+from common.engine.settings import CalibrationReport, CalibrationSettings
+from common.methods import get_method
 from common.profile import StageProfile
+from common.quant.qlinear import clear_weight_grids, set_input_quantization
 from common.results.runs import STDERR_SUFFIX, MetricRow
 from common.run_settings import RunSettings
+from common.solvers.column_loop import SolverConfig
 from common.weight_files import WeightSnapshot
 
 logger = logging.getLogger(__name__)

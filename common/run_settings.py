@@ -16,9 +16,9 @@ from typing import Any
 from common.cache import CACHE_ENV_VAR, cache_root
 from common.config import ConfigError
 from common.files import check_plain_name, check_writable_dir, sweep_stale_temporaries
-from common.gptaq import LAZY_UPDATES
 from common.methods import DEFAULT_METHODS, METHOD_NAMES, METHODS
 from common.quant.quantizers import GRIDS, check_bits, check_clip_ratio
+from common.solvers.column_loop import LAZY_UPDATES
 
 
 def describe(text: str) -> dict[str, Any]:

@@ -22,7 +22,6 @@ from safetensors.torch import load_file, save_model
 from safetensors.torch import load_model as load_saved_model
 
 from common import distributed
-from common.calibration import set_input_quantization
 from common.cli import run_cli
 from common.config import ConfigError
 from common.device import pick_device
@@ -53,6 +52,7 @@ from common.lm.zeroshot import ZeroShotUnavailableError
 from common.methods import METHODS
 from common.pipeline import metric_rows
 from common.profile import start_profile
+from common.quant.qlinear import set_input_quantization
 from fake_quant.rotation import RotationInfo, rotate_model
 from fake_quant.settings import LlamaRunConfig
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.calibration import Tail, find_tails
+from common.engine.adapter import Tail, find_tails
 from common.quant.qlinear import QuantLinear, wrap_linears
 from common.quant.quantizers import ActivationQuantizer
 
@@ -62,8 +62,8 @@ def discover_linear_groups(block: nn.Module, hidden: torch.Tensor) -> list[list[
 
 
 class VitAdapter:
-    """:class:`common.calibration.ModelAdapter` for timm ViTs; ``groups`` from :func:`discover_linear_groups`,
-    ``tails`` from :func:`common.calibration.find_tails` (both found on the first block, the same in every block).
+    """:class:`common.engine.adapter.ModelAdapter` for timm ViTs; ``groups`` from :func:`discover_linear_groups`,
+    ``tails`` from :func:`common.engine.adapter.find_tails` (both found on the first block, the same in every block).
     """
 
     def __init__(self, groups: list[list[str]], tails: dict[str, Tail] | None = None) -> None:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from common.calibration import Tail
+from common.engine.adapter import Tail
 from common.quant.qlinear import QuantLinear, wrap_linears
 from common.quant.quantizers import ActivationQuantizer
 
@@ -26,7 +26,7 @@ TAILS = {"self_attn": Tail("self_attn.o_proj", tuple_length=2), "mlp": Tail("mlp
 
 
 class LlamaAdapter:
-    """:class:`common.calibration.ModelAdapter` for ``LlamaForCausalLM``."""
+    """:class:`common.engine.adapter.ModelAdapter` for ``LlamaForCausalLM``."""
 
     def blocks(self, model: LlamaForCausalLM) -> Sequence[nn.Module]:
         return model.model.layers

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from transformers import LlamaForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
-from common.calibration import CalibrationReport
 from common.config import ConfigError
 from common.device import device_description
+from common.engine.settings import CalibrationReport
 from common.llama.adapter import LlamaAdapter, add_activation_quantizers
 from common.llama.loading import load_llama_config, load_llama_model, load_llama_tokenizer
 from common.llama.rotation import LlamaShape

@@ -114,3 +114,21 @@ def wrap_linears(module: nn.Module, names: list[str] | None = None) -> dict[str,
         missing = sorted(wanted - wrapped.keys())
         raise ValueError(f"names not found as nn.Linear in the module: {missing}")
     return wrapped
+
+
+def set_input_quantization(model: nn.Module, enabled: bool) -> None:
+    """Switch activation quantization on or off in every submodule that has a ``quantize_input`` flag.
+
+    :class:`QuantLinear` has one; so may other online quantizers (e.g. a KV-cache quantizer), which keeps
+    the full-precision stream free of every kind of quantization.
+    """
+    for module in model.modules():
+        if hasattr(module, "quantize_input"):
+            module.quantize_input = enabled
+
+
+def clear_weight_grids(model: nn.Module) -> None:
+    """Forget the recorded weight grids (the weights were restored to full precision)."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.weight_grid = None

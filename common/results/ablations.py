@@ -147,5 +147,6 @@ def ablation_markdown(folder: Path, figure_dir: Path) -> tuple[list[str], list[P
         figures.append(figure_dir / ALPHA_FIGURE)
     lines += ["### GPTAQ: exact vs official lazy update", "",
               "The exact form gives the column-by-column result for any block size; the official code's "
-              "cross-block update multiplies P by the already quantized block (see `common/gptaq.py`).", ""]
+              "cross-block update multiplies P by the already quantized block "
+              "(see `common/solvers/column_loop.py`).", ""]
     return lines + _lazy_update_lines(runs), figures

@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from common import distributed
-from common.calibration import CalibrationSettings, quantize_model
-from common.gptaq import SolverConfig
+from common.engine.model import quantize_model
+from common.engine.settings import CalibrationSettings
+from common.solvers.column_loop import SolverConfig
 
 
 def free_port() -> int:
@@ -82,7 +83,7 @@ def cli_worker(rank: int, world: int, port: int, argvs: list[list[str]], fail_ra
     """``fake_quant.main.main(argvs[rank])`` (which joins the group) on the tiny Llama and corpus; ``fail_rank``
     raises in its calibration."""
     as_torchrun_rank(rank, world, port)
-    from common import calibration
+    from common.engine import block
     from common.tests.llama_fixtures import install_tiny_corpus, install_tiny_model
     from fake_quant import main as fq_main
 
@@ -93,7 +94,7 @@ def cli_worker(rank: int, world: int, port: int, argvs: list[list[str]], fail_ra
         def fail(*args, **kwargs):
             raise ValueError(f"planted failure on rank {rank}")
 
-        patches.setattr(calibration._BlockCalibration, "_group_statistics", fail)
+        patches.setattr(block.BlockCalibration, "_quantized_pass", fail)
     errors = io.StringIO()
     began = time.perf_counter()
     with contextlib.redirect_stderr(errors):

@@ -20,7 +20,7 @@ needs_git = pytest.mark.skipif(not _has_git_history(), reason="not a git checkou
 @needs_git
 def test_head_against_itself_is_bitwise_equal_when_the_solver_is_unchanged():
     changed = subprocess.run(["git", "-C", str(REPO_ROOT), "diff", "--quiet", "HEAD", "--",
-                              bench_revision.SOLVER_PATH], check=False).returncode
+                              *bench_revision.SOLVER_PATHS], check=False).returncode
     rows = bench_revision.run([(24, 40)], "HEAD", 1, torch.device("cpu"))
     assert [row["method"] for row in rows] == ["gptq", "gptaq"]
     assert all(row["revision_seconds"] > 0 and row["ours_seconds"] > 0 for row in rows)

@@ -8,11 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from common.calibration import CalibrationSettings, Tail, find_tails, quantize_model
-from common.gptaq import CalibrationStatistics, SolverConfig
+from common.engine.adapter import Tail, find_tails
+from common.engine.model import quantize_model
+from common.engine.settings import CalibrationSettings
 from common.methods import METHODS
 from common.quant.qlinear import QuantLinear, wrap_linears
 from common.quant.quantizers import ActivationQuantizer, rtn_quantize_weight
+from common.solvers.column_loop import SolverConfig
+from common.solvers.statistics import CalibrationStatistics
 
 pytestmark = pytest.mark.numerics  # float results against references: CI reruns them on other kernels
 
@@ -218,7 +221,7 @@ def test_errors():
 
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_squared_norm_by_slices_equals_the_whole_float64_sum(with_bias):
-    from common.calibration import _squared_norm
+    from common.engine.block import _squared_norm
 
     generator = torch.Generator().manual_seed(3)
     output = torch.randn(3, 1000, 7, generator=generator)  # 3000 rows: several slices, the last one short
@@ -228,7 +231,7 @@ def test_squared_norm_by_slices_equals_the_whole_float64_sum(with_bias):
 
 
 def test_squared_norm_leaves_a_float64_output_alone():
-    from common.calibration import _squared_norm
+    from common.engine.block import _squared_norm
 
     output = torch.arange(6, dtype=torch.float64).reshape(2, 3)
     assert _squared_norm(output, None) == 55.0
@@ -255,7 +258,7 @@ def test_parameters_outside_the_blocks_wait_in_a_file_and_come_back(monkeypatch,
 
 
 def test_a_parameter_sharing_memory_with_a_block_is_not_parked():
-    from common.calibration import _outside_blocks
+    from common.engine.model import _outside_blocks
 
     model, _ = _toy()
     alias = nn.Parameter(model.blocks[0].fc1.weight.data[:4])  # another parameter over a block's memory

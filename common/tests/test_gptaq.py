@@ -5,55 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-import common.gptaq as gptaq_module
-from common.gptaq import (
-    CalibrationError,
-    CalibrationStatistics,
-    SolverConfig,
-    _drift_correction,
-    _factorize,
-    quantize_weight,
-    solve,
-)
+import common.solvers.column_loop as column_loop
 from common.methods import METHODS
-from common.quant.quantizers import ActivationQuantizer, WeightQuantizer, rtn_quantize, rtn_quantize_weight
-from common.tests.solver_references import (
-    OPTIONS,
-    layer,
-    naive_gptq,
-    output_error,
-    statistics,
-    structured_drift_layer,
-)
+from common.quant.quantizers import ActivationQuantizer, rtn_quantize, rtn_quantize_weight
+from common.solvers import gptaq, gptq, references
+from common.solvers.column_loop import SolverConfig, factorize
+from common.solvers.gptaq import drift_correction, quantize_weight
+from common.solvers.references import statistics
+from common.solvers.statistics import CalibrationError, CalibrationStatistics
+from common.tests.solver_layers import OPTIONS, layer, output_error, structured_drift_layer
 
 pytestmark = pytest.mark.numerics  # float results against references: CI reruns them on other kernels
-
-
-def _naive_official(weight, hessian, drift, *, bits, blocksize, percdamp=0.01, alpha=0.25, groupsize=-1):
-    """Float64 transcription of the official GPTAQ block loop (cross-block term uses the quantized block)."""
-    w = weight.clone().double()
-    n = w.shape[1]
-    h = hessian.double() + percdamp * torch.diagonal(hessian).mean() * torch.eye(n, dtype=torch.float64)
-    u = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
-    p = alpha * torch.triu(drift.double() @ u.T, diagonal=1) @ u
-    quantizer = WeightQuantizer(bits)
-    scale, zero = quantizer.params(w)
-    q_all = torch.zeros_like(w)
-    for i1 in range(0, n, blocksize):
-        i2 = min(i1 + blocksize, n)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        for i in range(i2 - i1):
-            if groupsize > 0 and (i1 + i) % groupsize == 0:
-                scale, zero = quantizer.params(w[:, i1 + i:i1 + i + groupsize])
-            col = w1[:, i].clone()
-            q = quantizer.quantize(col[:, None], scale, zero)[:, 0]
-            q_all[:, i1 + i] = q
-            err = (col - q) / u[i1 + i, i1 + i]
-            w1[:, i:] -= torch.outer(err, u[i1 + i, i1:i2][i:]) - torch.outer(col, p[i1 + i, i1:i2][i:])
-            err1[:, i] = err
-        w[:, i2:] -= err1 @ u[i1:i2, i2:] - w1 @ p[i1:i2, i2:]
-    return q_all
 
 
 class TestStatistics:
@@ -109,7 +71,8 @@ class TestAgainstNaiveReference:
         weight, x_full, x_quant = layer()
         hessian, drift = statistics(x_full, x_quant)
         d = drift if method == "gptaq" else None
-        expected = naive_gptq(weight, hessian, d, bits=3, **options)
+        expected = references.gptq(weight, hessian, bits=3, **options) if d is None else references.gptaq(
+            weight, hessian, d, bits=3, **options)
         got = quantize_weight(weight, hessian, d, bits=3, blocksize=16, **options)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
 
@@ -127,7 +90,8 @@ class TestAgainstNaiveReference:
         weight, x_full, x_quant = layer(seed=2)
         hessian, drift = statistics(x_full, x_quant)
         for blocksize in (7, 16):
-            expected = _naive_official(weight, hessian, drift, bits=3, blocksize=blocksize, groupsize=groupsize)
+            expected = references.gptaq_official(weight, hessian, drift, bits=3, blocksize=blocksize,
+                                                 groupsize=groupsize)
             got = quantize_weight(weight, hessian, drift, bits=3, blocksize=blocksize, groupsize=groupsize,
                                   lazy_update="official")
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
@@ -249,7 +213,7 @@ class TestInvariants:
     def test_solve_reports_loss_and_damping(self):
         weight, x_full, x_quant = layer()
         hessian, drift = statistics(x_full, x_quant)
-        result = solve(weight, hessian, drift, SolverConfig(bits=3, percdamp=0.05))
+        result = gptaq.solve(weight, hessian, drift, SolverConfig(bits=3, percdamp=0.05))
         assert result.loss > 0 and result.percdamp == 0.05 and result.seconds >= 0
 
 
@@ -260,8 +224,8 @@ class TestRecordedGrid:
     def test_checkpoint_grid_matches_reference(self, options):
         weight, x_full, x_quant = layer()
         hessian, drift = statistics(x_full, x_quant)
-        expected = naive_gptq(weight, hessian, drift, bits=3, grid_format="gptq", **options)
-        got = solve(weight, hessian, drift, SolverConfig(bits=3, blocksize=16, grid="gptq", **options)).weight
+        expected = references.gptaq(weight, hessian, drift, bits=3, grid_format="gptq", **options)
+        got = gptaq.solve(weight, hessian, drift, SolverConfig(bits=3, blocksize=16, grid="gptq", **options)).weight
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
 
     @pytest.mark.parametrize("options", OPTIONS)
@@ -285,7 +249,7 @@ class TestRecordedGrid:
     def test_act_order_groups_follow_the_solve_order(self):
         weight, x_full, x_quant = layer()
         hessian, _ = statistics(x_full, x_quant)
-        result = solve(weight, hessian, None, SolverConfig(bits=3, groupsize=8, act_order=True))
+        result = gptq.solve(weight, hessian, None, SolverConfig(bits=3, groupsize=8, act_order=True))
         order = torch.argsort(torch.diagonal(hessian), descending=True)
         assert torch.equal(result.grid.g_idx[order], torch.arange(40) // 8)
 
@@ -309,11 +273,11 @@ class TestErrors:
         hessian, drift = statistics(x_full, x_quant)
         hessian[0, 0] = float("nan")
         with pytest.raises(CalibrationError, match=r"model.layers.3.mlp.up_proj.*H"):
-            solve(weight, hessian, None, SolverConfig(bits=4), name="model.layers.3.mlp.up_proj")
+            gptq.solve(weight, hessian, None, SolverConfig(bits=4), name="model.layers.3.mlp.up_proj")
         hessian, drift = statistics(x_full, x_quant)
         drift[1, 2] = float("inf")
         with pytest.raises(CalibrationError, match="D contains NaN or Inf"):
-            solve(weight, hessian, drift, SolverConfig(bits=4), name="fc1")
+            gptaq.solve(weight, hessian, drift, SolverConfig(bits=4), name="fc1")
 
     def test_all_zero_hessian_is_an_error(self):
         weight = torch.randn(4, 6)
@@ -325,7 +289,7 @@ class TestErrors:
         hessian, _ = statistics(x_full, x_quant)
         hessian = hessian - 0.05 * torch.diagonal(hessian).mean() * torch.eye(40, dtype=hessian.dtype)
         with pytest.warns(RuntimeWarning, match=r"blk\.1\.fc2.*retrying with 0\.1"):
-            result = solve(weight, hessian, None, SolverConfig(bits=4), name="blk.1.fc2")
+            result = gptq.solve(weight, hessian, None, SolverConfig(bits=4), name="blk.1.fc2")
         assert result.percdamp == pytest.approx(0.1)
         assert torch.isfinite(result.weight).all()
 
@@ -390,14 +354,14 @@ class TestErrors:
         elif case == "huge alpha":
             alpha = 1e30
         with pytest.raises(error, match=match):
-            solve(weight, hessian, drift, SolverConfig(bits=4, alpha=alpha), name="fc9")
+            gptaq.solve(weight, hessian, drift, SolverConfig(bits=4, alpha=alpha), name="fc9")
 
     @pytest.mark.parametrize("n", [5, 512, 513, 1100])
     def test_tiled_asymmetry_equals_the_whole_matrix_difference(self, n):
         matrix = torch.randn(n, n, generator=torch.Generator().manual_seed(n))
         matrix = matrix + matrix.T
         matrix[n - 1, 0] += 3.0  # in the tile farthest from the diagonal
-        assert gptaq_module._largest_asymmetry(matrix) == float((matrix - matrix.T).abs().max())
+        assert column_loop._largest_asymmetry(matrix) == float((matrix - matrix.T).abs().max())
 
     def test_float_rounding_asymmetry_is_accepted(self):
         weight, x_full, x_quant = layer()
@@ -430,16 +394,16 @@ class TestOutputError:
 class TestLargeLayerStructure:
     """Layers wider than one structure block (512 columns) take the blocked triangular paths."""
 
-    def test_inverse_cholesky_factor_and_drift_correction(self):
+    def test_inverse_cholesky_factor_anddrift_correction(self):
         n = 1100
         g = torch.Generator().manual_seed(3)
         x = torch.randn(2 * n, n, generator=g, dtype=torch.float64)
         hessian = 2 / x.shape[0] * x.T @ x
         drift = 0.1 * torch.randn(n, n, generator=g, dtype=torch.float64)
-        factorization = _factorize(hessian, 0.01, "wide")
+        factorization = factorize(hessian, 0.01, "wide")
         upper, damp = factorization.upper, factorization.damp
         damped = hessian + damp * torch.diagonal(hessian).mean() * torch.eye(n, dtype=torch.float64)
         assert torch.equal(upper, torch.triu(upper))
         torch.testing.assert_close(upper.T @ upper, torch.linalg.inv(damped), rtol=1e-9, atol=1e-12)
         expected = 0.25 * torch.triu(drift @ upper.T, diagonal=1) @ upper
-        torch.testing.assert_close(_drift_correction(drift, upper, 0.25), expected, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(drift_correction(drift, upper, 0.25), expected, rtol=1e-9, atol=1e-12)

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from common.export.gptq_format import pack_linear, pack_rows, unpack_linear, unpack_rows
-from common.gptaq import SolverConfig, solve
 from common.quant.quantizers import rtn_quantize
-from common.tests.solver_references import layer, statistics
+from common.solvers import gptaq
+from common.solvers.column_loop import SolverConfig
+from common.solvers.references import statistics
+from common.tests.solver_layers import layer
 
 
 def _bit(words: list[int], position: int) -> int:
@@ -62,7 +64,7 @@ def test_packed_solve_dequantizes_to_the_solver_weight(bits, sym, options):
     weight, x_full, x_quant = layer(m=32, n=64)
     hessian, drift = statistics(x_full, x_quant)
     config = SolverConfig(bits=bits, sym=sym, grid="gptq", **options)
-    result = solve(weight.float(), hessian.float(), drift.float(), config)
+    result = gptaq.solve(weight.float(), hessian.float(), drift.float(), config)
     packed = pack_linear(result.grid.codes(result.weight), result.grid)
     assert packed["qweight"].shape == (64 * bits // 32, 32) and packed["qzeros"].shape[1] == 32 * bits // 32
     assert packed["scales"].dtype == torch.float16 and packed["g_idx"].dtype == torch.int32

@@ -6,10 +6,12 @@ import copy
 
 import torch
 
-from common.calibration import CalibrationSettings, find_tails, quantize_model
-from common.gptaq import SolverConfig
+from common.engine.adapter import find_tails
+from common.engine.model import quantize_model
+from common.engine.settings import CalibrationSettings
 from common.llama.adapter import TAILS, LlamaAdapter, add_activation_quantizers
 from common.quant.qlinear import QuantLinear
+from common.solvers.column_loop import SolverConfig
 from common.tests.llama_fixtures import tiny_llama
 
 

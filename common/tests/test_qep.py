@@ -5,26 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common import qep
-from common.gptaq import SolverConfig, _factorize, quantize_weight
-from common.tests.solver_references import (
-    OPTIONS,
-    layer,
-    naive_gptq,
-    output_error,
-    statistics,
-    structured_drift_layer,
-)
+from common.solvers import qep, references
+from common.solvers.column_loop import SolverConfig, factorize
+from common.solvers.gptaq import quantize_weight
+from common.solvers.references import statistics
+from common.tests.solver_layers import OPTIONS, layer, output_error, structured_drift_layer
 
 pytestmark = pytest.mark.numerics  # float results against references: CI reruns them on other kernels
-
-
-def _naive_qep(weight, hessian, drift, *, qep_alpha=0.5, percdamp=0.01, **options):
-    """The definition: ``W* = W + α_qep · W D (H + λI)⁻¹`` with a textbook inverse, then GPTQ on ``W*``."""
-    n = hessian.shape[0]
-    damped = hessian + percdamp * torch.diagonal(hessian).mean() * torch.eye(n, dtype=hessian.dtype)
-    corrected = weight + qep_alpha * weight @ drift @ torch.linalg.inv(damped)
-    return naive_gptq(corrected, hessian, percdamp=percdamp, **options)
 
 
 def _solve(weight, hessian, drift, **options):
@@ -37,7 +24,7 @@ def test_matches_the_definition(options, qep_alpha):
     weight, x_full, x_quant = layer(seed=2)
     hessian, drift = statistics(x_full, x_quant)
     got = _solve(weight, hessian, drift, blocksize=16, qep_alpha=qep_alpha, **options)
-    expected = _naive_qep(weight, hessian, drift, bits=3, qep_alpha=qep_alpha, **options)
+    expected = references.qep(weight, hessian, drift, bits=3, qep_alpha=qep_alpha, **options)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
 
 
@@ -73,7 +60,7 @@ def test_full_correction_alone_is_the_least_squares_weight():
     """With ``α_qep = 1`` and no damping the correction is ``argmin ‖X̃ Ŵᵀ − X Wᵀ‖`` (float64 least squares)."""
     weight, x_full, x_quant = layer(seed=5)
     hessian, drift = statistics(x_full, x_quant)
-    factorization = _factorize(hessian, 0.0, "layer")
+    factorization = factorize(hessian, 0.0, "layer")
     corrected = qep.drift_corrected(weight.clone(), drift, factorization, 1.0)
     least_squares = torch.linalg.lstsq(x_quant, x_full @ weight.T).solution.T
     torch.testing.assert_close(corrected, least_squares, rtol=0, atol=1e-9)

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from common.calibration import find_tails
+from common.engine.adapter import find_tails
 from common.llama.adapter import TAILS, add_activation_quantizers
 from common.llama.rotation import KVQuantizer, OnlineHadamard, OnlineOrthogonal, fold_rms_norms
 from common.quant.hadamard import hadamard_transform

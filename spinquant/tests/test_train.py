@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from common.calibration import set_input_quantization
 from common.llama.adapter import add_activation_quantizers
 from common.llama.rotation import LlamaShape
+from common.quant.qlinear import set_input_quantization
 from common.quant.quantizers import rtn_quantize_weight
 from common.tests.llama_fixtures import tiny_llama
 from spinquant.rotation import SpinRotation, fuse_rotation, initial_rotation, load_rotation, prepare_model

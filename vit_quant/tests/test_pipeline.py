@@ -11,10 +11,12 @@ import torch
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
-from common.calibration import CalibrationSettings, Tail, quantize_model
 from common.config import make_config
-from common.gptaq import SolverConfig
+from common.engine.adapter import Tail
+from common.engine.model import quantize_model
+from common.engine.settings import CalibrationSettings
 from common.quant.qlinear import QuantLinear
+from common.solvers.column_loop import SolverConfig
 from vit_quant import main as vq_main
 from vit_quant.adapter import discover_linear_groups, prepare_vit
 from vit_quant.settings import VitRunConfig

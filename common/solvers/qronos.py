@@ -1,7 +1,7 @@
 """Qronos (Zhang, Zhang, Colbert & Saab, ICLR 2026) for one linear layer: its fast form.
 
-Notation of :mod:`common.gptaq` and :mod:`common.qep`. For one output row ``w`` (a row of ``W``), Qronos
-minimises the damped mismatched objective
+Notation of :mod:`common.solvers.column_loop` and :mod:`common.solvers.qep`. For one output row ``w`` (a row of
+``W``), Qronos minimises the damped mismatched objective
 
     F(v) = ‖X̃ v − X w‖² + λ'‖v − w‖²,
 
@@ -40,12 +40,14 @@ from __future__ import annotations
 
 import torch
 
-from common.gptaq import Factorization, SolverConfig, SolveResult, StartingPoint, solve_layer
-from common.qep import drift_corrected
+from common.solvers.column_loop import Factorization, SolverConfig, SolveResult, StartingPoint, solve_layer
+from common.solvers.qep import drift_corrected
 
 
-def _prepare(work: torch.Tensor, drift: torch.Tensor, factorization: Factorization,
-             config: SolverConfig) -> StartingPoint:
+def start(work: torch.Tensor, drift: torch.Tensor, factorization: Factorization,
+          config: SolverConfig) -> StartingPoint:
+    """Qronos's start: GPTQ from ``V* = W + W D H_λ⁻¹``, its first column quantized from
+    ``c_1 = w_1 + (W D)[:, 1] / H_λ[1, 1]`` (the first grid too)."""
     first = work[:, 0] + (work @ drift[:, 0]) / factorization.diagonal[0]
     first_grid = work.clone()
     first_grid[:, 0] = first
@@ -55,4 +57,4 @@ def _prepare(work: torch.Tensor, drift: torch.Tensor, factorization: Factorizati
 def solve(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor | None, config: SolverConfig, *,
           name: str = "layer") -> SolveResult:
     """Qronos on one layer (see the module docstring); ``D`` is required."""
-    return solve_layer(W, H, D, config, name=name, prepare=_prepare)
+    return solve_layer(W, H, D, config, name=name, start=start)

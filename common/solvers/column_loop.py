@@ -1,20 +1,19 @@
-"""The layer solver: GPTQ and GPTAQ ("asymmetric calibration") for one linear layer.
+"""The column loop every method shares: GPTQ's algorithm with lazy block updates, and GPTAQ's extra term.
 
-Notation (shapes in brackets; ``m`` output rows, ``n`` input columns, ``N`` calibration tokens):
+Notation (shapes in brackets; ``m`` output rows, ``n`` input columns): ``W`` [m, n] the weight (rows are
+outputs), ``H`` and ``D`` [n, n] the statistics of :mod:`common.solvers.statistics`, ``H_λ = H + λI`` with
+``λ = percdamp · mean(diag H)``, and ``U`` [n, n] the upper Cholesky factor of ``H_λ⁻¹`` (``H_λ⁻¹ = UᵀU``).
 
-* ``W`` [m, n]: the full-precision weight; ``X`` [N, n]: the layer's input in the full-precision model;
-  ``X̃`` [N, n]: its input in the partially quantized model.
-* ``H = 2/N · X̃ᵀX̃`` [n, n] and, for GPTAQ, ``D = 2/N · (X − X̃)ᵀX̃`` [n, n] (row ``i`` holds the drift of input
-  channel ``i``; this is the paper's ``ΔX X̃ᵀ`` with samples as columns).
-* ``U`` [n, n]: the upper Cholesky factor of the damped ``H⁻¹`` (``H⁻¹ = UᵀU``).
+The loop quantizes the columns one at a time, in solve order (``act_order``: decreasing ``diag H``). For
+column ``j``, with ``w_j`` its current value and ``q_j = Q(w_j)`` its point on the grid:
 
-GPTQ quantizes column ``j`` to ``q_j``, then moves its error onto the later columns:
-``W[:, k] -= e_j · U[j, k]`` with ``e_j = (w_j − q_j) / U[j, j]``, ``k > j``.
+    e_j = (w_j − q_j) / U[j, j]
+    W[:, k] −= e_j · U[j, k] − w_j · P[j, k]        for every later column k > j.
 
-GPTAQ minimises ``‖Ŵ X̃ᵀ − W Xᵀ‖²`` instead. It adds ``P = α · triu(D Uᵀ, 1) · U`` (strictly upper
-triangular) and a second term to each update: ``W[:, k] -= e_j · U[j, k] − w_j · P[j, k]``, where ``w_j`` is
-column ``j``'s value just before it was quantized. ``α`` (``alpha``) is 0.25 in the official code; the paper
-does not state it.
+With ``P = 0`` this is GPTQ (Frantar et al., 2023): each column's rounding error is pushed onto the columns
+not yet quantized through ``H_λ⁻¹``. GPTAQ (Li et al., 2025) sets ``P = α · triu(D Uᵀ, 1) · U``
+(:mod:`common.solvers.gptaq`). A method enters the loop through its *start*
+(:data:`MethodStart`): the weight the columns are quantized from and the ``P`` of its update.
 
 Lazy batch updates: columns are processed in blocks of ``blocksize``; updates inside a block are applied at
 once, those to later blocks are accumulated and applied as one matrix product per block. In the default
@@ -28,7 +27,6 @@ the start of the block. Both make the result depend on ``blocksize``.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 import warnings
@@ -46,26 +44,34 @@ from common.quant.quantizers import (
     check_groupsize,
     working_dtype,
 )
-
-logger = logging.getLogger(__name__)
+from common.solvers.statistics import CalibrationError
 
 LAZY_UPDATES = ("exact", "official")
 _DAMP_RETRIES = 6
-_STRUCTURE_BLOCK = 512
+STRUCTURE_BLOCK = 512
+"""Tile size of the triangular products and the symmetry check (columns)."""
 _INNER_BLOCK = 16
 """Columns per sub-block of the in-block lazy update (see :meth:`_BlockSolver.run`)."""
 
 
-class CalibrationError(RuntimeError):
-    """Calibration statistics cannot be solved (no data, NaN/Inf, or an indefinite Hessian)."""
-
-
 @dataclass(frozen=True)
 class SolverConfig:
-    """Settings of one layer solve, shared by every method (see :func:`quantize_weight` for their meaning).
+    """Settings of one layer solve, shared by every method.
 
-    ``alpha`` and ``lazy_update`` are GPTAQ's; ``qep_alpha`` is QEP's (:mod:`common.qep`); ``grid`` is one
-    of :data:`common.quant.quantizers.GRIDS` (``"gptq"``: what a ``gptq`` checkpoint stores exactly).
+    Attributes:
+        bits: weight bit width, 1..16 (16 returns ``W`` unchanged).
+        sym: symmetric grid (no zero point) instead of asymmetric.
+        groupsize: -1 for one grid per output row, else one per ``groupsize`` consecutive input columns.
+        act_order: quantize columns in order of decreasing ``H`` diagonal.
+        static_groups: with groups, compute every group's grid from the starting weight up front.
+        percdamp: damping added to ``H``'s diagonal, as a fraction of its mean.
+        blocksize: columns per lazy-update block.
+        alpha: GPTAQ's scale of the drift correction ``P``.
+        mse: per-grid MSE clip search.
+        lazy_update: ``"exact"`` (blocksize-independent) or ``"official"`` (the official GPTAQ code's form).
+        qep_alpha: QEP's scale of the weight correction (:mod:`common.solvers.qep`).
+        grid: one of :data:`common.quant.quantizers.GRIDS` (``"gptq"``: what a ``gptq`` checkpoint stores
+            exactly).
     """
 
     bits: int
@@ -121,11 +127,13 @@ class Factorization:
 
 @dataclass(frozen=True)
 class StartingPoint:
-    """Where the column loop starts, as a method prepares it (solve order, columns permuted).
+    """Where the column loop starts, as a method's start computes it (solve order, columns permuted).
 
     Attributes:
         work: the weight [m, n] the columns are quantized from (GPTQ, GPTAQ: ``W``; QEP: the corrected
             ``W*``; Qronos: the least-squares target).
+        correction: ``P`` [n, n], strictly upper triangular, of the update ``W[:, k] −= e_j U[j, k] −
+            w_j P[j, k]`` (GPTAQ), or ``None`` for ``P = 0``.
         first_column: values [m] quantized for the first column instead of ``work[:, 0]`` (its error is
             still measured against ``work[:, 0]``), or ``None``.
         first_grid: values [m, k] the first group's grid (or, without groups, the row's grid) is computed
@@ -133,12 +141,14 @@ class StartingPoint:
     """
 
     work: torch.Tensor
+    correction: torch.Tensor | None = None
     first_column: torch.Tensor | None = None
     first_grid: torch.Tensor | None = None
 
 
-Prepare = Callable[[torch.Tensor, torch.Tensor, Factorization, SolverConfig], StartingPoint]
-"""``prepare(work, drift, factorization, config) -> StartingPoint``: a method's own start (QEP, Qronos)."""
+MethodStart = Callable[[torch.Tensor, torch.Tensor, Factorization, SolverConfig], StartingPoint]
+"""``start(W [m, n], D [n, n], factorization, config) -> StartingPoint``: how a method that reads the drift
+``D`` enters the column loop (GPTAQ, QEP, Qronos; all in solve order)."""
 
 
 @dataclass(frozen=True)
@@ -161,172 +171,6 @@ class SolveResult:
     grid: WeightGrid | None = None
 
 
-class CalibrationStatistics:
-    """Streams calibration inputs of one linear layer into ``H`` (and ``D`` for GPTAQ).
-
-    Inputs may have any leading shape ``[..., n]``; every row counts as one sample, so ``N`` is the
-    number of rows seen and does not depend on how the data were split into batches. Each batch's products
-    are computed in ``dtype`` (float32 by default, float64 for references) and summed across batches in
-    float64, so the order of those sums (one process, or shards summed over processes: :meth:`reduce_`)
-    changes ``H`` and ``D`` by ~1e-16 relative, invisible once read back in ``dtype`` (scaled by ``2/N``).
-
-    Args:
-        columns: ``n``, the layer's input features.
-        asymmetric: also accumulate ``D`` (GPTAQ); then :meth:`add` needs the full-precision input too.
-        name: the layer's name, used in error messages.
-    """
-
-    def __init__(
-        self,
-        columns: int,
-        *,
-        asymmetric: bool,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-        name: str = "layer",
-    ) -> None:
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        self.columns = columns
-        self.name = name
-        self.rows = 0
-        self.dtype = dtype
-        self._xtx = torch.zeros(columns, columns, dtype=torch.float64, device=device)
-        self._dxtx = torch.zeros_like(self._xtx) if asymmetric else None
-
-    @property
-    def asymmetric(self) -> bool:
-        return self._dxtx is not None
-
-    def add(self, x_quant: torch.Tensor, x_full: torch.Tensor | None = None) -> None:
-        """Add a batch: ``x_quant`` [..., n] from the quantized stream, ``x_full`` the matching FP input."""
-        if x_quant.shape[-1] != self.columns:
-            raise ValueError(
-                f"{self.name}: expected inputs with last dimension {self.columns}, got {tuple(x_quant.shape)}"
-            )
-        xq = x_quant.reshape(-1, self.columns).to(device=self._xtx.device, dtype=self.dtype)
-        self._xtx += xq.T @ xq
-        if self._dxtx is not None:
-            if x_full is None or x_full.shape != x_quant.shape:
-                raise ValueError(
-                    f"{self.name}: GPTAQ statistics need x_full with the shape of x_quant {tuple(x_quant.shape)}"
-                )
-            xf = x_full.reshape(-1, self.columns).to(device=self._xtx.device, dtype=self.dtype)
-            self._dxtx += (xf - xq).T @ xq
-        self.rows += xq.shape[0]
-
-    def reduce_(self, sum_: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Replace the raw sums and the row count by ``sum_`` of each (e.g. summed over processes, each of
-        which saw part of the rows)."""
-        self._xtx = sum_(self._xtx)
-        if self._dxtx is not None:
-            self._dxtx = sum_(self._dxtx)
-        self.rows = int(sum_(torch.tensor([self.rows], dtype=torch.float64, device=self._xtx.device)).item())
-
-    def hessian(self) -> torch.Tensor:
-        """``H = 2/N Σ x̃ x̃ᵀ`` [n, n]."""
-        self._check_rows()
-        return (self._xtx * (2.0 / self.rows)).to(self.dtype)
-
-    def drift(self) -> torch.Tensor | None:
-        """``D = 2/N Σ (x − x̃) x̃ᵀ`` [n, n], or ``None`` for GPTQ statistics."""
-        if self._dxtx is None:
-            return None
-        self._check_rows()
-        return (self._dxtx * (2.0 / self.rows)).to(self.dtype)
-
-    def output_error(self, weight: torch.Tensor, quantized: torch.Tensor, reference: float | None = None) -> float:
-        """Relative output error over the calibration tokens, from the statistics (float64).
-
-        Asymmetric statistics: ``‖x̃ Ŵᵀ − x Wᵀ‖² / ‖x Wᵀ‖²`` (GPTAQ's objective), where ``reference`` is
-        ``‖x Wᵀ‖²`` summed over the same rows (the full-precision outputs' squared norm, bias excluded);
-        otherwise ``‖x̃ (Ŵ − W)ᵀ‖² / ‖x̃ Wᵀ‖²`` (GPTQ's). ``weight``, ``quantized``: [m, n].
-        """
-        self._check_rows()
-        w = weight.detach().to(self._xtx.device, torch.float64)
-        w_hat = quantized.detach().to(self._xtx.device, torch.float64)
-        xtx = self._xtx.double()
-        if self._dxtx is None:
-            delta = w_hat - w
-            return float(((delta @ xtx) * delta).sum() / ((w @ xtx) * w).sum())
-        if reference is None or not reference > 0:
-            raise ValueError(f"{self.name}: the asymmetric output error needs the reference ‖x Wᵀ‖² > 0, "
-                             f"got {reference}")
-        cross = xtx + self._dxtx.double().T
-        error = ((w_hat @ xtx) * w_hat).sum() - 2 * ((w_hat @ cross) * w).sum() + reference
-        return float(error.clamp(min=0) / reference)
-
-    def _check_rows(self) -> None:
-        if self.rows == 0:
-            raise CalibrationError(f"{self.name}: no calibration data reached this layer")
-
-
-def quantize_weight(
-    W: torch.Tensor,
-    H: torch.Tensor,
-    D: torch.Tensor | None = None,
-    *,
-    bits: int,
-    sym: bool = False,
-    groupsize: int = -1,
-    act_order: bool = False,
-    static_groups: bool = False,
-    percdamp: float = 0.01,
-    blocksize: int = 128,
-    alpha: float = 0.25,
-    mse: bool = False,
-    lazy_update: str = "exact",
-) -> torch.Tensor:
-    """Fake-quantize ``W`` [m, n] with GPTQ (``D is None``) or GPTAQ (``D`` given).
-
-    Args:
-        W: weight [m, n] (rows = outputs). Not modified.
-        H: ``2/N Σ x̃ x̃ᵀ`` [n, n] of the quantized-stream input. Not modified.
-        D: ``2/N Σ (x − x̃) x̃ᵀ`` [n, n] (full-precision minus quantized input), or ``None`` for GPTQ.
-        bits: weight bit width, 1..16 (16 returns ``W`` unchanged).
-        sym: symmetric grid (no zero point) instead of asymmetric.
-        groupsize: -1 for one grid per output row, else one per ``groupsize`` consecutive input columns.
-        act_order: quantize columns in order of decreasing ``H`` diagonal.
-        static_groups: with groups, compute every group's grid from the original ``W`` up front.
-        percdamp: damping added to ``H``'s diagonal, as a fraction of its mean.
-        blocksize: columns per lazy-update block.
-        alpha: GPTAQ's scale of the drift correction ``P``.
-        mse: per-grid MSE clip search.
-        lazy_update: ``"exact"`` (blocksize-independent) or ``"official"`` (the official code's form).
-
-    Returns:
-        The fake-quantized weight, same shape, dtype and device as ``W``.
-    """
-    config = SolverConfig(
-        bits=bits,
-        sym=sym,
-        groupsize=groupsize,
-        act_order=act_order,
-        static_groups=static_groups,
-        percdamp=percdamp,
-        blocksize=blocksize,
-        alpha=alpha,
-        mse=mse,
-        lazy_update=lazy_update,
-    )
-    return solve(W, H, D, config).weight
-
-
-def solve(
-    W: torch.Tensor,
-    H: torch.Tensor,
-    D: torch.Tensor | None,
-    config: SolverConfig,
-    *,
-    name: str = "layer",
-) -> SolveResult:
-    """GPTQ (``D is None``) or GPTAQ (``D`` given) on one layer; see the module docstring for the algorithm.
-
-    Computation runs in float64 when ``W`` is float64, else in float32, on ``W``'s device.
-    """
-    return solve_layer(W, H, D, config, name=name, gptaq_correction=D is not None)
-
-
 def solve_layer(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -334,25 +178,25 @@ def solve_layer(
     config: SolverConfig,
     *,
     name: str = "layer",
-    gptaq_correction: bool = False,
-    prepare: Prepare | None = None,
+    start: MethodStart | None = None,
 ) -> SolveResult:
-    """The column loop every method shares, with its checks, damping, ``act_order`` and groups.
+    """The column loop with its checks, damping, ``act_order`` and groups, from a method's ``start``.
 
-    ``gptaq_correction`` adds GPTAQ's ``P`` term (needs ``D``); ``prepare`` (QEP, Qronos; needs ``D``)
-    turns the weight into the method's starting point once ``H_λ`` is factored. Static group grids are
-    computed from the starting point's weights.
+    Without ``start`` the loop runs GPTQ on ``W`` and ``D`` is not read; with it (``D`` required) the
+    method's start turns ``W`` into its starting point and ``P`` once ``H_λ`` is factored. Static group
+    grids are computed from the starting point's weights. Computation runs in float64 when ``W`` is
+    float64, else in float32, on ``W``'s device.
     """
-    start = time.perf_counter()
+    began = time.perf_counter()
     _check_weight(W, name)
     columns = W.shape[1]
-    needs_drift = gptaq_correction or prepare is not None
+    needs_drift = start is not None
     if needs_drift and D is None:
         raise ValueError(f"{name}: this method needs the drift statistic D; got D=None")
     _check_statistics(H, D if needs_drift else None, columns, name)
     groupsize = check_groupsize(config.groupsize, columns)
     if config.bits >= FULL_PRECISION_BITS:
-        return SolveResult(W.clone(), 0.0, 0.0, time.perf_counter() - start)
+        return SolveResult(W.clone(), 0.0, 0.0, time.perf_counter() - began)
 
     dtype = working_dtype(W)
     work = W.detach().to(dtype=dtype, copy=True)
@@ -375,10 +219,9 @@ def solve_layer(
         if drift is not None:
             drift = drift[perm][:, perm]
 
-    factorization = _factorize(hessian, config.percdamp, name)
+    factorization = factorize(hessian, config.percdamp, name)
     del hessian
-    start_point = StartingPoint(work) if prepare is None else prepare(work, drift, factorization, config)
-    correction = _drift_correction(drift, factorization.upper, config.alpha) if gptaq_correction else None
+    start_point = StartingPoint(work) if start is None else start(work, drift, factorization, config)
 
     quantizer = WeightQuantizer(config.bits, sym=config.sym, mse=config.mse, grid_format=config.grid)
     static_params = group_of_column = None
@@ -391,7 +234,6 @@ def solve_layer(
     solver = _BlockSolver(
         start=start_point,
         upper=factorization.upper,
-        correction=correction,
         quantizer=quantizer,
         groupsize=groupsize,
         static_params=static_params,
@@ -410,27 +252,7 @@ def solve_layer(
             f"{name}: the solve produced NaN or Inf weights from finite inputs ({scales}"
             f"percdamp={factorization.damp:g}): {hint}"
         )
-    return SolveResult(result, loss, factorization.damp, time.perf_counter() - start, grid)
-
-
-def _solved_grid(solver: _BlockSolver, static_params: list[tuple[torch.Tensor, torch.Tensor]] | None,
-                 groupsize: int, perm: torch.Tensor | None, columns: int, maxq: int) -> WeightGrid:
-    """The grid of a finished solve, in the weight's own column order.
-
-    Without groups every column is in group 0; static groups follow the original columns; dynamic groups
-    are formed in solve order, so with ``act_order`` the column at solve position ``k`` (original column
-    ``perm[k]``) is in group ``k // groupsize``.
-    """
-    device = solver.work.device
-    if groupsize <= 0:
-        return WeightGrid.from_groups([(solver.scale, solver.zero)], torch.zeros(columns, dtype=torch.int64,
-                                                                                 device=device), maxq)
-    positions = torch.arange(columns, device=device)
-    if static_params is not None:
-        return WeightGrid.from_groups(static_params, positions // groupsize, maxq)
-    g_idx = torch.empty_like(positions)
-    g_idx[perm if perm is not None else positions] = positions // groupsize
-    return WeightGrid.from_groups(solver.group_params, g_idx, maxq)
+    return SolveResult(result, loss, factorization.damp, time.perf_counter() - began, grid)
 
 
 def _check_weight(W: torch.Tensor, name: str) -> None:
@@ -452,7 +274,7 @@ def _largest_magnitude(tensor: torch.Tensor) -> float:
 
 def _largest_asymmetry(matrix: torch.Tensor) -> float:
     """``max |A − Aᵀ|`` for a square ``matrix``, tile by tile (each tile and its mirror stay in cache)."""
-    n, tile, largest = matrix.shape[0], _STRUCTURE_BLOCK, 0.0
+    n, tile, largest = matrix.shape[0], STRUCTURE_BLOCK, 0.0
     for a in range(0, n, tile):
         for c in range(a, n, tile):
             difference = matrix[a : a + tile, c : c + tile] - matrix[c : c + tile, a : a + tile].T
@@ -487,7 +309,7 @@ def _check_statistics(H: torch.Tensor, D: torch.Tensor | None, columns: int, nam
         )
 
 
-def _factorize(hessian: torch.Tensor, percdamp: float, name: str) -> Factorization:
+def factorize(hessian: torch.Tensor, percdamp: float, name: str) -> Factorization:
     """``H_λ = H + λI`` with ``λ = percdamp · mean(diag H)``, factored (see :class:`Factorization`).
 
     Uses one Cholesky and one triangular inverse: with ``J`` the reversal permutation and
@@ -524,7 +346,7 @@ def _upper_triangular_inverse(r: torch.Tensor) -> torch.Tensor:
     right-hand side.
     """
     n = r.shape[0]
-    if n <= _STRUCTURE_BLOCK:
+    if n <= STRUCTURE_BLOCK:
         identity = torch.eye(n, dtype=r.dtype, device=r.device)
         return torch.linalg.solve_triangular(r, identity, upper=True)
     half = n // 2
@@ -537,35 +359,48 @@ def _upper_triangular_inverse(r: torch.Tensor) -> torch.Tensor:
     return inverse
 
 
-def _drift_correction(drift: torch.Tensor, upper: torch.Tensor, alpha: float) -> torch.Tensor:
-    """GPTAQ's ``P = α · triu(D Uᵀ, 1) · U`` [n, n], strictly upper triangular.
+@dataclass
+class _Block:
+    """The lazy-update block of columns ``[start, end)`` (solve order) being quantized.
 
-    Exploits the triangles: ``T = triu(D Uᵀ, 1)`` needs, for the columns ``[a, b)``, only rows ``< b``
-    and only ``U``'s columns ``≥ a``; ``P = T U`` needs, for rows ``[a, b)``, only ``T``'s and ``U``'s rows
-    ``≥ a`` and, for the columns ``[c, d)``, only ``U``'s rows ``< d``. This costs about ``2n³/3`` flops
-    instead of ``4n³``.
+    Every tensor holds one row of ``m`` values per column (the solve's ``Wᵀ`` orientation).
+
+    Attributes:
+        start, end: the block's columns.
+        values: [b, m] the block's columns as updated so far: the current sub-block's carry every update
+            from the columns quantized before them; later sub-blocks of the block still lack the current
+            sub-block's.
+        pairs: [b, 2, m] for each quantized column ``j``: ``e_j = (w_j − q_j) / U[j, j]`` and ``w_j``, its value
+            just before quantization (kept for GPTAQ's ``P`` term; zeros when ``P = 0``).
+        coefficients: [b, 2, b] ``[−U[j, k]; P[j, k]]`` for ``j, k`` in the block, so that the update of
+            column ``k`` by column ``j`` is ``coefficients[j, :, k] · pairs[j]`` (``−e_j U[j, k] + w_j P[j, k]``).
+        sub_start, sub_end: the sub-block of :data:`_INNER_BLOCK` columns being quantized (block-local).
     """
-    n = upper.shape[0]
-    step = _STRUCTURE_BLOCK
-    t = torch.zeros_like(drift)
-    for a in range(0, n, step):
-        b = min(a + step, n)
-        torch.mm(drift[:b, a:], upper[a:b, a:].T, out=t[:b, a:b])
-    t = torch.triu(t, diagonal=1)
-    p = torch.zeros_like(drift)
-    for a in range(0, n, step):
-        b = min(a + step, n)
-        for c in range(a, n, step):
-            d = min(c + step, n)
-            torch.mm(t[a:b, a:d], upper[a:d, c:d], out=p[a:b, c:d])
-    return p.mul_(alpha)
+
+    start: int
+    end: int
+    values: torch.Tensor
+    pairs: torch.Tensor
+    coefficients: torch.Tensor
+    sub_start: int = 0
+    sub_end: int = 0
+
+    @property
+    def errors(self) -> torch.Tensor:
+        """``e_j`` [b, m] of the block's columns (a view of ``pairs``)."""
+        return self.pairs[:, 0]
+
+    @property
+    def originals(self) -> torch.Tensor:
+        """``w_j`` [b, m] of the block's columns (a view of ``pairs``)."""
+        return self.pairs[:, 1]
 
 
 class _BlockSolver:
-    """Column-by-column quantization with lazy block updates (state of one solve).
+    """Column-by-column quantization with lazy block updates (the state of one solve).
 
-    The solve runs on ``Wᵀ`` [n, m] (one contiguous row per column of ``W``), so that the per-column work
-    reads and writes contiguous memory; ``correction`` is GPTAQ's ``P`` or ``None`` for GPTQ.
+    The solve runs on ``weight_t = Wᵀ`` [n, m] (one contiguous row per column of ``W``), so that the
+    per-column work reads and writes contiguous memory; ``correction`` is the start's ``P`` or ``None``.
     """
 
     def __init__(
@@ -573,18 +408,17 @@ class _BlockSolver:
         *,
         start: StartingPoint,
         upper: torch.Tensor,
-        correction: torch.Tensor | None,
         quantizer: WeightQuantizer,
         groupsize: int,
         static_params: list[tuple[torch.Tensor, torch.Tensor]] | None,
         group_of_column: list[int] | None,
         official: bool,
     ) -> None:
-        self.work = start.work.T.contiguous()
+        self.weight_t = start.work.T.contiguous()
         self.first_column = start.first_column
         self.first_grid = start.first_grid
         self.upper = upper
-        self.correction = correction
+        self.correction = start.correction
         self.quantizer = quantizer
         self.groupsize = groupsize
         self.static_params = static_params
@@ -610,42 +444,48 @@ class _BlockSolver:
         with one product. The per-column work (memory-bound) then touches ``16 × m`` values instead of the
         whole block.
         """
-        work, upper, correction = self.work, self.upper, self.correction
-        columns, rows = work.shape
+        weight_t, upper, correction = self.weight_t, self.upper, self.correction
+        columns, rows = weight_t.shape
         diagonal = torch.diagonal(upper).tolist()
-        quantized = torch.empty_like(work)
-        loss = torch.zeros((), dtype=work.dtype, device=work.device)
+        quantized = torch.empty_like(weight_t)
+        loss = torch.zeros((), dtype=weight_t.dtype, device=weight_t.device)
         for i1 in range(0, columns, blocksize):
             i2 = min(i1 + blocksize, columns)
             width = i2 - i1
-            block = work[i1:i2].clone()
-            pairs = work.new_zeros(width, 2, rows)
-            errors = pairs[:, 0]
-            originals = pairs[:, 1] if correction is not None else None
-            coefficients = self._in_block_coefficients(i1, i2)
+            block = _Block(i1, i2, weight_t[i1:i2].clone(), weight_t.new_zeros(width, 2, rows),
+                           self._in_block_coefficients(i1, i2))
+            values, pairs, coefficients = block.values, block.pairs, block.coefficients
+            errors = block.errors
+            originals = block.originals if correction is not None else None
             for j1 in range(0, width, _INNER_BLOCK):
-                j2 = min(j1 + _INNER_BLOCK, width)
+                j2 = block.sub_end = min(j1 + _INNER_BLOCK, width)
+                block.sub_start = j1
                 for i in range(j1, j2):
                     column = i1 + i
                     if self.groupsize > 0:
-                        self._update_params(column, i1, i2, i, j1, j2, block, errors, originals, pairs,
-                                            coefficients)
-                    w = block[i] if originals is None else originals[i].copy_(block[i])
+                        self._start_group(column, block)
+                    w = values[i] if originals is None else originals[i].copy_(values[i])
                     target = self.first_column if column == 0 and self.first_column is not None else w
+                    # q_j = Q(w_j), written into its row of the result
                     q = self.quantizer.quantize_column_(target, self.column_scale, self.column_zero,
                                                         out=quantized[column])
+                    # e_j = (w_j − q_j) / U[j, j]
                     torch.sub(w, q, out=errors[i]).div_(diagonal[column])
                     if i + 1 < j2:
-                        block[i + 1 : j2].addmm_(coefficients[i, :, i + 1 : j2].T, pairs[i])
+                        # rest of the sub-block: W[:, k] −= e_j U[j, k] − w_j P[j, k]
+                        values[i + 1 : j2].addmm_(coefficients[i, :, i + 1 : j2].T, pairs[i])
                 if j2 < width:
-                    block[j2:].addmm_(coefficients[j1:j2, :, j2:].reshape(-1, width - j2).T,
-                                      pairs[j1:j2].reshape(-1, rows))
+                    # rest of the block, from the whole sub-block: W[:, k] −= Σ_j (e_j U[j, k] − w_j P[j, k])
+                    values[j2:].addmm_(coefficients[j1:j2, :, j2:].reshape(-1, width - j2).T,
+                                       pairs[j1:j2].reshape(-1, rows))
             loss += errors.square().sum()
             if i2 < columns:
-                work[i2:].addmm_(upper[i1:i2, i2:].T, errors, alpha=-1)
+                # later blocks: W[:, k] −= Σ_j e_j U[j, k] ...
+                weight_t[i2:].addmm_(upper[i1:i2, i2:].T, errors, alpha=-1)
                 if correction is not None:
+                    # ... and += Σ_j w_j P[j, k] (the official code's form: q_j instead of w_j)
                     lhs = quantized[i1:i2] if self.official else originals
-                    work[i2:].addmm_(correction[i1:i2, i2:].T, lhs)
+                    weight_t[i2:].addmm_(correction[i1:i2, i2:].T, lhs)
         return quantized.T, float(loss) / 2
 
     def _set_grid(self, scale: torch.Tensor, zero: torch.Tensor) -> None:
@@ -654,8 +494,7 @@ class _BlockSolver:
         self.column_scale, self.column_zero = scale.reshape(-1), zero.reshape(-1)
 
     def _in_block_coefficients(self, i1: int, i2: int) -> torch.Tensor:
-        """``[−U[i]; P[i]]`` [b, 2, b] for the block's columns: the in-block update of column ``i`` is
-        ``coefficients[i]ᵀ @ [err; w]``.
+        """``[−U[j]; P[j]]`` [b, 2, b] for the block's columns (see :attr:`_Block.coefficients`).
 
         GPTQ uses the same rank-2 products with a zero second row (no dearer than rank 1: the pass over the
         values dominates), so GPTAQ with ``P = 0`` computes bitwise the same numbers as GPTQ.
@@ -664,20 +503,7 @@ class _BlockSolver:
         p_block = torch.zeros_like(u_block) if self.correction is None else self.correction[i1:i2, i1:i2]
         return torch.stack((-u_block, p_block), dim=1)
 
-    def _update_params(
-        self,
-        column: int,
-        i1: int,
-        i2: int,
-        i: int,
-        j1: int,
-        j2: int,
-        block: torch.Tensor,
-        errors: torch.Tensor,
-        originals: torch.Tensor | None,
-        pairs: torch.Tensor,
-        coefficients: torch.Tensor,
-    ) -> None:
+    def _start_group(self, column: int, block: _Block) -> None:
         """Set the grid for ``column`` when a group starts there (or for every column, static groups).
 
         Only called with groups (``groupsize > 0``): without them the row's grid is set once, at the start.
@@ -691,42 +517,50 @@ class _BlockSolver:
         if column == 0 and self.first_grid is not None:
             self._set_grid(*self.quantizer.params(self.first_grid[:, :end]))
         elif self.official:
-            self._set_grid(*self.quantizer.params(self.work[column:end].T.contiguous()))
+            self._set_grid(*self.quantizer.params(self.weight_t[column:end].T.contiguous()))
         else:
-            values = self._current_values(column, end, i1, i2, i, j1, j2, block, errors, originals, pairs,
-                                          coefficients)
+            values = self._current_values(column, end, block)
             self._set_grid(*self.quantizer.params(values.T.contiguous()))
         self.group_params.append((self.scale, self.zero))
 
-    def _current_values(
-        self,
-        start: int,
-        end: int,
-        i1: int,
-        i2: int,
-        i: int,
-        j1: int,
-        j2: int,
-        block: torch.Tensor,
-        errors: torch.Tensor,
-        originals: torch.Tensor | None,
-        pairs: torch.Tensor,
-        coefficients: torch.Tensor,
-    ) -> torch.Tensor:
-        """Values [k, m] of columns ``[start, end)`` with every update from the columns quantized so far.
+    def _current_values(self, first: int, end: int, block: _Block) -> torch.Tensor:
+        """Values [k, m] of columns ``[first, end)`` with every update from the columns quantized so far.
 
-        ``start`` is the current column (local index ``i`` of the sub-block ``[j1, j2)``): the rest of the
+        ``first`` is the column about to be quantized (in the block's current sub-block): the rest of the
         sub-block is current; later sub-blocks of the block still lack the sub-block's columns done so far;
         later blocks lack all of this block's columns done so far.
         """
+        i1, i2, j1, j2 = block.start, block.end, block.sub_start, block.sub_end
+        i = first - i1
         stop = min(end, i2) - i1
-        parts = [block[i : min(stop, j2)]]
+        parts = [block.values[i : min(stop, j2)]]
         if stop > j2:
-            pending = pairs[j1:i].reshape(-1, pairs.shape[-1])
-            parts.append(block[j2:stop] + coefficients[j1:i, :, j2:stop].reshape(-1, stop - j2).T @ pending)
+            pending = block.pairs[j1:i].reshape(-1, block.pairs.shape[-1])
+            parts.append(block.values[j2:stop] + block.coefficients[j1:i, :, j2:stop].reshape(-1, stop - j2).T
+                         @ pending)
         if end > i2:
-            beyond = self.work[i2:end] - self.upper[i1 : i1 + i, i2:end].T @ errors[:i]
+            beyond = self.weight_t[i2:end] - self.upper[i1:first, i2:end].T @ block.errors[:i]
             if self.correction is not None:
-                beyond = beyond + self.correction[i1 : i1 + i, i2:end].T @ originals[:i]
+                beyond = beyond + self.correction[i1:first, i2:end].T @ block.originals[:i]
             parts.append(beyond)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def _solved_grid(solver: _BlockSolver, static_params: list[tuple[torch.Tensor, torch.Tensor]] | None,
+                 groupsize: int, perm: torch.Tensor | None, columns: int, maxq: int) -> WeightGrid:
+    """The grid of a finished solve, in the weight's own column order.
+
+    Without groups every column is in group 0; static groups follow the original columns; dynamic groups
+    are formed in solve order, so with ``act_order`` the column at solve position ``k`` (original column
+    ``perm[k]``) is in group ``k // groupsize``.
+    """
+    device = solver.weight_t.device
+    if groupsize <= 0:
+        return WeightGrid.from_groups([(solver.scale, solver.zero)], torch.zeros(columns, dtype=torch.int64,
+                                                                                 device=device), maxq)
+    positions = torch.arange(columns, device=device)
+    if static_params is not None:
+        return WeightGrid.from_groups(static_params, positions // groupsize, maxq)
+    g_idx = torch.empty_like(positions)
+    g_idx[perm if perm is not None else positions] = positions // groupsize
+    return WeightGrid.from_groups(solver.group_params, g_idx, maxq)

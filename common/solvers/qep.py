@@ -1,6 +1,6 @@
 """QEP (Arai & Ichikawa, NeurIPS 2025, "Quantization Error Propagation") for one linear layer.
 
-Notation of :mod:`common.gptaq`: ``W`` [m, n] (rows are outputs), ``H = 2/N · X̃ᵀX̃`` and
+Notation of :mod:`common.solvers.column_loop`: ``W`` [m, n] (rows are outputs), ``H = 2/N · X̃ᵀX̃`` and
 ``D = 2/N · (X − X̃)ᵀX̃`` [n, n] from the quantized-stream inputs ``X̃`` and the full-precision inputs ``X``
 ([N, n]), ``λ = percdamp · mean(diag H)`` GPTQ's damping.
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from common.gptaq import Factorization, SolverConfig, SolveResult, StartingPoint, solve_layer
+from common.solvers.column_loop import Factorization, SolverConfig, SolveResult, StartingPoint, solve_layer
 
 
 def drift_corrected(work: torch.Tensor, drift: torch.Tensor, factorization: Factorization,
@@ -41,12 +41,13 @@ def drift_corrected(work: torch.Tensor, drift: torch.Tensor, factorization: Fact
     return work + alpha * step
 
 
-def _prepare(work: torch.Tensor, drift: torch.Tensor, factorization: Factorization,
-             config: SolverConfig) -> StartingPoint:
+def start(work: torch.Tensor, drift: torch.Tensor, factorization: Factorization,
+          config: SolverConfig) -> StartingPoint:
+    """QEP's start: GPTQ from ``W* = W + α_qep · W D (H + λI)⁻¹`` (``config.qep_alpha``)."""
     return StartingPoint(drift_corrected(work, drift, factorization, config.qep_alpha))
 
 
 def solve(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor | None, config: SolverConfig, *,
           name: str = "layer") -> SolveResult:
     """QEP on one layer (``config.qep_alpha`` scales the correction); ``D`` is required."""
-    return solve_layer(W, H, D, config, name=name, prepare=_prepare)
+    return solve_layer(W, H, D, config, name=name, start=start)

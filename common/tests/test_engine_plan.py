@@ -1,0 +1,74 @@
+"""The pass plan of a block (which outputs are recorded, replayed, shortcut) and the engine's context stack."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+
+from common.engine.model import ContextStack
+from common.engine.plan import Pass, plan_passes
+
+LLAMA_GROUPS = [["q", "k", "v"], ["o"], ["gate", "up"], ["down"]]
+LLAMA_TAILS = {"attn": "o", "mlp": "down"}
+LLAMA_INSIDE = {"attn": ["q", "k", "v", "o"], "mlp": ["gate", "up", "down"]}
+
+
+def test_llama_block_runs_attention_and_the_mlp_hidden_layer_once():
+    passes = plan_passes(LLAMA_GROUPS, LLAMA_TAILS, LLAMA_INSIDE)
+    assert passes == [
+        Pass(("q", "k", "v")),
+        # q, k, v are not recorded: attention is computed from o's kept input from the next pass on
+        Pass(("o",), keep_inputs=("o",)),
+        Pass(("gate", "up"), record=("o",), shortcuts=("attn",)),
+        Pass(("down",), replay=("o",), shortcuts=("attn",), keep_inputs=("down",), drop_inputs=("o",)),
+        Pass((), replay=("o",), shortcuts=("attn", "mlp")),
+    ]
+    assert [step.final for step in passes] == [False] * 4 + [True]
+
+
+def test_without_tails_each_solved_linear_is_recorded_once_and_replayed_after():
+    passes = plan_passes([["a"], ["b"], ["c"]], {}, {})
+    assert passes == [
+        Pass(("a",)),
+        Pass(("b",), record=("a",)),
+        Pass(("c",), replay=("a",)),  # the last group's pass records nothing: b would serve the final pass alone
+        Pass((), replay=("a",)),
+    ]
+
+
+def test_without_reuse_every_pass_computes_everything():
+    passes = plan_passes(LLAMA_GROUPS, LLAMA_TAILS, LLAMA_INSIDE, reuse_outputs=False)
+    assert passes == [Pass(tuple(group)) for group in LLAMA_GROUPS] + [Pass(())]
+
+
+def test_a_shortcut_reads_only_what_an_earlier_pass_kept_or_recorded():
+    for groups in (LLAMA_GROUPS, [["q", "k", "v", "o"], ["gate", "up", "down"]], [["q"], ["k", "v"], ["o", "gate"],
+                                                                                 ["up"], ["down"]]):
+        kept, recorded = set(), set()
+        for step in plan_passes(groups, LLAMA_TAILS, LLAMA_INSIDE):
+            kept -= set(step.drop_inputs)
+            assert set(step.replay) <= recorded
+            for module in step.shortcuts:
+                assert LLAMA_TAILS[module] in kept | recorded
+            recorded |= set(step.record)
+            kept |= set(step.keep_inputs)
+
+
+def test_context_stack_exits_from_the_top_and_the_rest_on_an_error():
+    events = []
+
+    @contextmanager
+    def tracked(name):
+        events.append(f"enter {name}")
+        try:
+            yield
+        finally:
+            events.append(f"exit {name}")
+
+    with pytest.raises(RuntimeError), ContextStack() as stack:
+        for name in ("c", "b", "a"):
+            stack.push(tracked(name))
+        stack.pop()
+        raise RuntimeError("planted")
+    assert events == ["enter c", "enter b", "enter a", "exit a", "exit b", "exit c"]
