@@ -37,26 +37,26 @@ test-numerics: setup
 
 # Every bound those tests check, with the measured value under each kernel setting (a Markdown table).
 margins: setup
-	$(PY) -m common.tests.margin_table
+	$(PY) -m common.bench.margins
 
 lint: setup
 	$(PY) -m ruff check .
 
 bench-solver: setup
-	$(PY) -m common.bench_solver
+	$(PY) -m common.bench.solver
 
-# This checkout's solver beside a git revision's, alternating in one process: REV=<revision> (MSE=1 adds
-# the clip search, the embedded runs' setting).
+# This checkout's solvers beside a git revision's, alternating in one process: REV=<revision> (MSE=1 adds
+# the clip search, the embedded runs' setting; METHODS=gptq,gptaq,qep,... picks the methods, default gptq,gptaq).
 bench-revision: setup
 	$(if $(REV),,$(error bench-revision needs REV=<git revision>, e.g. REV=HEAD~1))
-	$(PY) -m common.bench_revision --revision $(REV) $(if $(MSE),--mse)
+	$(PY) -m common.bench.revision --revision $(REV) $(if $(MSE),--mse) $(METHOD_ARGS)
 
 # Our solvers beside the official GPTQ and GPTAQ code: clone IST-DASLab/gptq and
 # Intelligent-Computing-Lab-Yale/GPTAQ and pass their folders.
 OFFICIAL_GPTQ ?= ../gptq
 OFFICIAL_GPTAQ ?= ../GPTAQ
 bench-official: setup
-	$(PY) -m common.bench_official --gptq-repo $(OFFICIAL_GPTQ) --gptaq-repo $(OFFICIAL_GPTAQ)
+	$(PY) -m common.bench.official --gptq-repo $(OFFICIAL_GPTQ) --gptaq-repo $(OFFICIAL_GPTAQ)
 
 # The optional export environment (envs/export.txt): GPTQModel and optimum beside this repo, in .venv-export.
 EXPORT_VENV := .venv-export
@@ -77,7 +77,7 @@ test-export: setup-export
 
 # Weight-only calibration time and memory, this repo against GPTQModel (results/bench_gptqmodel.csv).
 bench-gptqmodel: setup-export
-	$(EXPORT_VENV)/bin/python -m fake_quant.bench_gptqmodel
+	$(EXPORT_VENV)/bin/python -m common.bench.gptqmodel
 
 reproduce-llama-w4a4 reproduce-llama-w2a4: reproduce-llama-%: setup
 ifeq ($(MODEL),embedded)

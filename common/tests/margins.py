@@ -4,7 +4,7 @@ A pytest plugin (see the repository's ``conftest.py``). The fixture :func:`margi
 ``value > above`` and/or ``value < below`` and records ``(quantity, value, bounds)`` as a junit-XML property
 of the test. Every test that uses it is marked ``numerics`` (the numerically sensitive tests, which CI runs
 a second time with other CPU kernels and one thread); tests that compare float results with a tolerance
-carry the mark by hand. ``python -m common.tests.margin_table`` runs them under several kernel settings and
+carry the mark by hand. ``python -m common.bench.margins`` runs them under several kernel settings and
 prints each recorded quantity beside its bound.
 """
 
@@ -16,8 +16,7 @@ from collections.abc import Callable
 
 import pytest
 
-MARKER = "numerics"
-PROPERTY = "margin"
+from common.bench.margins import MARKER, PROPERTY
 
 Margin = Callable[..., None]
 

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from common.bench_official import main
+from common.bench.official import main
 
 
 def test_a_folder_without_the_official_code_is_named(tmp_path: Path, capsys) -> None:

@@ -1,6 +1,6 @@
 """Our GPTQ and GPTAQ solves beside the official code's, in one process: ``make bench-official``.
 
-``python -m common.bench_official --gptq-repo DIR --gptaq-repo DIR`` where the folders are checkouts of
+``python -m common.bench.official --gptq-repo DIR --gptaq-repo DIR`` where the folders are checkouts of
 the official code (nothing of it is in this repository):
 
 * GPTQ: ``git clone https://github.com/IST-DASLab/gptq`` (``gptq.py``: the ``GPTQ`` class and its
@@ -8,8 +8,9 @@ the official code (nothing of it is in this repository):
 * GPTAQ: ``git clone https://github.com/Intelligent-Computing-Lab-Yale/GPTAQ`` (``fake_quant/gptaq_utils.py``:
   the ``GPTAQ`` class and QuaRot's ``WeightQuantizer``).
 
-Each layer shape gets one seeded problem (weight, ``H``, ``D``, as in :mod:`common.bench_solver`); every
-solver gets its own copy of it and is timed by its median over ``--repeats`` calls after a warm-up: the
+Each layer shape gets one seeded problem (weight, ``H``, ``D``, as in :mod:`common.bench.timing`); every
+solver gets its own copy of it and is timed by its best over ``--repeats`` rounds after a warm-up, the two
+alternating (:func:`common.bench.timing.best_alternating`): the
 official ``fasterquant`` (statistics set directly, so its ``add_batch`` is not timed) against our solve
 function with the same settings (4-bit per-channel asymmetric RTN grid, no clip search, columns in order,
 block 128, damping 0.01, α 0.25). The quantized weights are compared too (the fraction that differ), so
@@ -39,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common.bench_solver import median_seconds, parse_shape, seeded_problem
+from common.bench.timing import best_alternating, parse_shape, seeded_problem
 from common.device import device_description, pick_device
 from common.files import atomic_write_csv
 from common.methods import GPTAQ, GPTAQ_OFFICIAL, GPTQ
@@ -139,9 +140,10 @@ def run(shapes, repeats: int, device: torch.device, gptq_repo: Path, gptaq_repo:
     for rows, columns in shapes:
         problem = seeded_problem(rows, columns, device)
         for method, same_form in ((GPTQ, GPTQ), (GPTAQ, GPTAQ_OFFICIAL)):
-            official_seconds, official_weight = median_seconds(partial(official[method.name], *problem), device,
-                                                               repeats)
-            ours_seconds, ours_weight = median_seconds(partial(_ours(method), *problem), device, repeats)
+            seconds, weights = best_alternating({"official": partial(official[method.name], *problem),
+                                                 "ours": partial(_ours(method), *problem)}, device, repeats)
+            official_seconds, official_weight = seconds["official"], weights["official"]
+            ours_seconds, ours_weight = seconds["ours"], weights["ours"]
             same_form_weight = ours_weight if same_form is method else _ours(same_form)(*problem)
             floor = method.flops(rows, columns, BLOCKSIZE) / rate
             rows_out.append({

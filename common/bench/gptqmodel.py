@@ -1,6 +1,6 @@
 """Weight-only calibration, this repo against GPTQModel at equal settings, side by side on one machine.
 
-Run ``.venv-export/bin/python -m fake_quant.bench_gptqmodel`` (``make bench-gptqmodel``); it needs the
+Run ``.venv-export/bin/python -m common.bench.gptqmodel`` (``make bench-gptqmodel``); it needs the
 export environment (``envs/export.txt``: GPTQModel beside this repo). For GPTQ and GPTAQ, each
 implementation quantizes the embedded SmolLM2-135M with the settings of
 ``fake_quant/configs/embedded_w4_weight_only.yaml`` (bits, group size, symmetric grid, act_order, damping,
@@ -122,7 +122,7 @@ def _child_environment() -> dict[str, str]:
 
 def _child(implementation: str, method: str) -> dict[str, float]:
     """One measurement in a fresh process (its JSON on the last stdout line)."""
-    command = [sys.executable, "-m", "fake_quant.bench_gptqmodel", "--child", implementation, method]
+    command = [sys.executable, "-m", "common.bench.gptqmodel", "--child", implementation, method]
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, env=_child_environment())
     if done.returncode != 0:
         raise RuntimeError(f"{implementation} {method} failed:\n{done.stderr[-4000:]}")

@@ -1,9 +1,9 @@
-"""Benchmark of the layer solvers: ``python -m common.bench_solver`` (``make bench-solver``).
+"""Benchmark of the layer solvers: ``python -m common.bench.solver`` (``make bench-solver``).
 
-Times the solve function of every calibrated method of :mod:`common.methods` on layer shapes ``m × n``
-(weight rows × columns) on the current device, reports each as a ratio to GPTQ's time in the same run, and
-compares each with its FLOP floor: the method's floating-point operations (its registry entry's FLOP model)
-divided by the ``torch.matmul`` rate measured in the same run. Prints a table and writes
+Times (best of ``--repeats``) the solve function of every calibrated method of :mod:`common.methods` on layer
+shapes ``m × n`` (weight rows × columns) on the current device, reports each as a ratio to GPTQ's time in the
+same run, and compares each with its FLOP floor: the method's floating-point operations (its registry entry's
+FLOP model) divided by the ``torch.matmul`` rate measured in the same run. Prints a table and writes
 ``results/bench_solver.csv``.
 
 GPTQ's FLOP model (``b`` = blocksize): inverse Cholesky factor ``U`` (Cholesky ``n³/3`` + triangular
@@ -15,22 +15,17 @@ the correction ``W D (H + λI)⁻¹``.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 
+from common.bench.timing import best_seconds, parse_shape, seeded_problem
 from common.device import device_description, pick_device
 from common.files import atomic_write_csv
 from common.methods import BASELINE, GPTAQ_OFFICIAL, METHODS, Method
-from common.profile import matmul_rate, synchronize
+from common.profile import matmul_rate
 from common.results.provenance import BENCH_SOLVER_CSV, REPO_ROOT
 from common.solvers.column_loop import SolverConfig
-
-T = TypeVar("T")
 
 DEFAULT_SHAPES = ((576, 576), (576, 1536), (4096, 4096), (11008, 4096))
 FIELDS = [
@@ -41,34 +36,10 @@ BENCHED = tuple(name for name, method in METHODS.items() if method.calibrated an
 """The solvers timed (the official lazy update is GPTAQ's cost)."""
 
 
-def seeded_problem(rows: int, columns: int, device: torch.device, seed: int = 0):
-    """A layer problem: weight [rows, columns], ``H`` and ``D`` [columns, columns] from 2·columns tokens."""
-    g = torch.Generator().manual_seed(seed)
-    weight = torch.randn(rows, columns, generator=g)
-    x_full = torch.randn(2 * columns, columns, generator=g)
-    x_quant = x_full + 0.1 * torch.randn(2 * columns, columns, generator=g)
-    hessian = 2 / x_quant.shape[0] * x_quant.T @ x_quant
-    drift = 2 / x_quant.shape[0] * (x_full - x_quant).T @ x_quant
-    return weight.to(device), hessian.to(device), drift.to(device)
-
-
-def median_seconds(call: Callable[[], T], device: torch.device, repeats: int) -> tuple[float, T]:
-    """Median wall time in seconds of ``call()`` over ``repeats`` calls after one warm-up, and its last result."""
-    result = call()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        result = call()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
-
-
 def time_solve(method: Method, weight, hessian, drift, repeats: int, config: SolverConfig) -> float:
-    """Median wall time in seconds of ``method``'s solve (after one warm-up call)."""
+    """Best wall time in seconds of ``method``'s solve (:func:`common.bench.timing.best_seconds`)."""
     config = method.solver_config(config)
-    return median_seconds(lambda: method.solve(weight, hessian, drift, config), weight.device, repeats)[0]
+    return best_seconds(lambda: method.solve(weight, hessian, drift, config), weight.device, repeats)[0]
 
 
 def run(shapes, repeats: int, device: torch.device, bits: int = 4, blocksize: int = 128,
@@ -110,15 +81,6 @@ def format_table(rows: list[dict]) -> str:
             f"{row['times_floor']:>8.2f}"
         )
     return "\n".join(lines)
-
-
-def parse_shape(text: str) -> tuple[int, int]:
-    """``"ROWSxCOLUMNS"`` -> (rows, columns); an argparse error otherwise."""
-    try:
-        rows, columns = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--shapes takes ROWSxCOLUMNS items such as 4096x4096, got {text!r}") from None
-    return rows, columns
 
 
 def main(argv: list[str] | None = None) -> None:

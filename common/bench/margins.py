@@ -1,6 +1,6 @@
 """The numerically sensitive tests under several CPU kernel settings, and the margin of every bound they check.
 
-``python -m common.tests.margin_table [--output FILE] [pytest args ...]`` runs ``pytest -m numerics`` once per
+``python -m common.bench.margins [--output FILE] [pytest args ...]`` runs ``pytest -m numerics`` once per
 setting of :data:`SETTINGS`, one after the other (never two torch processes at once), and prints a Markdown
 table: each quantity a test recorded through the ``margin`` fixture (:mod:`common.tests.margins`), its bound,
 its value under each setting and the worst margin (distance to the bound, relative to the bound). The exit
@@ -18,7 +18,10 @@ import tempfile
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
-from common.tests.margins import MARKER, PROPERTY
+MARKER = "numerics"
+"""The pytest mark of the numerically sensitive tests."""
+PROPERTY = "margin"
+"""The junit-XML property a test records a measured quantity and its bounds under."""
 
 SETTINGS: dict[str, dict[str, str]] = {
     "native": {},
