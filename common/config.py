@@ -17,11 +17,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from common.rules import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration value or file is invalid."""
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -6,8 +6,9 @@ the engine runs the full-precision stream), whether activations are quantized wh
 default (the paper's protocol: on for the asymmetric methods, off for GPTQ), its layer solve function and
 its solver-setting overrides, its colour in the figures and its FLOP model for the benchmark.
 
-Adding a method is one entry in :data:`METHODS`, one solve function ``solve(W, H, D, config, *, name)``
-returning a :class:`common.solvers.column_loop.SolveResult` (a module of :mod:`common.solvers`), and its tests.
+Adding a method is one entry in :data:`METHODS`, one module of :mod:`common.solvers` with its solve function
+``solve(W, H, D, config, *, name)`` returning a :class:`common.solvers.column_loop.SolveResult` (and the
+declarations of its own parameters, :class:`common.solvers.parameters.MethodParameter`), and its tests.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from common.solvers import gptaq, gptq, qep, qronos
 from common.solvers.column_loop import SolverConfig, SolveResult
+from common.solvers.parameters import MethodParameter
 
 Solve = Callable[..., SolveResult]
 """``solve(W [m, n], H [n, n], D [n, n] | None, config: SolverConfig, *, name) -> SolveResult``."""
@@ -61,6 +63,7 @@ class Method:
             while calibrating (``True``) or only afterwards (``False``).
         solve: the layer solve (calibrated methods only).
         solver_overrides: solver settings this method fixes (e.g. the official lazy update).
+        parameters: the method's own settings (declared in its module), which the runs' settings expose.
         default: computed when a run does not name its methods.
         color: its colour in figures.
         flops: its FLOP model (calibrated methods only).
@@ -74,6 +77,7 @@ class Method:
     act_quant_during_calibration: bool = False
     solve: Solve | None = None
     solver_overrides: Mapping[str, Any] = field(default_factory=dict)
+    parameters: tuple[MethodParameter, ...] = ()
     default: bool = False
     color: str = "#777777"
     flops: Flops | None = None
@@ -115,18 +119,23 @@ METHODS: Mapping[str, Method] = MappingProxyType({method.name: method for method
            statistics=("H",), solve=gptq.solve, default=True, color="#4C72B0", flops=_gptq_flops),
     Method("gptaq", "GPTAQ", "GPTAQ (Li et al., 2025): GPTQ plus the drift correction P, exact lazy update",
            CALIBRATED, statistics=("H", "D"), act_quant_during_calibration=True, solve=gptaq.solve,
-           default=True, color="#DD8452", flops=_gptaq_flops),
+           parameters=(gptaq.ALPHA,), default=True, color="#DD8452", flops=_gptaq_flops),
     Method("gptaq_official", "GPTAQ (official)", "GPTAQ with the official code's lazy update", CALIBRATED,
            statistics=("H", "D"), act_quant_during_calibration=True, solve=gptaq.solve,
-           solver_overrides=MappingProxyType({"lazy_update": "official"}), color="#55A868", flops=_gptaq_flops),
+           solver_overrides=MappingProxyType({"lazy_update": "official"}), parameters=(gptaq.ALPHA,),
+           color="#55A868", flops=_gptaq_flops),
     Method("qep", "QEP", "QEP (Arai & Ichikawa, 2025): GPTQ from W + α_qep·W D (H + λI)⁻¹", CALIBRATED,
-           statistics=("H", "D"), act_quant_during_calibration=True, solve=qep.solve, color="#C44E52",
-           flops=_qep_flops),
+           statistics=("H", "D"), act_quant_during_calibration=True, solve=qep.solve,
+           parameters=(qep.QEP_ALPHA,), color="#C44E52", flops=_qep_flops),
     Method("qronos", "Qronos", "Qronos (Zhang et al., 2026): least-squares drift correction, then GPTQ",
            CALIBRATED, statistics=("H", "D"), act_quant_during_calibration=True, solve=qronos.solve,
            color="#8172B3", flops=_qep_flops),
 )})
 """Every method, in report order."""
+
+METHOD_PARAMETERS: Mapping[str, MethodParameter] = MappingProxyType(
+    {parameter.name: parameter for method in METHODS.values() for parameter in method.parameters})
+"""Every method's own settings by name (a setting two methods share, GPTAQ's ``alpha``, appears once)."""
 
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
 DEFAULT_METHODS: tuple[str, ...] = tuple(name for name, method in METHODS.items() if method.default)

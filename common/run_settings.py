@@ -6,7 +6,6 @@ a subclass may redeclare a field to change its default (e.g. ``percdamp`` 0.1 fo
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,35 +13,18 @@ from pathlib import Path
 from typing import Any
 
 from common.cache import CACHE_ENV_VAR, cache_root
-from common.config import ConfigError
 from common.files import check_plain_name, check_writable_dir, sweep_stale_temporaries
-from common.methods import DEFAULT_METHODS, METHOD_NAMES, METHODS
+from common.methods import DEFAULT_METHODS, METHOD_NAMES, METHOD_PARAMETERS, METHODS
 from common.quant.quantizers import GRIDS, check_bits, check_clip_ratio
+from common.rules import ConfigError, check_group_size, check_nonnegative, check_one_of, check_positive
 from common.solvers.column_loop import LAZY_UPDATES
+from common.solvers.gptaq import ALPHA
+from common.solvers.qep import QEP_ALPHA
 
 
 def describe(text: str) -> dict[str, Any]:
     """Field metadata holding the ``--help`` text."""
     return {"help": text}
-
-
-def check_one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
-
-
-def check_positive(name: str, value: int | None, *, optional: bool = False) -> None:
-    """``value`` is an integer >= 1 (or ``None`` when ``optional``); else ``ConfigError`` naming ``name``."""
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        allowed = "a positive integer" + (" or None (no limit)" if optional else "")
-        raise ConfigError(f"{name} must be {allowed}, got {value!r}")
-
-
-def check_finite(name: str, value: float) -> None:
-    if not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number, got {value!r}")
 
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -77,9 +59,9 @@ class RunSettings:
     act_order: bool = field(default=False, metadata=describe("quantize columns by decreasing Hessian diagonal"))
     static_groups: bool = field(default=False, metadata=describe("group grids from the original weights"))
     blocksize: int = field(default=128, metadata=describe("solver lazy-update block size"))
-    alpha: float = field(default=0.25, metadata=describe("GPTAQ drift-correction scale (official code: 0.25)"))
+    alpha: float = field(default=ALPHA.default, metadata=describe(ALPHA.meaning))
     lazy_update: str = field(default="exact", metadata=describe(f"GPTAQ lazy update form, one of {LAZY_UPDATES}"))
-    qep_alpha: float = field(default=0.5, metadata=describe("QEP's correction scale (OneComp's perccorr: 0.5)"))
+    qep_alpha: float = field(default=QEP_ALPHA.default, metadata=describe(QEP_ALPHA.meaning))
     qep_exclude: list[str] = field(default_factory=list, metadata=describe(
         "linears QEP leaves uncorrected, by name within a block (e.g. mlp.down_proj)"))
     act_quant_during_calibration: bool | None = field(
@@ -108,17 +90,10 @@ class RunSettings:
         for name in ("nsamples", "calib_batch_size", "blocksize"):
             check_positive(name, getattr(self, name))
         for name in ("w_groupsize", "a_groupsize"):
-            if getattr(self, name) != -1 and getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be -1 or a positive integer, got {getattr(self, name)}")
-        check_finite("percdamp", self.percdamp)
-        if self.percdamp < 0:
-            raise ConfigError(f"percdamp must be >= 0 (a fraction of the mean Hessian diagonal), got {self.percdamp}")
-        check_finite("alpha", self.alpha)
-        if self.alpha < 0:
-            raise ConfigError(f"alpha must be >= 0 (GPTAQ's drift-correction scale; official 0.25), got {self.alpha}")
-        check_finite("qep_alpha", self.qep_alpha)
-        if self.qep_alpha < 0:
-            raise ConfigError(f"qep_alpha must be >= 0 (QEP's correction scale; 0 = GPTQ), got {self.qep_alpha}")
+            check_group_size(name, getattr(self, name))
+        check_nonnegative("percdamp", self.percdamp, "a fraction of the mean Hessian diagonal")
+        for parameter in METHOD_PARAMETERS.values():
+            parameter.check(getattr(self, parameter.name))
         if self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed}")
         check_device(self.device)

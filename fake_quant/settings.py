@@ -11,7 +11,8 @@ from common.export.gptq_format import BITS as GPTQ_FORMAT_BITS
 from common.llama.settings import LlamaSettings
 from common.methods import METHODS
 from common.quant.quantizers import FULL_PRECISION_BITS
-from common.run_settings import check_one_of, describe
+from common.rules import check_one_of
+from common.run_settings import describe
 from fake_quant.rotation import MODES
 
 

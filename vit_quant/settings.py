@@ -7,7 +7,8 @@ from pathlib import Path
 
 from common.cache import CACHE_ENV_VAR
 from common.config import ConfigError
-from common.run_settings import RunSettings, check_positive, describe
+from common.rules import check_positive
+from common.run_settings import RunSettings, describe
 from vit_quant.embedded_model import default_cache_dir, is_cached
 
 EMBEDDED = "embedded"

@@ -11,7 +11,8 @@ from common.config import ConfigError
 from common.llama.loading import EMBEDDED, embedded_cache_folder, embedded_is_converted
 from common.lm.corpora import CORPORA
 from common.quant.quantizers import check_bits, check_clip_ratio
-from common.run_settings import RunSettings, check_one_of, check_positive, describe
+from common.rules import check_one_of, check_positive
+from common.run_settings import RunSettings, describe
 
 DTYPES = ("float32", "float16", "bfloat16")
 

@@ -44,6 +44,7 @@ from common.quant.quantizers import (
     check_groupsize,
     working_dtype,
 )
+from common.rules import check_group_size, check_nonnegative, check_one_of, check_positive
 from common.solvers.statistics import CalibrationError
 
 LAZY_UPDATES = ("exact", "official")
@@ -56,7 +57,8 @@ _INNER_BLOCK = 16
 
 @dataclass(frozen=True)
 class SolverConfig:
-    """Settings of one layer solve, shared by every method.
+    """Settings of one layer solve, shared by every method; each is checked here by its rule
+    (:mod:`common.rules`), except a method's own parameters, which its ``solve`` checks.
 
     Attributes:
         bits: weight bit width, 1..16 (16 returns ``W`` unchanged).
@@ -66,10 +68,12 @@ class SolverConfig:
         static_groups: with groups, compute every group's grid from the starting weight up front.
         percdamp: damping added to ``H``'s diagonal, as a fraction of its mean.
         blocksize: columns per lazy-update block.
-        alpha: GPTAQ's scale of the drift correction ``P``.
+        alpha: GPTAQ's scale of the drift correction ``P`` (declared and checked by
+            :data:`common.solvers.gptaq.ALPHA`).
         mse: per-grid MSE clip search.
         lazy_update: ``"exact"`` (blocksize-independent) or ``"official"`` (the official GPTAQ code's form).
-        qep_alpha: QEP's scale of the weight correction (:mod:`common.solvers.qep`).
+        qep_alpha: QEP's scale of the weight correction (declared and checked by
+            :data:`common.solvers.qep.QEP_ALPHA`).
         grid: one of :data:`common.quant.quantizers.GRIDS` (``"gptq"``: what a ``gptq`` checkpoint stores
             exactly).
     """
@@ -90,17 +94,10 @@ class SolverConfig:
     def __post_init__(self) -> None:
         check_bits(self.bits)
         check_grid(self.grid)
-        if self.lazy_update not in LAZY_UPDATES:
-            raise ValueError(f"lazy_update must be one of {LAZY_UPDATES}, got {self.lazy_update!r}")
-        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1:
-            raise ValueError(f"blocksize must be a positive integer, got {self.blocksize!r}")
-        if not 0.0 <= self.percdamp:
-            raise ValueError(f"percdamp must be >= 0 (a fraction of the mean Hessian diagonal), got {self.percdamp}")
-        for name in ("alpha", "qep_alpha"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
-        if self.groupsize != -1 and (not isinstance(self.groupsize, int) or self.groupsize < 1):
-            raise ValueError(f"groupsize must be -1 or a positive integer, got {self.groupsize!r}")
+        check_one_of("lazy_update", self.lazy_update, LAZY_UPDATES)
+        check_positive("blocksize", self.blocksize)
+        check_nonnegative("percdamp", self.percdamp, "a fraction of the mean Hessian diagonal")
+        check_group_size("groupsize", self.groupsize)
 
 
 @dataclass(frozen=True)

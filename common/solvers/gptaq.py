@@ -12,8 +12,8 @@ carried through the same inverse Cholesky factor: with ``D = 2/N · ΔXᵀX̃`` 
     P = α · triu(D Uᵀ, 1) · U,
     W[:, k] −= e_j · U[j, k] − w_j · P[j, k]   (k > j),
 
-where ``w_j`` is column ``j``'s value just before it is quantized. ``α`` (``alpha``) is 0.25 in the official
-code; the paper does not state it. With ``D = 0`` (or ``α = 0``) ``P = 0`` and the solve is GPTQ, bitwise.
+where ``w_j`` is column ``j``'s value just before it is quantized. ``α`` (:data:`ALPHA`) is 0.25 in the
+official code; the paper does not state it. With ``D = 0`` (or ``α = 0``) ``P = 0`` and the solve is GPTQ, bitwise.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ from common.solvers.column_loop import (
     StartingPoint,
     solve_layer,
 )
+from common.solvers.parameters import MethodParameter
+
+ALPHA = MethodParameter("alpha", 0.25, "GPTAQ's drift-correction scale; official code: 0.25")
 
 
 def drift_correction(drift: torch.Tensor, upper: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -64,6 +67,7 @@ def start(work: torch.Tensor, drift: torch.Tensor, factorization: Factorization,
 def solve(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor | None, config: SolverConfig, *,
           name: str = "layer") -> SolveResult:
     """GPTAQ on one layer: ``W`` [m, n], ``H`` and ``D`` [n, n] (required)."""
+    ALPHA.check(config.alpha)
     return solve_layer(W, H, D, config, name=name, start=start)
 
 
@@ -79,7 +83,7 @@ def quantize_weight(
     static_groups: bool = False,
     percdamp: float = 0.01,
     blocksize: int = 128,
-    alpha: float = 0.25,
+    alpha: float = ALPHA.default,
     mse: bool = False,
     lazy_update: str = "exact",
 ) -> torch.Tensor:

@@ -26,6 +26,9 @@ from __future__ import annotations
 import torch
 
 from common.solvers.column_loop import Factorization, SolverConfig, SolveResult, StartingPoint, solve_layer
+from common.solvers.parameters import MethodParameter
+
+QEP_ALPHA = MethodParameter("qep_alpha", 0.5, "QEP's correction scale; 0 = GPTQ, OneComp's perccorr: 0.5")
 
 
 def drift_corrected(work: torch.Tensor, drift: torch.Tensor, factorization: Factorization,
@@ -50,4 +53,5 @@ def start(work: torch.Tensor, drift: torch.Tensor, factorization: Factorization,
 def solve(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor | None, config: SolverConfig, *,
           name: str = "layer") -> SolveResult:
     """QEP on one layer (``config.qep_alpha`` scales the correction); ``D`` is required."""
+    QEP_ALPHA.check(config.qep_alpha)
     return solve_layer(W, H, D, config, name=name, start=start)

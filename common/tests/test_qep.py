@@ -81,10 +81,12 @@ def test_reduces_the_output_error_under_structured_drift(qep_alpha, margin):
     margin(f"QEP / GPTQ output error, worst of 5 layers, qep_alpha {qep_alpha}", max(ratios), below=0.9)
 
 
-def test_needs_the_drift_and_refuses_a_non_finite_scale():
+def test_needs_the_drift_and_refuses_a_non_finite_or_negative_scale():
     weight, x_full, x_quant = layer()
-    hessian, _ = statistics(x_full, x_quant)
+    hessian, drift = statistics(x_full, x_quant)
     with pytest.raises(ValueError, match="fc1: this method needs the drift statistic D"):
         qep.solve(weight, hessian, None, SolverConfig(bits=4), name="fc1")
     with pytest.raises(ValueError, match="qep_alpha must be a finite number"):
-        SolverConfig(bits=4, qep_alpha=float("nan"))
+        qep.solve(weight, hessian, drift, SolverConfig(bits=4, qep_alpha=float("nan")))
+    with pytest.raises(ValueError, match=r"qep_alpha must be >= 0 \(QEP's correction scale"):
+        qep.solve(weight, hessian, drift, SolverConfig(bits=4, qep_alpha=-1.0))
