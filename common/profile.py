@@ -91,6 +91,12 @@ def forward_flops(forward: Callable[[], object]) -> float:
     return float(counter.get_total_flops())
 
 
+def evaluation_flops_of(forward_one: Callable[[], object], examples: int) -> float:
+    """The FLOPs of an evaluation of ``examples`` examples: one example's forward (``forward_one``), counted
+    by :func:`forward_flops`, times ``examples``."""
+    return forward_flops(forward_one) * examples
+
+
 def _peak_rss_bytes() -> int:
     if _STATUS.is_file():
         match = re.search(r"VmHWM:\s+(\d+) kB", _STATUS.read_text())

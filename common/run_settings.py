@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from common.cache import CACHE_ENV_VAR, cache_root
 from common.files import check_plain_name, check_writable_dir, sweep_stale_temporaries
@@ -38,6 +38,9 @@ def check_device(device: str) -> None:
 @dataclass
 class RunSettings:
     """Shared fields; see ``--help`` of any tree's entry point for their meaning."""
+
+    TREE: ClassVar[str] = "run"
+    """The tree's name (``fake_quant``, ``spinquant``, ``vit_quant``): the result JSON's ``tree``."""
 
     name: str | None = field(default=None, metadata=describe("results/<name>.csv; default: derived from settings"))
     device: str = field(default="auto", metadata=describe("auto, cpu, cuda or cuda:i"))

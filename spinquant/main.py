@@ -21,7 +21,6 @@ from transformers import PreTrainedTokenizerBase
 from common.cache import CACHE_ENV_VAR, cache_root
 from common.cli import run_cli
 from common.config import ConfigError
-from common.device import pick_device
 from common.files import check_output_file
 from common.llama.experiment import (
     PerExample,
@@ -38,8 +37,8 @@ from common.llama.loading import ModelLoadError
 from common.llama.rotation import LlamaShape
 from common.lm.corpora import CorpusUnavailableError, calibration_windows
 from common.lm.zeroshot import ZeroShotUnavailableError
-from common.profile import start_profile
 from common.results.runs import MetricRow
+from common.run import start_run
 from spinquant.rotation import (
     RotationFileError,
     SpinRotation,
@@ -151,11 +150,8 @@ def labelled(rows: list[MetricRow], setting: str) -> list[MetricRow]:
 
 def run(config: SpinQuantConfig) -> tuple[Path, Path]:
     """Learn or load the rotation, compare every method under it (and the baseline), write the results."""
-    config.check_outputs()
-    torch.manual_seed(config.seed)
-    device = pick_device(config.device)
-    timer = start_profile(device)
-    check_rotation_file(config, preflight(config, timer, calibrate=True))
+    started, _ = start_run(config, lambda: check_rotation_file(config, preflight(config, calibrate=True)))
+    timer, device = started.timer, started.device
     with timer("data"):
         tokenizer = load_tokenizer(config)
         calibration, eval_sets = load_data(tokenizer, config, calibrate=config.calibrates)
@@ -190,18 +186,17 @@ def run(config: SpinQuantConfig) -> tuple[Path, Path]:
         rows += labelled(method_rows, f"{config.setting} {label}")
         layers.update({f"{label}/{method}": records for method, records in method_layers.items()})
 
-    return write_llama_run(config, rows, settings=dataclasses.asdict(config), layers=layers, timer=timer,
-                           device=device, metadata={
-                               "rotation": {
-                                   "file": str(path),
-                                   "trained_with": trained_with,
-                                   "steps": learned.step,
-                                   "losses": learned.losses,
-                                   "monitor_loss": monitor,
-                                   "shape": dataclasses.asdict(shape),
-                                   "labels": {LABELS[k]: k for k in rotations},
-                               },
-                           }, per_example=per_example)
+    rotation_record = {
+        "file": str(path),
+        "trained_with": trained_with,
+        "steps": learned.step,
+        "losses": learned.losses,
+        "monitor_loss": monitor,
+        "shape": dataclasses.asdict(shape),
+        "labels": {LABELS[k]: k for k in rotations},
+    }
+    return write_llama_run(started, rows, layers=layers, metadata={"rotation": rotation_record},
+                           per_example=per_example)
 
 
 def main(argv: list[str] | None = None) -> int:

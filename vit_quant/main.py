@@ -19,11 +19,10 @@ from torch.utils.data import DataLoader
 
 from common.cli import run_cli
 from common.config import ConfigError, parse_config
-from common.device import device_description, pick_device
 from common.pipeline import compare_methods, quantize
-from common.profile import forward_flops, start_profile
+from common.profile import evaluation_flops_of
 from common.results.intervals import outcome_string
-from common.results.runs import write_run
+from common.run import start_run, write_results
 from vit_quant.adapter import block_linear_input_sizes, prepare_vit
 from vit_quant.data import (
     DEFAULT_FASHION_MNIST_DIR,
@@ -45,8 +44,9 @@ class ModelNotFoundError(ValueError):
     """The requested model name is not a timm model."""
 
 
-def load_model(config: VitRunConfig) -> tuple[torch.nn.Module, dict]:
-    """The full-precision model (eval mode, CPU) and a description of where it came from."""
+def load_model_and_source(config: VitRunConfig) -> tuple[torch.nn.Module, dict]:
+    """The full-precision model (eval mode, CPU) and a description of where it came from (the result JSON's
+    ``model_source``)."""
     if config.model == EMBEDDED:
         model, info = load_or_train_embedded_vit(config.data_path)
         return model.cpu().eval(), {"source": "embedded", "fp_test_top1_at_training": info["test_top1"],
@@ -102,7 +102,7 @@ def load_probe(argv: list[str] | None, description: str) -> ProbeInputs | None:
     except (ConfigError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return None
-    model, source = load_model(config)
+    model, source = load_model_and_source(config)
     calibration, evaluation = load_data(config, model)
     return ProbeInputs(config, model, source, calibration, evaluation)
 
@@ -132,14 +132,10 @@ def preflight(config: VitRunConfig) -> None:
 
 def run(config: VitRunConfig) -> tuple[Path, Path]:
     """Run every method of ``config`` and write the result files; returns their paths."""
-    config.check_outputs()
-    torch.manual_seed(config.seed)
-    device = pick_device(config.device)
-    timer = start_profile(device)
-    with timer("preflight"):
-        preflight(config)
+    started, _ = start_run(config, lambda: preflight(config))
+    timer, device = started.timer, started.device
     with timer("load model"):
-        model, source = load_model(config)
+        model, source = load_model_and_source(config)
     with timer("data"):
         calibration, evaluation = load_data(config, model)
     adapter = prepare_vit(model, calibration[:2], bits=config.a_bits, sym=not config.a_asym,
@@ -161,30 +157,13 @@ def run(config: VitRunConfig) -> tuple[Path, Path]:
     def evaluation_flops() -> float:
         """One image's forward (a calibration image: the evaluation's shape), counted, times the images."""
         images = len(evaluation.dataset) if isinstance(evaluation, DataLoader) else len(evaluation)
-        return forward_flops(lambda: model.to(device)(calibration[:1].to(device))) * images
+        return evaluation_flops_of(lambda: model.to(device)(calibration[:1].to(device)), images)
 
     rows, layers = compare_methods(model, config.methods, prepare=prepare, evaluate=evaluate, timer=timer,
                                    evaluation_flops=evaluation_flops)
-    return write_run(
-        config.results_dir,
-        config.run_name,
-        model=config.model,
-        setting=config.setting,
-        rows=rows,
-        settings=dataclasses.asdict(config),
-        metadata={
-            "tree": "vit_quant",
-            "seed": config.seed,
-            "device": device_description(device),
-            "model_source": source,
-            "data_sha256": data_identity(config),
-            "linear_groups": adapter.groups,
-            "seconds": timer.seconds,
-            "profile": timer.as_dict(),
-            "layers": layers,
-        },
-        per_example={config.setting: per_example},
-    )
+    return write_results(started, rows, layers=layers, data_identity=data_identity(config),
+                         metadata={"model_source": source, "linear_groups": adapter.groups},
+                         per_example={config.setting: per_example})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from common.cache import CACHE_ENV_VAR
 from common.config import ConfigError
@@ -20,6 +21,8 @@ class VitRunConfig(RunSettings):
 
     Defaults follow the paper's ViT settings: act_order on, percdamp 0.1, no activation clipping.
     """
+
+    TREE: ClassVar[str] = "vit_quant"
 
     model: str = field(default=EMBEDDED, metadata=describe("timm model name, or 'embedded' (Fashion-MNIST ViT)"))
     checkpoint: str | None = field(default=None, metadata=describe("local weights file instead of timm's"))
@@ -55,4 +58,4 @@ class VitRunConfig(RunSettings):
         if self.name:
             return self.name
         model = "fmnist-vit" if self.model == EMBEDDED else self.model.split(".")[0].lower()
-        return f"vit_quant-{model}-{self.setting.lower()}"
+        return f"{self.TREE}-{model}-{self.setting.lower()}"

@@ -3,7 +3,7 @@
 A tree's entry point loads the model (:func:`load_model`), applies its rotation (QuaRot, SpinQuant, ...),
 adds activation quantizers (:func:`add_quantizers`), draws the data (:func:`load_data`) and calls
 :func:`compare_rotated` (usually with :func:`quantizing`) once per rotated model; :func:`write_llama_run`
-writes the result files.
+writes the result files. The run's start and its checks are :func:`common.run.start_run` with :func:`preflight`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import torch
 from transformers import LlamaForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
 from common.config import ConfigError
-from common.device import device_description
 from common.engine.settings import CalibrationReport
 from common.llama.adapter import LlamaAdapter, add_activation_quantizers
 from common.llama.loading import load_llama_config, load_llama_model, load_llama_tokenizer
@@ -26,15 +25,17 @@ from common.llama.settings import LlamaSettings
 from common.lm.corpora import calibration_windows, corpus_fingerprint, evaluation_windows, load_corpus
 from common.lm.perplexity import perplexity_of, window_nlls
 from common.pipeline import compare_methods, quantize
-from common.profile import StageProfile, forward_flops
+from common.profile import StageProfile, evaluation_flops_of
 from common.quant.qlinear import QuantLinear
-from common.results.runs import MetricRow, write_run
+from common.results.runs import MetricRow
+from common.run import Run, write_results
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-Prepare = Callable[[str], CalibrationReport | None]
+PrepareMethod = Callable[[str], CalibrationReport | None]
+"""``prepare(method)``: put ``method``'s weights into the model (quantize, or load them); its calibration report."""
 
 
 def load_model(config: LlamaSettings) -> LlamaForCausalLM:
@@ -48,26 +49,25 @@ def load_tokenizer(config: LlamaSettings) -> PreTrainedTokenizerBase:
     return load_llama_tokenizer(config.model)
 
 
-def preflight(config: LlamaSettings, timer: StageProfile, *, calibrate: bool) -> LlamaShape:
+def preflight(config: LlamaSettings, *, calibrate: bool) -> LlamaShape:
     """Check everything that can be checked before the weights are read; returns the model's sizes.
 
     Loads the zero-shot tasks' data and the corpora's texts (a Hub corpus or task that is unreachable
     fails here, not after hours of calibration), reads the model's configuration alone and checks the
     settings against it (:func:`check_model_settings`).
     """
-    with timer("preflight"):
-        if config.tasks_include_path and not Path(config.tasks_include_path).is_dir():
-            raise ConfigError(f"tasks_include_path: {config.tasks_include_path} is not a folder")
-        if config.tasks:
-            from common.lm.zeroshot import load_tasks  # lm-eval and datasets cost 0.13 GB of memory: only if used
+    if config.tasks_include_path and not Path(config.tasks_include_path).is_dir():
+        raise ConfigError(f"tasks_include_path: {config.tasks_include_path} is not a folder")
+    if config.tasks:
+        from common.lm.zeroshot import load_tasks  # lm-eval and datasets cost 0.13 GB of memory: only if used
 
-            load_tasks(config.tasks, include_path=config.tasks_include_path)
-        corpora = [(config.calib_dataset, "train")] if calibrate else []
-        for corpus, split in [*corpora, *((name, "test") for name in config.eval_datasets)]:
-            load_corpus(corpus, split)
-        model_config = load_llama_config(config.model)
-        shape = LlamaShape.from_config(model_config)
-        check_model_settings(config, shape, model_config)
+        load_tasks(config.tasks, include_path=config.tasks_include_path)
+    corpora = [(config.calib_dataset, "train")] if calibrate else []
+    for corpus, split in [*corpora, *((name, "test") for name in config.eval_datasets)]:
+        load_corpus(corpus, split)
+    model_config = load_llama_config(config.model)
+    shape = LlamaShape.from_config(model_config)
+    check_model_settings(config, shape, model_config)
     return shape
 
 
@@ -150,7 +150,7 @@ def evaluate(
 
 def quantizing(
     model: LlamaForCausalLM, config: LlamaSettings, calibration: torch.Tensor | None, device: torch.device
-) -> Prepare:
+) -> PrepareMethod:
     """The default ``prepare(method)``: quantize ``model`` in place with ``method`` on ``calibration``."""
     offload_device = torch.device("cpu") if config.offload else device
     adapter = LlamaAdapter()
@@ -170,7 +170,7 @@ def compare_rotated(
     config: LlamaSettings,
     methods: Sequence[str],
     *,
-    prepare: Prepare,
+    prepare: PrepareMethod,
     eval_sets: Mapping[str, torch.Tensor],
     device: torch.device,
     timer: StageProfile,
@@ -198,9 +198,9 @@ def compare_rotated(
             return 0.0
         first = next(w for w in eval_sets.values() if len(w))[:1].to(device)
         model.to(device)
-        per_window = forward_flops(lambda: model(input_ids=first, use_cache=False))
+        flops = evaluation_flops_of(lambda: model(input_ids=first, use_cache=False), windows)
         model.to("cpu")
-        return per_window * windows
+        return flops
 
     return compare_methods(model, methods, prepare=prepare, evaluate=evaluate_method, timer=timer,
                            stage_prefix=label, evaluation_flops=evaluation_flops)
@@ -215,40 +215,20 @@ def _zero_shot_identity(tasks: list[str]) -> dict[str, Any]:
 
 
 def write_llama_run(
-    config: LlamaSettings,
+    run: Run,
     rows: Sequence[MetricRow],
     *,
-    settings: Mapping[str, Any],
     layers: Mapping[str, Any],
-    timer: StageProfile,
-    device: torch.device,
     metadata: Mapping[str, Any],
     per_example: Mapping[str, PerExample] | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``<results_dir>/<run name>.csv`` and ``.json`` with the data hashes and the common metadata;
-    ``per_example`` (``{row setting: PerExample}``) adds the paired intervals (see
-    :func:`common.results.runs.write_run`)."""
+    """:func:`common.run.write_results` with a Llama run's data identity: the SHA-256 of each corpus and of
+    the zero-shot tasks' data."""
+    config = run.config
     data_identity = {
         name: corpus_fingerprint(name, split)
         for name, split in [(config.calib_dataset, "train"), *((d, "test") for d in config.eval_datasets)]
     }
-    return write_run(
-        config.results_dir,
-        config.run_name,
-        model=config.model,
-        setting=config.setting,
-        rows=rows,
-        settings=settings,
-        metadata={
-            "tree": config.TREE,
-            "seed": config.seed,
-            "device": device_description(device),
-            "data_sha256": data_identity,
-            "zero_shot_data": _zero_shot_identity(config.tasks),
-            "seconds": timer.seconds,
-            "profile": timer.as_dict(),
-            "layers": dict(layers),
-            **metadata,
-        },
-        per_example=per_example,
-    )
+    return write_results(run, rows, layers=layers, data_identity=data_identity,
+                         metadata={"zero_shot_data": _zero_shot_identity(config.tasks), **metadata},
+                         per_example=per_example)

@@ -78,7 +78,7 @@ def watched(tmp_path, monkeypatch):
         raise AssertionError("a model was loaded or trained before the bad input was refused")
 
     monkeypatch.setattr(vq_main, "load_or_train_embedded_vit", refuse)
-    monkeypatch.setattr(vq_main, "load_model", refuse)
+    monkeypatch.setattr(vq_main, "load_model_and_source", refuse)
     return tmp_path, events
 
 
