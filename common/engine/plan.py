@@ -15,12 +15,12 @@ group ``g`` (``solved`` = the groups before it):
 * record every other solved linear, except in the last group's pass (what it would record serves the final
   pass alone) and except the linears inside a tail submodule that will be computed from its tail linear from
   the next pass on (nothing would replay them);
-* shortcut every tail submodule whose other linears are solved and whose tail linear's input was kept (or
-  output recorded) in an earlier pass;
+* compute from its tail linear every tail submodule whose other linears are solved and whose tail linear's
+  input was kept (or output recorded) in an earlier pass;
 * keep the inputs of the group's tail linears whose submodule's other linears are solved by now; drop kept
   inputs once the tail linear's output is recorded.
 
-The final pass replays and shortcuts by the same rules and records nothing.
+The final pass replays and computes tail submodules by the same rules and records nothing.
 """
 
 from __future__ import annotations
@@ -38,15 +38,17 @@ class Pass:
             block to advance the stream).
         replay: solved linears whose recorded outputs stand in for computing them.
         record: solved linears whose outputs are recorded (replayed in later passes).
-        shortcuts: tail submodules computed from their tail linear alone.
-        keep_inputs: tail linears of ``group`` whose inputs, as collected in this pass, are kept for shortcuts.
+        from_tail_linear: tail submodules computed as their tail linear applied to its kept input (or its
+            replayed output), without running the rest of the submodule.
+        keep_inputs: tail linears of ``group`` whose inputs, as collected in this pass, are kept for
+            ``from_tail_linear``.
         drop_inputs: tail linears whose kept inputs are released before the pass (their outputs are recorded).
     """
 
     group: tuple[str, ...]
     replay: tuple[str, ...] = ()
     record: tuple[str, ...] = ()
-    shortcuts: tuple[str, ...] = ()
+    from_tail_linear: tuple[str, ...] = ()
     keep_inputs: tuple[str, ...] = ()
     drop_inputs: tuple[str, ...] = ()
 
@@ -64,7 +66,8 @@ def plan_passes(groups: Sequence[Sequence[str]], tails: Mapping[str, str], insid
         groups: the block's linears grouped by shared input, in true-sequential order.
         tails: ``{tail submodule: its tail linear}``.
         inside: ``{tail submodule: the linears inside it}`` (the tail linear among them).
-        reuse_outputs: ``False`` computes every linear in every pass (nothing recorded, replayed or shortcut).
+        reuse_outputs: ``False`` computes every linear in every pass (nothing recorded, replayed or
+            computed from a tail linear).
     """
     if not reuse_outputs:
         return [Pass(tuple(group)) for group in groups] + [Pass(())]
@@ -87,10 +90,10 @@ def plan_passes(groups: Sequence[Sequence[str]], tails: Mapping[str, str], insid
             computed_from_tail = {name for module, tail in tails.items() if tail_is_final(tail, after)
                                   for name in inside[module] if name != tail}
             record = tuple(name for name in solved if name not in recorded and name not in computed_from_tail)
-        shortcuts = tuple(module for module, tail in tails.items()
+        from_tail = tuple(module for module, tail in tails.items()
                           if tail_is_final(tail, solved) and (tail in recorded or tail in kept))
         keep = tuple(name for name in group if tail_is_final(name, [*solved, *group]))
-        passes.append(Pass(tuple(group), replay, record, shortcuts, keep, drop))
+        passes.append(Pass(tuple(group), replay, record, from_tail, keep, drop))
         recorded.update(record)
         kept.extend(keep)
         solved.extend(group)

@@ -1,4 +1,5 @@
-"""How a pass over a block is wired into its modules: observers, recorded outputs, shortcut submodules.
+"""How a pass over a block is wired into its modules: observers, recorded outputs, tail submodules computed
+from one linear.
 
 The engine never edits a model's code. It talks to :class:`common.quant.qlinear.QuantLinear` through its
 hook slots (``observer``: the input the weight multiplies; ``recorder``: the output; ``replay``: an output that
@@ -67,11 +68,11 @@ def recording_outputs(linears: Mapping[str, QuantLinear],
 def wired_batch(block: nn.Module, linears: Mapping[str, QuantLinear], tails: Mapping[str, Tail], step: Pass,
                 batch: int, outputs: Mapping[str, BatchStore], tail_inputs: Mapping[str, BatchStore],
                 device: torch.device) -> Iterator[None]:
-    """``step``'s replays, recordings and shortcuts installed for ``batch`` of the quantized stream.
+    """``step``'s replays, recordings and tail computations installed for ``batch`` of the quantized stream.
 
     Replayed linears return ``outputs[name][batch]``; recorded ones write theirs to ``outputs[name][batch]``;
-    a shortcut submodule returns its tail linear applied to ``tail_inputs[linear][batch]`` (or that linear's
-    replayed output).
+    a submodule of ``step.from_tail_linear`` returns its tail linear applied to ``tail_inputs[linear][batch]``
+    (or that linear's replayed output).
     """
 
     def replayed(name: str):
@@ -83,7 +84,7 @@ def wired_batch(block: nn.Module, linears: Mapping[str, QuantLinear], tails: Map
 
         return record
 
-    def shortcut(tail: Tail):
+    def from_tail_linear(tail: Tail):
         linear = linears[tail.linear]
 
         def forward(*_args, **_kwargs):
@@ -96,13 +97,13 @@ def wired_batch(block: nn.Module, linears: Mapping[str, QuantLinear], tails: Map
 
     for name in step.replay:
         linears[name].replay = replayed(name)
-    for module in step.shortcuts:
-        block.get_submodule(module).forward = shortcut(tails[module])
+    for module in step.from_tail_linear:
+        block.get_submodule(module).forward = from_tail_linear(tails[module])
     try:
         with recording_outputs(linears, {name: recorder(name) for name in step.record}):
             yield
     finally:
         for name in step.replay:
             linears[name].replay = None
-        for module in step.shortcuts:
+        for module in step.from_tail_linear:
             del block.get_submodule(module).forward

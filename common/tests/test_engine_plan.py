@@ -20,9 +20,9 @@ def test_llama_block_runs_attention_and_the_mlp_hidden_layer_once():
         Pass(("q", "k", "v")),
         # q, k, v are not recorded: attention is computed from o's kept input from the next pass on
         Pass(("o",), keep_inputs=("o",)),
-        Pass(("gate", "up"), record=("o",), shortcuts=("attn",)),
-        Pass(("down",), replay=("o",), shortcuts=("attn",), keep_inputs=("down",), drop_inputs=("o",)),
-        Pass((), replay=("o",), shortcuts=("attn", "mlp")),
+        Pass(("gate", "up"), record=("o",), from_tail_linear=("attn",)),
+        Pass(("down",), replay=("o",), from_tail_linear=("attn",), keep_inputs=("down",), drop_inputs=("o",)),
+        Pass((), replay=("o",), from_tail_linear=("attn", "mlp")),
     ]
     assert [step.final for step in passes] == [False] * 4 + [True]
 
@@ -42,14 +42,14 @@ def test_without_reuse_every_pass_computes_everything():
     assert passes == [Pass(tuple(group)) for group in LLAMA_GROUPS] + [Pass(())]
 
 
-def test_a_shortcut_reads_only_what_an_earlier_pass_kept_or_recorded():
+def test_a_tail_submodule_reads_only_what_an_earlier_pass_kept_or_recorded():
     for groups in (LLAMA_GROUPS, [["q", "k", "v", "o"], ["gate", "up", "down"]], [["q"], ["k", "v"], ["o", "gate"],
                                                                                  ["up"], ["down"]]):
         kept, recorded = set(), set()
         for step in plan_passes(groups, LLAMA_TAILS, LLAMA_INSIDE):
             kept -= set(step.drop_inputs)
             assert set(step.replay) <= recorded
-            for module in step.shortcuts:
+            for module in step.from_tail_linear:
                 assert LLAMA_TAILS[module] in kept | recorded
             recorded |= set(step.record)
             kept |= set(step.keep_inputs)
