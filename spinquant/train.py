@@ -37,6 +37,7 @@ from transformers import LlamaForCausalLM
 
 from common.llama.rotation import LlamaShape, rotated_weights
 from common.quant.quantizers import FULL_PRECISION_BITS, ActivationQuantizer, check_bits, rtn_quantize_weight
+from common.rules import check_positive
 from spinquant.cayley import CayleySGD
 from spinquant.rotation import SpinRotation, save_rotation
 
@@ -73,9 +74,7 @@ class TrainingSettings:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "micro_batch_size", "checkpoint_every", "log_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive(name, getattr(self, name))
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         check_bits(self.w_bits, "w_bits")

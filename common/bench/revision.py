@@ -28,6 +28,7 @@ from common.bench.timing import best_alternating, parse_shape, seeded_problem
 from common.device import device_description, pick_device
 from common.files import atomic_write_csv
 from common.results.provenance import BENCH_REVISION_CSV, REPO_ROOT
+from common.rules import check_positive
 
 SOLVER_PATHS = ("common/solvers", "common/methods.py", "common/quant/quantizers.py")
 """The files the solvers are read from (what ``git diff`` checks to expect bitwise equality)."""
@@ -89,8 +90,7 @@ def run(shapes, revision: str, repeats: int, device: torch.device, *, mse: bool 
 
     Returns one row per shape and method (see :data:`FIELDS`; seconds are wall times of one solve).
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    check_positive("repeats", repeats)
     theirs = load_revision_registry(revision)
     for method in methods:
         for side, registry in (("this checkout", common.methods), (f"revision {revision!r}", theirs)):

@@ -16,6 +16,7 @@ from typing import TypeVar
 import torch
 
 from common.profile import synchronize
+from common.rules import check_positive
 
 T = TypeVar("T")
 
@@ -31,8 +32,7 @@ def timed(call: Callable[[], T], device: torch.device) -> tuple[float, T]:
 
 def best_seconds(call: Callable[[], T], device: torch.device, repeats: int) -> tuple[float, T]:
     """Best wall time in seconds of ``call()`` over ``repeats`` calls after one warm-up, and its last result."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    check_positive("repeats", repeats)
     result = call()
     best = float("inf")
     for _ in range(repeats):
@@ -45,8 +45,7 @@ def best_alternating(calls: dict[str, Callable[[], T]], device: torch.device, re
                      ) -> tuple[dict[str, float], dict[str, T]]:
     """Best wall time of each of ``calls`` over ``repeats`` rounds, each round calling every one in turn (after
     one warm-up call each); returns ``{name: seconds}`` and ``{name: last result}``."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    check_positive("repeats", repeats)
     results = {name: call() for name, call in calls.items()}
     best = dict.fromkeys(calls, float("inf"))
     for _ in range(repeats):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from common.methods import METHODS, Method, get_method
+from common.rules import check_positive
 from common.solvers.column_loop import SolverConfig
 
 
@@ -44,8 +45,7 @@ class CalibrationSettings:
         if not get_method(self.method).quantized:
             raise ValueError(f"method must be a quantizing method, one of "
                              f"{tuple(n for n, m in METHODS.items() if m.quantized)}, got {self.method!r}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        check_positive("batch_size", self.batch_size)
 
     @property
     def spec(self) -> Method:

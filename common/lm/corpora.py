@@ -65,6 +65,7 @@ from typing import Any, Protocol
 import torch
 
 from common.lm.wikitext import is_disambiguation, is_heading_line, wikitext_heading, wikitext_to_plain
+from common.rules import check_positive
 
 SPLITS = ("train", "test")
 """The split names every corpus provides."""
@@ -366,11 +367,6 @@ def token_stream(tokenizer: Tokenizer, corpus: str, split: str) -> torch.Tensor:
     return per_tokenizer[key]
 
 
-def _check_positive(value: int, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 def calibration_windows(tokenizer: Tokenizer, corpus: str, *, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """``nsamples`` random windows of ``seqlen`` tokens from the ``"train"`` split: LongTensor ``[nsamples, seqlen]``.
 
@@ -379,8 +375,8 @@ def calibration_windows(tokenizer: Tokenizer, corpus: str, *, nsamples: int, seq
     ``ValueError`` (naming ``seqlen`` or ``nsamples``) when the split has fewer than ``seqlen`` tokens or
     fewer than ``nsamples * seqlen`` tokens (the windows would mostly repeat the same text).
     """
-    _check_positive(nsamples, "nsamples")
-    _check_positive(seqlen, "seqlen")
+    check_positive("nsamples", nsamples)
+    check_positive("seqlen", seqlen)
     ids = token_stream(tokenizer, corpus, "train")
     n_tokens = ids.numel()
     if n_tokens < seqlen:
@@ -405,9 +401,9 @@ def evaluation_windows(
     ``max_windows=256`` on ``"c4"`` reproduces GPTQ's C4 evaluation). Raises ``ValueError`` naming
     ``seqlen`` when the split is shorter than one window.
     """
-    _check_positive(seqlen, "seqlen")
+    check_positive("seqlen", seqlen)
     if max_windows is not None:
-        _check_positive(max_windows, "max_windows")
+        check_positive("max_windows", max_windows)
     ids = token_stream(tokenizer, corpus, "test")
     n_windows = ids.numel() // seqlen
     if n_windows == 0:

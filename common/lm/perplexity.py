@@ -11,6 +11,8 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
+from common.rules import check_positive
+
 NLL_ROWS = 256
 """Positions per softmax in :func:`window_nlls`."""
 
@@ -37,8 +39,7 @@ def window_nlls(
     """
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be [n_windows, seqlen >= 2], got shape {tuple(windows.shape)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    check_positive("batch_size", batch_size)
     device = device or next(model.parameters()).device
     sums = []
     for batch in tqdm(windows.split(batch_size), desc=desc, disable=not progress, leave=False):
