@@ -117,9 +117,13 @@ endif
 reproduce-spinquant-w4a4-zeroshot: setup
 	$(PY) -m spinquant.main --config spinquant/configs/embedded_w4a4_zeroshot.yaml $(METHOD_ARGS)
 
-.PHONY: report report-ablations
+.PHONY: report report-ablations docs
 report: setup
 	$(PY) -m common.results.report
+
+# Every table of the README and docs/, rewritten from the result files in docs/results/ (a test checks them).
+docs: setup
+	$(PY) -m common.results.docs
 
 # GPTAQ's α sweep and exact vs official lazy update on the embedded default (results/ablations/), then the report.
 report-ablations: setup

@@ -10,10 +10,22 @@ from common import distributed
 
 
 def device_description(device: torch.device) -> str:
-    """A human-readable name of ``device``: the GPU model, or the CPU with its thread count."""
+    """A human-readable name of ``device``: the GPU model, or the CPU model with the thread count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)"
+
+
+def cpu_model() -> str:
+    """The processor's model name (``/proc/cpuinfo`` on Linux), else what :mod:`platform` knows of it."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name") and ":" in line:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def pick_device(requested: str | None = None) -> torch.device:

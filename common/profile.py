@@ -157,7 +157,7 @@ class StageProfile:
         stage.peak_rss = max(stage.peak_rss, _peak_rss_bytes())
 
     def rows(self) -> list[dict[str, float | str | None]]:
-        """A row per stage: seconds, GFLOP, floor seconds, times the floor, peak RSS in MB."""
+        """A row per stage: seconds, GFLOP, floor seconds, times the floor, peak RSS in MiB (``peak_rss_mb``)."""
         rows = []
         for name, stage in self.stages.items():
             floor = stage.flops / self.rate if stage.flops and self.rate else None
@@ -185,7 +185,7 @@ def format_profile(profile: dict) -> str:
     """A recorded profile (:meth:`StageProfile.as_dict`) as a text table."""
     rows = profile["stages"]
     width = max([len("stage"), *(len(row["stage"]) for row in rows)])
-    lines = [f"{'stage':<{width}} {'seconds':>9} {'GFLOP':>9} {'floor s':>9} {'× floor':>8} {'peak MB':>8}"]
+    lines = [f"{'stage':<{width}} {'seconds':>9} {'GFLOP':>9} {'floor s':>9} {'× floor':>8} {'peak MiB':>8}"]
     for row in rows:
         cells = {key: format(row[key], spec) if row[key] is not None else "—"
                  for key, spec in (("gflop", ">9.1f"), ("floor_seconds", ">9.1f"), ("times_floor", ">8.2f"))}

@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common.bench import table
+from common.bench.table import SHAPE, column
 from common.bench.timing import best_alternating, parse_shape, seeded_problem
 from common.device import device_description, pick_device
 from common.files import atomic_write_csv
@@ -157,18 +159,14 @@ def run(shapes, repeats: int, device: torch.device, gptq_repo: Path, gptaq_repo:
     return rows_out
 
 
+COLUMNS = [SHAPE, column("method", 6, "method"), column("official s", 10, "official_seconds", ".3f"),
+           column("ours s", 8, "ours_seconds", ".3f"), column("ours/off", 8, "ours_over_official", ".3f"),
+           ("x floor", 14, lambda row: f"{row['ours_times_floor']:.2f} / {row['official_times_floor']:.2f}"),
+           column("differing", 9, "weights_differing", ".2e")]
+
+
 def format_table(rows: list[dict]) -> str:
-    header = (f"{'shape':>12} {'method':>6} {'official s':>10} {'ours s':>8} {'ours/off':>8} {'x floor':>14} "
-              f"{'differing':>9}")
-    lines = [header, "-" * len(header)]
-    for row in rows:
-        floors = f"{row['ours_times_floor']:.2f} / {row['official_times_floor']:.2f}"
-        lines.append(
-            f"{row['rows']:>5}x{row['columns']:<6} {row['method']:>6} {row['official_seconds']:>10.3f} "
-            f"{row['ours_seconds']:>8.3f} {row['ours_over_official']:>8.3f} {floors:>14} "
-            f"{row['weights_differing']:>9.2e}"
-        )
-    return "\n".join(lines)
+    return table.format_table(rows, COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 import common.methods
+from common.bench import table
+from common.bench.table import SHAPE, column
 from common.bench.timing import best_alternating, parse_shape, seeded_problem
 from common.device import device_description, pick_device
 from common.files import atomic_write_csv
@@ -113,15 +115,13 @@ def run(shapes, revision: str, repeats: int, device: torch.device, *, mse: bool 
     return rows_out
 
 
+COLUMNS = [SHAPE, column("method", 14, "method"), column("revision s", 11, "revision_seconds", ".4f"),
+           column("ours s", 9, "ours_seconds", ".4f"), column("ours/rev", 9, "ours_over_revision", ".3f"),
+           column("bitwise", 8, "bitwise_equal")]
+
+
 def format_table(rows: list[dict]) -> str:
-    header = f"{'shape':>12} {'method':>14} {'revision s':>11} {'ours s':>9} {'ours/rev':>9} {'bitwise':>8}"
-    lines = [header, "-" * len(header)]
-    for row in rows:
-        lines.append(
-            f"{row['rows']:>5}x{row['columns']:<6} {row['method']:>14} {row['revision_seconds']:>11.4f} "
-            f"{row['ours_seconds']:>9.4f} {row['ours_over_revision']:>9.3f} {row['bitwise_equal']!s:>8}"
-        )
-    return "\n".join(lines)
+    return table.format_table(rows, COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> None:

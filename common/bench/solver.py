@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from common.bench import table
+from common.bench.table import SHAPE, column
 from common.bench.timing import best_seconds, parse_shape, seeded_problem
 from common.device import device_description, pick_device
 from common.files import atomic_write_csv
@@ -71,16 +73,13 @@ def run(shapes, repeats: int, device: torch.device, bits: int = 4, blocksize: in
     return rows_out
 
 
+COLUMNS = [SHAPE, column("method", 7, "method"), column("seconds", 9, "seconds", ".3f"),
+           column("/gptq", 6, "over_gptq", ".2f"), column("GFLOP/s", 8, "gflops_achieved", ".1f"),
+           column("floor s", 8, "floor_seconds", ".3f"), column("x floor", 8, "times_floor", ".2f")]
+
+
 def format_table(rows: list[dict]) -> str:
-    header = f"{'shape':>12} {'method':>7} {'seconds':>9} {'/gptq':>6} {'GFLOP/s':>8} {'floor s':>8} {'x floor':>8}"
-    lines = [header, "-" * len(header)]
-    for row in rows:
-        lines.append(
-            f"{row['rows']:>5}x{row['columns']:<6} {row['method']:>7} {row['seconds']:>9.3f} "
-            f"{row['over_gptq']:>6.2f} {row['gflops_achieved']:>8.1f} {row['floor_seconds']:>8.3f} "
-            f"{row['times_floor']:>8.2f}"
-        )
-    return "\n".join(lines)
+    return table.format_table(rows, COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> None:

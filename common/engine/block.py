@@ -87,14 +87,14 @@ class BlockCalibration:
         ``full_stream`` is ``None`` for methods that read ``H`` alone (no full-precision stream).
         """
         full_inputs, reference_norms = {}, {}
-        if full_stream is not None:
+        if full_stream is not None:  # 1. X: each group's input and ‖XWᵀ‖²; X advances
             full_inputs, reference_norms = self._full_precision_pass(full_stream)
         set_input_quantization(self.block, self.settings.quantize_activations)
         records: list[LayerRecord] = []
-        for step in self.passes[:-1]:
-            statistics = self._quantized_pass(step, quant_stream, full_inputs)
-            records += self._solve_group(step.group, statistics, reference_norms)
-        self._final_pass(self.passes[-1], quant_stream)
+        for step in self.passes[:-1]:  # 2. each group, in true-sequential order:
+            statistics = self._quantized_pass(step, quant_stream, full_inputs)  # a. X̃ → H (and D)
+            records += self._solve_group(step.group, statistics, reference_norms)  # b. Ŵ, in place
+        self._final_pass(self.passes[-1], quant_stream)  # 3. X̃ advances
         set_input_quantization(self.block, True)
         return records
 

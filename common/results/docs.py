@@ -1,0 +1,178 @@
+"""The documentation's tables, generated from the result files under ``docs/results/``:
+``python -m common.results.docs [--check]`` (``make docs``).
+
+``README.md`` and ``docs/*.md`` hold generated blocks::
+
+    <!-- generated: KIND NAME ... -->
+    (the table)
+    <!-- end generated -->
+
+and this command rewrites each block from the committed result files (``docs/results/NAME.csv`` with its
+sidecar JSON, written by the command the surrounding text names). Kinds:
+
+* ``runs NAME ...``: the comparison table of those runs (:func:`common.results.report.table_markdown`: a
+  column per method, the best quantized value in bold, each calibrated method's difference to GPTQ with its
+  paired 95 % interval), under a line naming the machine, the commit and the wall time of each run;
+* ``profile NAME``: the run's stage profile (seconds, GFLOP, times the floor at the matmul rate measured at the
+  start of the run, peak resident memory in MiB);
+* ``readback NAME FROM``: a weight-only run's perplexities beside the ones its exported checkpoints give when
+  read back (run ``FROM``);
+* ``bench NAME``: a benchmark CSV (``docs/results/NAME.csv``) as a table.
+
+``--check`` rewrites nothing and exits 1 naming every block that differs from what the files give (the test
+suite runs it), so a table in the docs cannot drift from its result file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from common.files import atomic_write_text
+from common.results.provenance import REPO_ROOT
+from common.results.reading import ReportError, Run, read_run
+from common.results.report import build_table, table_markdown
+from common.results.style import table_line
+
+RESULTS = Path("docs") / "results"
+BLOCK = re.compile(r"(<!-- generated: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.DOTALL)
+
+
+class DocsError(ValueError):
+    """A generated block names a kind or a result file that does not exist."""
+
+
+def _run(root: Path, name: str) -> Run:
+    path = root / RESULTS / f"{name}.csv"
+    if not path.is_file():
+        raise DocsError(f"{path} does not exist (a generated block names it)")
+    run = read_run(path)
+    if run.meta is None:
+        raise DocsError(f"{path} has no sidecar JSON")
+    return run
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+def _provenance(run: Run) -> str:
+    meta = run.meta
+    seconds = sum(row["seconds"] for row in meta["profile"]["stages"] if ": " not in row["stage"])
+    return (f"`{run.name}`: {meta['device']}, torch {meta['versions'].get('torch')}, commit "
+            f"`{meta['git_commit'][:12]}`, {_minutes(seconds)} of stages")
+
+
+def runs_table(root: Path, names: Sequence[str]) -> list[str]:
+    runs = [_run(root, name) for name in names]
+    trees = {run.tree for run in runs}
+    lines = table_markdown(build_table(trees.pop() if len(trees) == 1 else "runs", runs))
+    return lines + [""] + [f"- {_provenance(run)}" for run in runs]
+
+
+def profile_table(root: Path, names: Sequence[str]) -> list[str]:
+    (name,) = names
+    run = _run(root, name)
+    profile = run.meta["profile"]
+    lines = [table_line(["stage", "s", "GFLOP", "× floor", "peak MiB"]),
+             table_line(["---", "---:", "---:", "---:", "---:"])]
+    for row in profile["stages"]:
+        cells = [row["stage"], f"{row['seconds']:.1f}",
+                 "—" if row["gflop"] is None else f"{row['gflop']:.0f}",
+                 "—" if row["times_floor"] is None else f"{row['times_floor']:.2f}", str(row["peak_rss_mb"])]
+        lines.append(table_line(cells))
+    return [*lines, "", f"- {_provenance(run)}; float32 matmul {profile['matmul_gflops']} GFLOP/s at the start"]
+
+
+def readback_table(root: Path, names: Sequence[str]) -> list[str]:
+    run, read = (_run(root, name) for name in names)
+    lines = [table_line(["setting", "method", "fake-quantized", "read back from the checkpoint", "identical"]),
+             table_line(["---", "---", "---:", "---:", "---"])]
+    for record in run.records:
+        if not record.metric.endswith("_ppl"):
+            continue
+        back = next((r for r in read.records if (r.setting, r.metric) == (record.setting, record.metric)), None)
+        for method, value in record.values.items():
+            again = None if back is None else back.values.get(method)
+            if again is not None and method != "fp":
+                lines.append(table_line([record.setting, method, f"{value:.6g}", f"{again:.6g}",
+                                         "yes" if again == value else "no"]))
+    return [*lines, "", f"- {_provenance(run)}", f"- {_provenance(read)}"]
+
+
+def bench_table(root: Path, names: Sequence[str]) -> list[str]:
+    (name,) = names
+    path = root / RESULTS / f"{name}.csv"
+    if not path.is_file():
+        raise DocsError(f"{path} does not exist (a generated block names it)")
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    columns = [key for key in rows[0] if key != "device"] if rows else []
+    lines = [table_line(columns), table_line(["---:" if _numeric(rows, c) else "---" for c in columns])]
+    lines += [table_line([row[c] for c in columns]) for row in rows]
+    devices = sorted({row.get("device", "") for row in rows})
+    return [*lines, "", f"- `{name}.csv`: {', '.join(devices)}"]
+
+
+def _numeric(rows: list[dict[str, str]], column: str) -> bool:
+    try:
+        for row in rows:
+            float(row[column])
+    except ValueError:
+        return False
+    return True
+
+
+KINDS: dict[str, Callable[[Path, Sequence[str]], list[str]]] = {
+    "runs": runs_table, "profile": profile_table, "readback": readback_table, "bench": bench_table,
+}
+
+
+def render(text: str, root: Path) -> tuple[str, list[str]]:
+    """``text`` with every generated block rewritten; also the specs of the blocks that changed."""
+    changed: list[str] = []
+
+    def replace(match: re.Match) -> str:
+        kind, *names = match.group("spec").split()
+        if kind not in KINDS:
+            raise DocsError(f"unknown generated block kind {kind!r} (known: {', '.join(KINDS)})")
+        body = "\n".join(KINDS[kind](root, names)) + "\n"
+        if body != match.group("body"):
+            changed.append(match.group("spec"))
+        return f"{match.group(1)}{body}{match.group(4)}"
+
+    return BLOCK.sub(replace, text), changed
+
+
+def documents(root: Path) -> list[Path]:
+    """The files that may hold generated blocks: the README and every page under ``docs/``."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block is stale")
+    parser.add_argument("--root", type=Path, default=REPO_ROOT, help="the repository's folder")
+    args = parser.parse_args(argv)
+    stale = []
+    try:
+        for path in documents(args.root):
+            text = path.read_text(encoding="utf-8")
+            new, changed = render(text, args.root)
+            stale += [f"{path.relative_to(args.root)}: {spec}" for spec in changed]
+            if changed and not args.check:
+                atomic_write_text(path, new)
+    except (DocsError, ReportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for line in stale:
+        print(("stale: " if args.check else "rewrote: ") + line)
+    return 1 if stale and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
