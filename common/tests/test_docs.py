@@ -1,0 +1,62 @@
+"""The documentation's generated tables: each equals what its result files give, and staleness is caught."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.results import docs
+from common.results.provenance import REPO_ROOT
+from common.results.runs import MetricRow, write_run
+
+
+def test_every_generated_table_in_the_docs_matches_its_result_files(capsys):
+    code = docs.main(["--check"])
+    assert code == 0, capsys.readouterr().out
+
+
+def _write(root: Path, name: str, values: dict[str, float]) -> None:
+    profile = {"matmul_gflops": 100.0, "stages": [
+        {"stage": "quantize gptq", "seconds": 60.0, "gflop": None, "floor_seconds": None, "times_floor": None,
+         "peak_rss_mb": 1000},
+        {"stage": "quantize gptq: forwards", "seconds": 30.0, "gflop": 500.0, "floor_seconds": 5.0,
+         "times_floor": 6.0, "peak_rss_mb": 1000}]}
+    write_run(root / docs.RESULTS, name, model="embedded", setting="W4A4",
+              rows=[MetricRow("wiki_ppl", higher_is_better=False, values=values)],
+              settings={"methods": list(values)},
+              metadata={"tree": "fake_quant", "device": "cpu (a test CPU, 2 threads)", "profile": profile})
+
+
+def test_a_block_is_rewritten_from_its_files_and_a_stale_one_is_named(tmp_path: Path, capsys):
+    _write(tmp_path, "run-a", {"fp": 10.0, "gptq": 12.5, "gptaq": 11.25})
+    page = tmp_path / "docs" / "page.md"
+    page.write_text("intro\n<!-- generated: runs run-a -->\nold\n<!-- end generated -->\n"
+                    "<!-- generated: profile run-a -->\n<!-- end generated -->\nend\n", encoding="utf-8")
+    (tmp_path / "README.md").write_text("no blocks\n", encoding="utf-8")
+    assert docs.main(["--check", "--root", str(tmp_path)]) == 1
+    assert "stale: docs/page.md: runs run-a" in capsys.readouterr().out
+    assert docs.main(["--root", str(tmp_path)]) == 0
+    text = page.read_text(encoding="utf-8")
+    assert text.startswith("intro\n") and text.endswith("end\n")
+    assert "| **11.25** |" in text and "a test CPU" in text
+    assert "| quantize gptq: forwards | 30.0 | 500 | 6.00 | 1000 |" in text
+    assert docs.main(["--check", "--root", str(tmp_path)]) == 0
+    _write(tmp_path, "run-a", {"fp": 10.0, "gptq": 12.5, "gptaq": 11.5})  # a new result file: the page is stale
+    assert docs.main(["--check", "--root", str(tmp_path)]) == 1
+
+
+@pytest.mark.parametrize(("block", "message"), [
+    ("<!-- generated: runs absent -->\n<!-- end generated -->\n", "absent.csv does not exist"),
+    ("<!-- generated: pie run-a -->\n<!-- end generated -->\n", "unknown generated block kind 'pie'"),
+])
+def test_a_block_naming_a_missing_file_or_kind_is_an_error(tmp_path: Path, capsys, block, message):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text(block, encoding="utf-8")
+    assert docs.main(["--check", "--root", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_repository_documents_are_the_readme_and_the_docs_pages():
+    found = docs.documents(REPO_ROOT)
+    assert found[0] == REPO_ROOT / "README.md" and all(path.parent.name == "docs" for path in found[1:])
