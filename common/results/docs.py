@@ -12,7 +12,8 @@ sidecar JSON, written by the command the surrounding text names). Kinds:
 
 * ``runs NAME ...``: the comparison table of those runs (:func:`common.results.report.table_markdown`: a
   column per method, the best quantized value in bold, each calibrated method's difference to GPTQ with its
-  paired 95 % interval), under a line naming the machine, the commit and the wall time of each run;
+  paired 95 % interval), and a line per run naming its machine, its torch version and its time (the commit
+  and the rest of its provenance are in its JSON);
 * ``profile NAME``: the run's stage profile (seconds, GFLOP, times the floor at the matmul rate measured at the
   start of the run, peak resident memory in MiB);
 * ``readback NAME FROM``: a weight-only run's perplexities beside the ones its exported checkpoints give when
@@ -63,8 +64,7 @@ def _minutes(seconds: float) -> str:
 def _provenance(run: Run) -> str:
     meta = run.meta
     seconds = sum(row["seconds"] for row in meta["profile"]["stages"] if ": " not in row["stage"])
-    return (f"`{run.name}`: {meta['device']}, torch {meta['versions'].get('torch')}, commit "
-            f"`{meta['git_commit'][:12]}`, {_minutes(seconds)} of stages")
+    return f"`{run.name}`: {meta['device']}, torch {meta['versions'].get('torch')}, {_minutes(seconds)} of stages"
 
 
 def runs_table(root: Path, names: Sequence[str]) -> list[str]:
