@@ -40,8 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common.bench import table
-from common.bench.table import SHAPE, column
+from common.bench.table import SHAPE, column, format_table
 from common.bench.timing import best_alternating, parse_shape, seeded_problem
 from common.device import device_description, pick_device
 from common.files import atomic_write_csv
@@ -165,10 +164,6 @@ COLUMNS = [SHAPE, column("method", 6, "method"), column("official s", 10, "offic
            column("differing", 9, "weights_differing", ".2e")]
 
 
-def format_table(rows: list[dict]) -> str:
-    return table.format_table(rows, COLUMNS)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gptq-repo", type=Path, required=True, help="checkout of IST-DASLab/gptq")
@@ -186,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"device: {rows[0]['device']}; float32 matmul: {rows[0]['matmul_gflops']} GFLOP/s")
     print("x floor: ours / official; differing: fraction of our same-form solve's weights unequal to the official's")
-    print(format_table(rows))
+    print(format_table(rows, COLUMNS))
     atomic_write_csv(args.output, rows, FIELDS)
     print(f"wrote {args.output}")
     return 0

@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 
 import common.methods
-from common.bench import table
-from common.bench.table import SHAPE, column
+from common.bench.table import SHAPE, column, format_table
 from common.bench.timing import best_alternating, parse_shape, seeded_problem
 from common.device import device_description, pick_device
 from common.files import atomic_write_csv
@@ -120,10 +119,6 @@ COLUMNS = [SHAPE, column("method", 14, "method"), column("revision s", 11, "revi
            column("bitwise", 8, "bitwise_equal")]
 
 
-def format_table(rows: list[dict]) -> str:
-    return table.format_table(rows, COLUMNS)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--revision", required=True, help="git revision whose solvers are timed beside ours")
@@ -142,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         parser.error(str(error))
     print(f"device: {rows[0]['device']}; revision {args.revision} against this checkout")
-    print(format_table(rows))
+    print(format_table(rows, COLUMNS))
     atomic_write_csv(args.output, rows, FIELDS)
     print(f"wrote {args.output}")
 

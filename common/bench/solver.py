@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from common.bench import table
-from common.bench.table import SHAPE, column
+from common.bench.table import SHAPE, column, format_table
 from common.bench.timing import best_seconds, parse_shape, seeded_problem
 from common.device import device_description, pick_device
 from common.files import atomic_write_csv
@@ -78,10 +77,6 @@ COLUMNS = [SHAPE, column("method", 7, "method"), column("seconds", 9, "seconds",
            column("floor s", 8, "floor_seconds", ".3f"), column("x floor", 8, "times_floor", ".2f")]
 
 
-def format_table(rows: list[dict]) -> str:
-    return table.format_table(rows, COLUMNS)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", type=parse_shape, default=list(DEFAULT_SHAPES), help="ROWSxCOLUMNS")
@@ -92,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device(args.device)
     rows = run(args.shapes, args.repeats, device)
     print(f"device: {rows[0]['device']}; float32 matmul: {rows[0]['matmul_gflops']} GFLOP/s")
-    print(format_table(rows))
+    print(format_table(rows, COLUMNS))
     atomic_write_csv(args.output, rows, FIELDS)
     print(f"wrote {args.output}")
 

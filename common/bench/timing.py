@@ -32,13 +32,8 @@ def timed(call: Callable[[], T], device: torch.device) -> tuple[float, T]:
 
 def best_seconds(call: Callable[[], T], device: torch.device, repeats: int) -> tuple[float, T]:
     """Best wall time in seconds of ``call()`` over ``repeats`` calls after one warm-up, and its last result."""
-    check_positive("repeats", repeats)
-    result = call()
-    best = float("inf")
-    for _ in range(repeats):
-        seconds, result = timed(call, device)
-        best = min(best, seconds)
-    return best, result
+    best, results = best_alternating({"call": call}, device, repeats)
+    return best["call"], results["call"]
 
 
 def best_alternating(calls: dict[str, Callable[[], T]], device: torch.device, repeats: int

@@ -47,10 +47,16 @@ class DocsError(ValueError):
     """A generated block names a kind or a result file that does not exist."""
 
 
-def _run(root: Path, name: str) -> Run:
+def _result_file(root: Path, name: str) -> Path:
+    """``docs/results/<name>.csv``; ``DocsError`` when it does not exist."""
     path = root / RESULTS / f"{name}.csv"
     if not path.is_file():
         raise DocsError(f"{path} does not exist (a generated block names it)")
+    return path
+
+
+def _run(root: Path, name: str) -> Run:
+    path = _result_file(root, name)
     run = read_run(path)
     if run.meta is None:
         raise DocsError(f"{path} has no sidecar JSON")
@@ -106,9 +112,7 @@ def readback_table(root: Path, names: Sequence[str]) -> list[str]:
 
 def bench_table(root: Path, names: Sequence[str]) -> list[str]:
     (name,) = names
-    path = root / RESULTS / f"{name}.csv"
-    if not path.is_file():
-        raise DocsError(f"{path} does not exist (a generated block names it)")
+    path = _result_file(root, name)
     with path.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     columns = [key for key in rows[0] if key != "device"] if rows else []
