@@ -31,18 +31,22 @@ import copy
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers import LlamaForCausalLM
 
+from common.llama.loading import untie_embeddings
 from common.llama.rotation import (
     LlamaShape,
-    check_kv_attention,
+    OnlineTransform,
     check_llama,
-    fuse_down_proj_online,
+    fold_final_norm,
+    fold_layer_norms,
     fuse_online,
-    install_kv_quantizers,
+    install_kv_quantizer,
+    kv_attention_name,
     online_transform,
-    prepare_for_rotation,
-    rotate_weights_,
+    rotate_embedding_,
+    rotate_layer_weights_,
     transform_matrix,
 )
 from common.quant.hadamard import is_constructible, random_hadamard_matrix, random_orthogonal_matrix
@@ -87,6 +91,109 @@ class RotationInfo:
     attn_implementation: str
 
 
+@dataclass
+class QuaRot:
+    """The transforms :func:`rotate_model` applies, built once from the model's sizes and applied piece by piece:
+    to every decoder layer (:meth:`rotate_layer`) and to the embedding and head (:meth:`rotate_embeddings`).
+    A model loaded one block at a time (:mod:`common.llama.blockwise`) is rotated block by block with the same
+    calls, so both give the same bits.
+
+    Attributes:
+        residual: ``Q`` [hidden, hidden], float64.
+        head: the head_dim rotation ``H_d`` (V/O heads, and K after RoPE when ``k_rotation`` is set);
+            ``head_matrix`` its float64 matrix.
+        o_online, down_online: the online transforms of the o_proj and down_proj inputs (``None``: not online).
+        k_rotation: the online transform of queries and keys after RoPE, or ``None``.
+        info: what is done, as labels.
+    """
+
+    residual: torch.Tensor
+    head: OnlineTransform
+    head_matrix: torch.Tensor
+    o_online: OnlineTransform | None
+    down_online: OnlineTransform | None
+    k_rotation: OnlineTransform | None
+    info: RotationInfo
+
+    @classmethod
+    def build(
+        cls,
+        shape: LlamaShape,
+        attn_implementation: str,
+        *,
+        mode: str = "hadamard",
+        seed: int = 0,
+        k_bits: int = FULL_PRECISION_BITS,
+        v_bits: int = FULL_PRECISION_BITS,
+        kv_clip_ratio: float = 1.0,
+        rotate_k: bool | None = None,
+        online: bool = True,
+    ) -> QuaRot:
+        """The rotation of a model of ``shape`` whose attention runs ``attn_implementation`` (arguments as
+        :func:`rotate_model`'s)."""
+        check_mode(mode)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        check_bits(k_bits, "k_bits")
+        check_bits(v_bits, "v_bits")
+        check_clip_ratio(kv_clip_ratio, "kv_clip_ratio")
+        rotate_k = k_bits < FULL_PRECISION_BITS if rotate_k is None else bool(rotate_k)
+        if not online and (rotate_k or k_bits < FULL_PRECISION_BITS or v_bits < FULL_PRECISION_BITS):
+            raise ValueError(f"online=False keeps no online transform, so it allows no K rotation or KV-cache "
+                             f"quantization; got rotate_k={rotate_k}, k_bits={k_bits}, v_bits={v_bits}")
+        kv_on = rotate_k or k_bits < FULL_PRECISION_BITS or v_bits < FULL_PRECISION_BITS
+        head = online_transform(shape.head_dim, seed=seed + _SEED_OFFSET["head"], what="head_dim rotation")
+        o_online = down_online = None
+        if online:
+            o_in = shape.num_heads * shape.head_dim
+            o_online = online_transform(o_in, seed=seed + _SEED_OFFSET["o_proj"], what="o_proj online rotation")
+            down_online = online_transform(shape.intermediate_size, seed=seed + _SEED_OFFSET["down_proj"],
+                                           what="down_proj online rotation")
+        k_rotation = head if rotate_k else None
+        if kv_on:
+            attn_implementation = kv_attention_name(attn_implementation)
+        residual_label = (
+            f"random_hadamard({shape.hidden_size}, seed={seed})"
+            if mode == "hadamard" and is_constructible(shape.hidden_size)
+            else f"random_orthogonal({shape.hidden_size}, seed={seed})"
+        )
+        info = RotationInfo(
+            mode=mode, seed=seed, shape=shape, residual=residual_label, v_o_heads=head.label,
+            o_proj_online=o_online.label if o_online is not None else None,
+            down_proj_online=down_online.label if down_online is not None else None,
+            k_rotation=k_rotation.label if k_rotation is not None else None,
+            k_bits=k_bits, v_bits=v_bits, kv_clip_ratio=float(kv_clip_ratio),
+            attn_implementation=attn_implementation,
+        )
+        return cls(residual_rotation(shape.hidden_size, mode=mode, seed=seed), head, transform_matrix(head), o_online,
+                   down_online, k_rotation, info)
+
+    @property
+    def quantizes_kv(self) -> bool:
+        return self.k_rotation is not None or min(self.info.k_bits, self.info.v_bits) < FULL_PRECISION_BITS
+
+    def rotate_layer(self, layer: nn.Module, index: int) -> None:
+        """Rotate decoder layer ``index`` in place: fold its norms, rotate its weights, fuse the online
+        transforms (o_proj and down_proj become ``QuantLinear``), attach the KV quantizer."""
+        fold_layer_norms(layer)
+        rotate_layer_weights_(layer, index, residual=self.residual, head=self.head_matrix)
+        if self.o_online is not None:
+            layer.self_attn.o_proj = fuse_online(layer.self_attn.o_proj, copy.deepcopy(self.o_online))
+        if self.down_online is not None:
+            layer.mlp.down_proj = fuse_online(layer.mlp.down_proj, copy.deepcopy(self.down_online))
+        if self.quantizes_kv:
+            install_kv_quantizer(layer, self.k_rotation, k_bits=self.info.k_bits, v_bits=self.info.v_bits,
+                                 clip_ratio=self.info.kv_clip_ratio)
+
+    def rotate_embeddings(self, embedding: torch.Tensor, norm: nn.Module | None, head: nn.Linear | None) -> None:
+        """Rotate the input embedding [vocab, hidden] in place, and, when given, fold the final ``norm`` into
+        the (untied) ``head`` and rotate it."""
+        rotate_embedding_(embedding, self.residual)
+        if head is not None:
+            fold_final_norm(norm, head)
+            rotate_embedding_(head.weight, self.residual)
+
+
 def rotate_model(
     model: LlamaForCausalLM,
     *,
@@ -112,57 +219,12 @@ def rotate_model(
     Raises:
         ValueError: unknown ``mode``, bits outside 1..16, bad clip ratio, unsupported or already rotated model.
     """
-    check_mode(mode)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
-    check_bits(k_bits, "k_bits")
-    check_bits(v_bits, "v_bits")
-    check_clip_ratio(kv_clip_ratio, "kv_clip_ratio")
     check_llama(model)
-    rotate_k = k_bits < FULL_PRECISION_BITS if rotate_k is None else bool(rotate_k)
-    if not online and (rotate_k or k_bits < FULL_PRECISION_BITS or v_bits < FULL_PRECISION_BITS):
-        raise ValueError(f"online=False keeps no online transform, so it allows no K rotation or KV-cache "
-                         f"quantization; got rotate_k={rotate_k}, k_bits={k_bits}, v_bits={v_bits}")
-    kv_on = rotate_k or k_bits < FULL_PRECISION_BITS or v_bits < FULL_PRECISION_BITS
-    if kv_on:
-        check_kv_attention(model)
-
-    shape = prepare_for_rotation(model)
-    o_in = model.model.layers[0].self_attn.o_proj.in_features
-    q = residual_rotation(shape.hidden_size, mode=mode, seed=seed)
-    head = online_transform(shape.head_dim, seed=seed + _SEED_OFFSET["head"], what="head_dim rotation")
-    head_matrix = transform_matrix(head)
-    rotate_weights_(model, residual=q, heads=[head_matrix] * shape.num_layers)
-    o_online = down_online = None
-    if online:
-        o_online = online_transform(o_in, seed=seed + _SEED_OFFSET["o_proj"], what="o_proj online rotation")
-        down_online = online_transform(shape.intermediate_size, seed=seed + _SEED_OFFSET["down_proj"],
-                                       what="down_proj online rotation")
-        for layer in model.model.layers:
-            layer.self_attn.o_proj = fuse_online(layer.self_attn.o_proj, copy.deepcopy(o_online))
-        fuse_down_proj_online(model, down_online)
-
-    k_rotation = head if rotate_k else None
-    attn_implementation = model.config._attn_implementation
-    if kv_on:
-        attn_implementation = install_kv_quantizers(model, k_rotation, k_bits=k_bits, v_bits=v_bits,
-                                                    clip_ratio=kv_clip_ratio)
-    residual_label = (
-        f"random_hadamard({shape.hidden_size}, seed={seed})"
-        if mode == "hadamard" and is_constructible(shape.hidden_size)
-        else f"random_orthogonal({shape.hidden_size}, seed={seed})"
-    )
-    return RotationInfo(
-        mode=mode,
-        seed=seed,
-        shape=shape,
-        residual=residual_label,
-        v_o_heads=head.label,
-        o_proj_online=o_online.label if o_online is not None else None,
-        down_proj_online=down_online.label if down_online is not None else None,
-        k_rotation=k_rotation.label if k_rotation is not None else None,
-        k_bits=k_bits,
-        v_bits=v_bits,
-        kv_clip_ratio=float(kv_clip_ratio),
-        attn_implementation=attn_implementation,
-    )
+    plan = QuaRot.build(LlamaShape.of(model), model.config._attn_implementation, mode=mode, seed=seed,
+                        k_bits=k_bits, v_bits=v_bits, kv_clip_ratio=kv_clip_ratio, rotate_k=rotate_k, online=online)
+    untie_embeddings(model)
+    plan.rotate_embeddings(model.get_input_embeddings().weight, model.model.norm, model.lm_head)
+    for index, layer in enumerate(model.model.layers):
+        plan.rotate_layer(layer, index)
+    model.set_attn_implementation(plan.info.attn_implementation)
+    return plan.info

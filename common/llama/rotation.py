@@ -171,19 +171,32 @@ def _set(param: torch.Tensor, value: torch.Tensor) -> None:
     param.copy_(value.to(dtype=param.dtype, device=param.device))
 
 
+def _fold(norm: nn.Module, readers: Sequence[nn.Linear]) -> None:
+    scale = norm.weight.double()
+    for linear in readers:
+        _set(linear.weight, linear.weight.double() * scale)
+    norm.weight.fill_(1.0)
+
+
 @torch.no_grad()
+def fold_layer_norms(layer: nn.Module) -> None:
+    """Fold a decoder layer's two RMSNorm scales into the linears that read them (``W <- W diag(g)``; ``g <- 1``)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    _fold(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
+    _fold(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
+
+
+@torch.no_grad()
+def fold_final_norm(norm: nn.Module, head: nn.Linear) -> None:
+    """Fold the final RMSNorm's scale into the (untied) ``lm_head``; ``g <- 1``."""
+    _fold(norm, [head])
+
+
 def fold_rms_norms(model: LlamaForCausalLM) -> None:
     """Fold each RMSNorm's scale ``g`` [hidden] into the linears that read it (``W <- W diag(g)``); ``g <- 1``."""
-    pairs = [(model.model.norm, [model.lm_head])]
+    fold_final_norm(model.model.norm, model.lm_head)
     for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        pairs.append((layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]))
-        pairs.append((layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]))
-    for norm, readers in pairs:
-        scale = norm.weight.double()
-        for linear in readers:
-            _set(linear.weight, linear.weight.double() * scale)
-        norm.weight.fill_(1.0)
+        fold_layer_norms(layer)
 
 
 def prepare_for_rotation(model: LlamaForCausalLM) -> LlamaShape:
@@ -267,21 +280,35 @@ def rotate_weights_(model: LlamaForCausalLM, *, residual: torch.Tensor, heads: S
 
     One tensor (embeddings, in row chunks) or one layer at a time, so the float64 copies stay small.
     """
-    state = model.state_dict()
     shape = LlamaShape.of(model)
     if len(heads) != shape.num_layers:
         raise ValueError(f"heads must hold one matrix per layer ({shape.num_layers}), got {len(heads)}")
+    embeddings = [model.get_input_embeddings().weight, model.get_output_embeddings().weight]
+    if embeddings[0].data_ptr() == embeddings[1].data_ptr():  # tied embeddings: rotated once
+        embeddings = embeddings[:1]
+    for embedding in embeddings:
+        rotate_embedding_(embedding, residual)
+    for index, (layer, head) in enumerate(zip(model.model.layers, heads, strict=True)):
+        rotate_layer_weights_(layer, index, residual=residual, head=head)
+
+
+@torch.no_grad()
+def rotate_embedding_(embedding: torch.Tensor, residual: torch.Tensor) -> None:
+    """``E <- E Q`` in place for an embedding or head matrix [rows, hidden] (float64 products, in row chunks)."""
     residual = residual.double()
-    unique = {state[name].data_ptr(): state[name] for name in EMBEDDINGS}  # tied embeddings: rotated once
-    for embedding in unique.values():
-        for rows in embedding.split(_ROTATION_ROWS):
-            _set(rows, rows.double() @ residual)
-    for index, head in enumerate(heads):
-        prefix = f"model.layers.{index}."
-        layer = {name: tensor.double() for name, tensor in state.items()
-                 if name.startswith(prefix) and name.endswith((".weight", ".bias"))}
-        for name, value in _rotated_layer(layer, index, residual, head.double(), shape.head_dim).items():
-            _set(state[name], value)
+    for rows in embedding.split(_ROTATION_ROWS):
+        _set(rows, rows.double() @ residual)
+
+
+@torch.no_grad()
+def rotate_layer_weights_(layer: nn.Module, index: int, *, residual: torch.Tensor, head: torch.Tensor) -> None:
+    """:func:`rotated_weights` of one prepared decoder layer (number ``index``), in place, in float64."""
+    prefix = f"model.layers.{index}."
+    state = {prefix + name: tensor for name, tensor in layer.state_dict().items()}
+    weights = {name: tensor.double() for name, tensor in state.items() if name.endswith((".weight", ".bias"))}
+    head_dim = layer.self_attn.head_dim
+    for name, value in _rotated_layer(weights, index, residual.double(), head.double(), head_dim).items():
+        _set(state[name], value)
 
 
 @torch.no_grad()
@@ -379,10 +406,24 @@ def install_kv_quantizers(
     Returns the new attention implementation's name.
     """
     check_kv_attention(model)
-    base = model.config._attn_implementation
     for layer in model.model.layers:
-        layer.self_attn.kv_quantizer = KVQuantizer(
-            copy.deepcopy(k_rotation), k_bits=k_bits, v_bits=v_bits, clip_ratio=clip_ratio
-        )
-    model.set_attn_implementation(KV_ATTENTION_PREFIX + base)
+        install_kv_quantizer(layer, k_rotation, k_bits=k_bits, v_bits=v_bits, clip_ratio=clip_ratio)
+    model.set_attn_implementation(kv_attention_name(model.config._attn_implementation))
     return model.config._attn_implementation
+
+
+def install_kv_quantizer(layer: nn.Module, k_rotation: OnlineTransform | None, *, k_bits: int, v_bits: int,
+                         clip_ratio: float) -> None:
+    """Attach a :class:`KVQuantizer` to one decoder layer's attention (its model must run
+    :func:`kv_attention_name`'s attention function)."""
+    layer.self_attn.kv_quantizer = KVQuantizer(copy.deepcopy(k_rotation), k_bits=k_bits, v_bits=v_bits,
+                                               clip_ratio=clip_ratio)
+
+
+def kv_attention_name(base: str) -> str:
+    """The registered attention function that runs a :class:`KVQuantizer` on top of attention ``base``."""
+    if base.startswith(KV_ATTENTION_PREFIX):
+        return base
+    if base not in _KV_BASES:
+        raise ValueError(f"K rotation / KV quantization needs attention {sorted(_KV_BASES)}, the model uses {base!r}")
+    return KV_ATTENTION_PREFIX + base
