@@ -181,6 +181,13 @@ def assign_by_cost(costs: Mapping[str, float]) -> dict[str, int]:
     return owners
 
 
+def barrier() -> None:
+    """Every rank waits here until all have arrived (a no-op in one process)."""
+    if active():
+        with _reporting_peer_failures():
+            dist.barrier()
+
+
 def report_failure(error: BaseException) -> None:
     """Leave this rank's error in the rendezvous store for its peers (best effort), before it exits."""
     if not active() or isinstance(error, DistributedError):

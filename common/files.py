@@ -62,8 +62,9 @@ def atomic_write_set(files: Sequence[tuple[Path, Callable[[str], None]]]) -> lis
 
     Every ``write(tmp)`` runs first, on temporary files; only when all succeeded are they renamed into
     place, in the given order, so the last one can serve as the set's manifest (a reader that trusts a
-    set only when its last file is present and vouches for the others never sees a partial set). On any
-    error, every temporary file is removed and no target is touched.
+    set only when its last file is present and vouches for the others never sees a partial set). Each file is
+    flushed to the disk before its rename and each folder after, so a power loss leaves the old file or the
+    new one. On any error, every temporary file is removed and no target is touched.
     """
     staged: list[tuple[Path, Path]] = []
     try:
@@ -73,13 +74,25 @@ def atomic_write_set(files: Sequence[tuple[Path, Callable[[str], None]]]) -> lis
             staged.append((tmp, path))
             write(str(tmp))
             os.chmod(tmp, 0o666 & ~_umask())
+            _sync(tmp)
         for tmp, path in staged:
             os.replace(tmp, path)
+        for folder in dict.fromkeys(path.parent for _, path in staged):
+            _sync(folder)
     except BaseException:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
         raise
     return [path for _, path in staged]
+
+
+def _sync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to the disk (a power loss keeps what was renamed)."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def write_text(tmp: str | Path, text: str) -> None:

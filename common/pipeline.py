@@ -63,8 +63,18 @@ def quantize(
     if not spec.quantized:
         set_input_quantization(model, False)
         return None
+    calibration = calibration_settings(method, settings, device=device, offload_device=offload_device)
+    report = quantize_model(model, adapter, calibration, calibration_batches)
+    set_input_quantization(model, True)
+    log_report(report)
+    return report
+
+
+def calibration_settings(method: str, settings: RunSettings, *, device: torch.device,
+                         offload_device: torch.device | None = None) -> CalibrationSettings:
+    """The engine's settings for quantizing with ``method`` (a quantizing method) in a run of ``settings``."""
     solver = solver_config(settings)
-    calibration = CalibrationSettings(
+    return CalibrationSettings(
         method=method,
         solver=solver,
         act_quant_during_calibration=settings.act_quant_during_calibration,
@@ -73,12 +83,13 @@ def quantize(
         offload_device=offload_device,
         linear_solvers={name: dataclasses.replace(solver, qep_alpha=0.0) for name in settings.qep_exclude},
     )
-    report = quantize_model(model, adapter, calibration, calibration_batches)
-    set_input_quantization(model, True)
-    if spec.calibrated:
-        logger.info("%s: mean relative output error %.4e over %d layers", method, report.mean_output_error(),
+
+
+def log_report(report: CalibrationReport) -> None:
+    """Log a calibrated method's mean relative output error."""
+    if get_method(report.method).calibrated:
+        logger.info("%s: mean relative output error %.4e over %d layers", report.method, report.mean_output_error(),
                     len(report.layers))
-    return report
 
 
 def compare_methods(

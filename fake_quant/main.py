@@ -21,27 +21,33 @@ from common import distributed
 from common.cli import run_cli
 from common.export.gptq_runs import export_checkpoint, exported_methods, read_exported
 from common.export.saved_models import check_saved_models, load_saved_settings, save_quantized_model
+from common.llama.adapter import add_layer_quantizers
+from common.llama.blockwise import BlockwiseLlama
+from common.llama.blockwise_run import RunCheckpoint, compare_blockwise, run_identity
 from common.llama.experiment import (
     DTYPES,
     PerExample,
     add_quantizers,
     compare_rotated,
+    data_identity,
     evaluate,
     load_data,
     load_model,
     load_tokenizer,
+    model_folder,
     preflight,
     quantizing,
     write_llama_run,
 )
 from common.llama.loading import ModelLoadError
+from common.llama.rotation import LlamaShape
 from common.lm.corpora import CorpusUnavailableError
 from common.lm.zeroshot import ZeroShotUnavailableError
 from common.methods import METHODS
 from common.pipeline import metric_rows
 from common.quant.qlinear import set_input_quantization
 from common.run import start_run
-from fake_quant.rotation import rotate_model
+from fake_quant.rotation import QuaRot, RotationInfo, rotate_model
 from fake_quant.settings import LlamaRunConfig
 
 logger = logging.getLogger("fake_quant")
@@ -59,6 +65,45 @@ def build_quantizable_model(config: LlamaRunConfig):
                                 online=config.rotate_online)
     add_quantizers(model, config)
     return model, rotation
+
+
+def blockwise_model(config: LlamaRunConfig) -> tuple[BlockwiseLlama, RotationInfo | None]:
+    """The model one block at a time, each block rotated (QuaRot) and given its quantizers as it is read."""
+    llama = BlockwiseLlama(model_folder(config), DTYPES[config.dtype],
+                           add_quantizers=lambda layer: add_layer_quantizers(
+                               layer, bits=config.a_bits, sym=not config.a_asym, clip_ratio=config.a_clip_ratio,
+                               groupsize=config.a_groupsize))
+    if not config.rotate:
+        return llama, None
+    plan = QuaRot.build(LlamaShape.from_config(llama.config), llama.config._attn_implementation,
+                        mode=config.rotate_mode, seed=config.seed, k_bits=config.k_bits, v_bits=config.v_bits,
+                        kv_clip_ratio=config.kv_clip_ratio, online=config.rotate_online)
+    llama.set_rotation(plan, plan.info.attn_implementation)
+    return llama, plan.info
+
+
+def run_blockwise(config: LlamaRunConfig) -> tuple[Path, Path]:
+    """:func:`run` one block in memory at a time, resuming from the run's checkpoint folder."""
+    started, _ = start_run(config, lambda: preflight(config, calibrate=config.calibrates))
+    timer, device = started.timer, started.device
+    with timer("data"):
+        tokenizer = load_tokenizer(config)
+        calibration, eval_sets = load_data(tokenizer, config, calibrate=config.calibrates)
+    with timer("load and rotate"):
+        llama, rotation = blockwise_model(config)
+    identity = run_identity(config, data_identity(config), llama.tensors.identity(), trees=("common", "fake_quant"))
+    checkpoint = RunCheckpoint(config.checkpoint_folder, identity, restart=config.restart)
+    per_example: PerExample = {}
+    rows, layers = compare_blockwise(llama, config, config.methods, calibration=calibration, eval_sets=eval_sets,
+                                     device=device, timer=timer, checkpoint=checkpoint, per_example=per_example)
+    rotation_settings = dataclasses.asdict(rotation) if rotation else None
+    paths = write_llama_run(started, rows, layers=layers, metadata={"rotation": rotation_settings},
+                            per_example={config.setting: per_example})
+    if config.keep_checkpoint:
+        logger.info("checkpoint kept: %s (%.1f MiB)", checkpoint.folder, checkpoint.disk_bytes() / 2**20)
+    else:
+        checkpoint.remove()
+    return paths
 
 
 def evaluate_checkpoints(config: LlamaRunConfig) -> tuple[Path, Path]:
@@ -91,6 +136,8 @@ def run(config: LlamaRunConfig) -> tuple[Path, Path]:
     """Run every method of ``config`` and write the result files; returns their paths."""
     if config.load_gptq:
         return evaluate_checkpoints(config)
+    if config.model_loading == "blockwise":
+        return run_blockwise(config)
     methods = list(config.methods)
     if config.load_qmodel_path:
         config, methods = load_saved_settings(config, config.evaluation_settings())

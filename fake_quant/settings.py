@@ -15,6 +15,8 @@ from common.rules import check_one_of
 from common.run_settings import describe
 from fake_quant.rotation import MODES
 
+MODEL_LOADING = ("blockwise", "whole")
+
 
 @dataclass
 class LlamaRunConfig(LlamaSettings):
@@ -32,6 +34,14 @@ class LlamaRunConfig(LlamaSettings):
         "folder: a gptq checkpoint <folder>/<method>/ per quantized method (weight-only runs, w_grid: gptq)"))
     load_gptq: str | None = field(default=None, metadata=describe(
         "folder of --export_gptq checkpoints to evaluate (this repo's reader); writes results/<name>-from-gptq.csv"))
+    model_loading: str = field(default="blockwise", metadata=describe(
+        f"one of {MODEL_LOADING}: 'blockwise' holds one decoder block in memory at a time and resumes a killed "
+        f"run; 'whole' loads the whole model (needed by zero-shot tasks and the saved/exported models)"))
+    checkpoint_dir: str | None = field(default=None, metadata=describe(
+        "folder of a blockwise run's checkpoint (default <results_dir>/<name>.checkpoint)"))
+    restart: bool = field(default=False, metadata=describe("discard the run's checkpoint and start over"))
+    keep_checkpoint: bool = field(default=False, metadata=describe(
+        "keep the checkpoint (the quantized blocks) after the run succeeds"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -43,6 +53,19 @@ class LlamaRunConfig(LlamaSettings):
                               f"give one of them")
         if self.export_gptq:
             self.check_exportable()
+        check_one_of("model_loading", self.model_loading, MODEL_LOADING)
+        whole_only = [name for name in ("tasks", "save_qmodel_path", "load_qmodel_path", "export_gptq", "load_gptq")
+                      if getattr(self, name)]
+        if self.model_loading == "blockwise" and whole_only:
+            raise ConfigError(f"{', '.join(whole_only)} need the whole model in memory: set model_loading: whole "
+                              f"(model_loading: blockwise holds one block at a time)")
+
+    @property
+    def checkpoint_folder(self) -> Path:
+        """Where a blockwise run keeps its finished work."""
+        if self.checkpoint_dir:
+            return Path(self.checkpoint_dir)
+        return Path(self.results_dir) / f"{self.run_name}.checkpoint"
 
     def check_exportable(self) -> None:
         """The checkpoint format holds integer weights on a float16 grid and nothing else; ``ConfigError`` otherwise."""
@@ -69,6 +92,8 @@ class LlamaRunConfig(LlamaSettings):
         for name in ("save_qmodel_path", "export_gptq"):
             if getattr(self, name):
                 folders[name] = Path(getattr(self, name))
+        if self.model_loading == "blockwise":
+            folders["checkpoint_dir"] = self.checkpoint_folder
         return folders
 
     @property

@@ -14,9 +14,10 @@ not read them. On the CPU the blocks not being calibrated wait in files too.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -27,11 +28,45 @@ from common.batch_store import BatchStore
 from common.engine.adapter import ModelAdapter, block_linears
 from common.engine.block import BlockCalibration
 from common.engine.settings import CalibrationReport, CalibrationSettings, LayerRecord
-from common.engine.wiring import StopForward
+from common.engine.wiring import inputs_of
 from common.memory import release_freed_memory
 from common.quant.quantizers import WeightGrid, rtn_quantize
 from common.solvers.column_loop import SolverConfig
 from common.weight_files import parked
+
+
+class BlockSource(Protocol):
+    """Where the engine takes the blocks from, one at a time, and where each calibrated one goes."""
+
+    def __len__(self) -> int:
+        """The number of blocks."""
+
+    def load(self, index: int) -> nn.Module:
+        """Block ``index``, with its weights (on any device; the engine moves it to ``settings.device``)."""
+
+    def finish(self, index: int, block: nn.Module) -> None:
+        """Block ``index`` is calibrated (its weights quantized in place): keep what is needed of it."""
+
+
+@dataclass
+class CalibrationState:
+    """Where a calibration stands after a block: the next block, both streams entering it, the report so far."""
+
+    next_block: int
+    quant_stream: BatchStore | None
+    full_stream: BatchStore | None
+    report: CalibrationReport
+
+
+class Checkpoints(Protocol):
+    """Keeps a :class:`CalibrationState` after every block, so that a killed calibration resumes
+    (:class:`common.engine.resume.CalibrationCheckpoint`)."""
+
+    def resume(self, device: torch.device) -> CalibrationState | None:
+        """The last state kept (its streams on ``device``), or ``None`` to start from the first block."""
+
+    def save(self, state: CalibrationState) -> None:
+        """Keep ``state`` (replacing the previous one only once it is complete)."""
 
 
 def quantize_model(
@@ -51,71 +86,144 @@ def quantize_model(
         calibration_batches: inputs for ``adapter.run_prologue`` (unused by RTN).
         progress: show a progress bar over blocks.
     """
-    began = time.perf_counter()
-    report = CalibrationReport(settings.method)
     blocks = adapter.blocks(model)
-    progress = progress and distributed.progress_bars()
-    if not settings.spec.calibrated:
-        _round_to_nearest(blocks, adapter, settings, report, progress)
-    else:
+    park = settings.device.type == "cpu" and settings.spec.calibrated
+    with _ResidentBlocks(blocks, park=park) as source:
+        if not settings.spec.calibrated:
+            return quantize_blocks(source, lambda: model, adapter, settings, progress=progress)
+        with torch.no_grad():
+            first = _first_block_inputs(model, adapter, blocks[0], calibration_batches, settings)
+        with parked(_outside_blocks(model, blocks)):
+            return quantize_blocks(source, lambda: model, adapter, settings, calibration_batches, progress=progress,
+                                   first_inputs=first)
+
+
+def quantize_blocks(
+    source: BlockSource,
+    prologue_model: Callable[[], nn.Module],
+    adapter: ModelAdapter,
+    settings: CalibrationSettings,
+    calibration_batches: Sequence[Any] = (),
+    *,
+    checkpoints: Checkpoints | None = None,
+    progress: bool = True,
+    first_inputs: tuple[list[torch.Tensor], list[dict[str, Any]]] | None = None,
+) -> CalibrationReport:
+    """Quantize every block of ``source`` in order, each handed back to it once calibrated.
+
+    Args:
+        source: the blocks (:class:`BlockSource`).
+        prologue_model: returns the model ``adapter.run_prologue`` runs up to its first block (called once,
+            for calibrated methods; its blocks need no weights: the run stops before the first one).
+        adapter, settings, calibration_batches: as :func:`quantize_model`'s.
+        checkpoints: keeps the state after each block and resumes from the last one kept.
+        progress: show a progress bar over blocks.
+        first_inputs: the first block's inputs and keyword arguments, when the caller computed them.
+    """
+    began = time.perf_counter()
+    resumed = checkpoints.resume(settings.offload_device or settings.device) if checkpoints is not None else None
+    report = resumed.report if resumed is not None else CalibrationReport(settings.method)
+    start = resumed.next_block if resumed is not None else 0
+    earlier_seconds = report.seconds
+    block_kwargs: list[dict[str, Any]] = []
+    quant_stream = full_stream = None
+    if settings.spec.calibrated:
         if not calibration_batches:
             raise ValueError(f"calibration_batches must not be empty for method {settings.method!r}")
-        with torch.no_grad():
-            first_inputs, block_kwargs = _first_block_inputs(model, adapter, blocks[0], calibration_batches,
-                                                             settings)
-            quant_stream = BatchStore.of(first_inputs, settings.offload_device or settings.device)
-            del first_inputs
-            with parked(_outside_blocks(model, blocks)):
-                _calibrate_blocks(blocks, adapter, settings, quant_stream, block_kwargs, report, progress)
-                del quant_stream
-                release_freed_memory()  # before the parked parameters come back
-    report.seconds = time.perf_counter() - began
+        if first_inputs is None:
+            model = prologue_model()
+            with torch.no_grad():
+                first_inputs = _first_block_inputs(model, adapter, adapter.blocks(model)[0], calibration_batches,
+                                                   settings)
+        hidden, block_kwargs = first_inputs
+        first_inputs = None
+        if resumed is not None:
+            quant_stream, full_stream = resumed.quant_stream, resumed.full_stream
+        else:
+            quant_stream = BatchStore.of(hidden, settings.offload_device or settings.device)
+            if settings.spec.needs_full_precision_stream:
+                full_stream = quant_stream.clone()
+        del hidden
+
+    with torch.no_grad():
+        bar = tqdm(range(start, len(source)), desc=settings.method, initial=start, total=len(source),
+                   disable=not (progress and distributed.progress_bars()))
+        for index in bar:
+            block = source.load(index)
+            if settings.spec.calibrated:
+                records = _calibrate_block(index, block, adapter, settings, quant_stream, full_stream,
+                                           block_kwargs, report)
+                bar.set_postfix(err=f"{sum(r.output_error for r in records) / len(records):.2e}")
+            else:
+                records = _round_block(index, block, adapter, settings)
+            report.layers.extend(records)
+            source.finish(index, block)
+            del block
+            report.seconds = earlier_seconds + time.perf_counter() - began
+            if checkpoints is not None:
+                checkpoints.save(CalibrationState(index + 1, quant_stream, full_stream, report))
+    del quant_stream, full_stream
+    release_freed_memory()
+    report.seconds = earlier_seconds + time.perf_counter() - began
     return report
 
 
-def _round_to_nearest(blocks: Sequence[nn.Module], adapter: ModelAdapter, settings: CalibrationSettings,
-                      report: CalibrationReport, progress: bool) -> None:
-    """RTN: every linear rounded to its grid, no data."""
-    for index, block in enumerate(tqdm(blocks, desc=settings.method, disable=not progress)):
-        for name, linear in block_linears(adapter, block).items():
-            began = time.perf_counter()
-            with torch.no_grad():
-                original = linear.weight.detach().clone()
-                quantized, linear.weight_grid = _rtn(linear.weight, settings.solver_for(name))
-                linear.weight.copy_(quantized)
-            report.layers.append(
-                LayerRecord(index, name, settings.method, *original.shape, float("nan"), float("nan"), 0.0,
-                            time.perf_counter() - began)
-            )
+def _round_block(index: int, block: nn.Module, adapter: ModelAdapter, settings: CalibrationSettings
+                 ) -> list[LayerRecord]:
+    """RTN: every linear of ``block`` rounded to its grid, no data."""
+    records = []
+    for name, linear in block_linears(adapter, block).items():
+        began = time.perf_counter()
+        original_shape = linear.weight.shape
+        quantized, linear.weight_grid = _rtn(linear.weight, settings.solver_for(name))
+        linear.weight.copy_(quantized)
+        records.append(LayerRecord(index, name, settings.method, *original_shape, float("nan"), float("nan"), 0.0,
+                                   time.perf_counter() - began))
+    return records
 
 
-def _calibrate_blocks(blocks: Sequence[nn.Module], adapter: ModelAdapter, settings: CalibrationSettings,
-                      quant_stream: BatchStore, block_kwargs: list[dict[str, Any]], report: CalibrationReport,
-                      progress: bool) -> None:
-    """Calibrate every block in order, both streams starting from ``quant_stream`` (the first block's inputs).
+def _calibrate_block(index: int, block: nn.Module, adapter: ModelAdapter, settings: CalibrationSettings,
+                     quant_stream: BatchStore, full_stream: BatchStore | None, block_kwargs: list[dict[str, Any]],
+                     report: CalibrationReport) -> list[LayerRecord]:
+    """Calibrate ``block`` on ``settings.device``; both streams advance to its outputs."""
+    home = _module_device(block)
+    block.to(settings.device)
+    records = BlockCalibration(index, block, adapter, block_kwargs, settings, report).run(quant_stream, full_stream)
+    block.to(home)
+    return records
 
-    On the CPU, the blocks not being calibrated wait in a file (:func:`common.weight_files.parked`): the
-    blocks still to come on a stack, the next one on top; the calibrated ones until the walk ends.
-    """
-    full_stream = quant_stream.clone() if settings.spec.needs_full_precision_stream else None
-    park = settings.device.type == "cpu"
-    bar = tqdm(list(enumerate(blocks)), desc=settings.method, disable=not progress)
-    with ExitStack() as calibrated, ContextStack() as waiting:
-        if park:
-            for block in reversed(blocks[1:]):
-                waiting.push(parked(dict(block.named_parameters())))
-        for index, block in bar:
-            if park and index > 0:
-                waiting.pop()
-            home = _module_device(block)
-            block.to(settings.device)
-            records = BlockCalibration(index, block, adapter, block_kwargs, settings, report).run(quant_stream,
-                                                                                               full_stream)
-            block.to(home)
-            if park:
-                calibrated.enter_context(parked(dict(block.named_parameters())))
-            report.layers.extend(records)
-            bar.set_postfix(err=f"{sum(r.output_error for r in records) / len(records):.2e}")
+
+class _ResidentBlocks:
+    """A model's own blocks as a :class:`BlockSource`. With ``park`` (on the CPU), the blocks not being
+    calibrated wait in a file (:func:`common.weight_files.parked`): the blocks still to come on a stack, the
+    next one on top; the calibrated ones until the walk ends."""
+
+    def __init__(self, blocks: Sequence[nn.Module], *, park: bool) -> None:
+        self.blocks, self.park = blocks, park
+        self._calibrated = ExitStack()
+        self._waiting = ContextStack()
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __enter__(self) -> _ResidentBlocks:
+        if self.park:
+            for block in reversed(self.blocks[1:]):
+                self._waiting.push(parked(dict(block.named_parameters())))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._waiting.__exit__(*exc)
+        self._calibrated.__exit__(*exc)
+
+    def load(self, index: int) -> nn.Module:
+        if self.park and index > 0:
+            self._waiting.pop()
+        return self.blocks[index]
+
+    def finish(self, index: int, block: nn.Module) -> None:
+        if self.park:
+            self._calibrated.enter_context(parked(dict(block.named_parameters())))
 
 
 class ContextStack:
@@ -182,25 +290,9 @@ def _first_block_inputs(
     settings: CalibrationSettings,
 ) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
     """Hidden states [batch, ...] entering the first block for each batch, and the keyword arguments."""
-    hidden: list[torch.Tensor] = []
-    kwargs_list: list[dict[str, Any]] = []
-
-    def catch(_module, args, kwargs):
-        hidden.append(args[0] if args else kwargs.pop("hidden_states"))
-        kwargs_list.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
-        raise StopForward
-
-    handle = first_block.register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        for batch in distributed.shard(_rebatch(batches, settings.batch_size)):
-            try:
-                adapter.run_prologue(model, batch, settings.device)
-            except StopForward:
-                continue
-            raise RuntimeError("adapter.run_prologue returned without calling the first block")
-    finally:
-        handle.remove()
-    return hidden, kwargs_list
+    runs = [lambda batch=batch: adapter.run_prologue(model, batch, settings.device)
+            for batch in distributed.shard(_rebatch(batches, settings.batch_size))]
+    return inputs_of(first_block, runs)
 
 
 def _rebatch(batches: Sequence[Any], batch_size: int) -> list[Any]:

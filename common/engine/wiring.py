@@ -9,8 +9,9 @@ one batch. Everything installed here is removed when the ``with`` block ends, al
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +24,32 @@ from common.quant.qlinear import QuantLinear
 
 class StopForward(Exception):
     """Raised by an observer to end a forward pass once everything needed has been seen."""
+
+
+def inputs_of(block: nn.Module, runs: Iterable[Callable[[], object]]) -> tuple[list[torch.Tensor],
+                                                                             list[dict[str, Any]]]:
+    """The hidden states entering ``block`` and the keyword arguments it is called with, once per call in
+    ``runs`` (each runs the model, which is stopped as it reaches ``block``: nothing from ``block`` on runs,
+    so its weights may be on the ``meta`` device). ``RuntimeError`` if a run never reaches ``block``."""
+    hidden: list[torch.Tensor] = []
+    kwargs_list: list[dict[str, Any]] = []
+
+    def catch(_module, args, kwargs):
+        hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+        kwargs_list.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise StopForward
+
+    handle = block.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for run in runs:
+            try:
+                run()
+            except StopForward:
+                continue
+            raise RuntimeError("the model ran to its end without calling the block whose inputs were wanted")
+    finally:
+        handle.remove()
+    return hidden, kwargs_list
 
 
 @contextmanager

@@ -56,9 +56,17 @@ def add_activation_quantizers(
     online transform) keep their transform and get a quantizer too; ``lm_head`` stays full precision.
     """
     wrapped = {}
-    names = [name for group in LINEAR_GROUPS for name in group]
     for index, layer in enumerate(model.model.layers):
-        for name, linear in wrap_linears(layer, names).items():
-            linear.act_quantizer = ActivationQuantizer(bits, sym=sym, clip_ratio=clip_ratio, groupsize=groupsize)
+        for name, linear in add_layer_quantizers(layer, bits=bits, sym=sym, clip_ratio=clip_ratio,
+                                                 groupsize=groupsize).items():
             wrapped[f"model.layers.{index}.{name}"] = linear
+    return wrapped
+
+
+def add_layer_quantizers(layer: nn.Module, *, bits: int, sym: bool, clip_ratio: float, groupsize: int
+                         ) -> dict[str, QuantLinear]:
+    """:func:`add_activation_quantizers` for one decoder layer; returns ``{name within the layer: QuantLinear}``."""
+    wrapped = wrap_linears(layer, [name for group in LINEAR_GROUPS for name in group])
+    for linear in wrapped.values():
+        linear.act_quantizer = ActivationQuantizer(bits, sym=sym, clip_ratio=clip_ratio, groupsize=groupsize)
     return wrapped

@@ -19,7 +19,7 @@ from transformers import LlamaForCausalLM, PretrainedConfig, PreTrainedTokenizer
 from common.config import ConfigError
 from common.engine.settings import CalibrationReport
 from common.llama.adapter import LlamaAdapter, add_activation_quantizers
-from common.llama.loading import load_llama_config, load_llama_model, load_llama_tokenizer
+from common.llama.loading import checkpoint_folder, load_llama_config, load_llama_model, load_llama_tokenizer
 from common.llama.rotation import LlamaShape
 from common.llama.settings import LlamaSettings
 from common.lm.corpora import calibration_windows, corpus_fingerprint, evaluation_windows, load_corpus
@@ -41,6 +41,12 @@ PrepareMethod = Callable[[str], CalibrationReport | None]
 def load_model(config: LlamaSettings) -> LlamaForCausalLM:
     """The full-precision model (eval mode, on CPU, in ``config.dtype``); its tokenizer: :func:`load_tokenizer`."""
     return load_llama_model(config.model, dtype=DTYPES[config.dtype])
+
+
+def model_folder(config: LlamaSettings) -> Path:
+    """The local folder of the model's checkpoint files (read one block at a time); the Hub's snapshot of a hub
+    id, downloaded if needed."""
+    return checkpoint_folder(config.model)
 
 
 def load_tokenizer(config: LlamaSettings) -> PreTrainedTokenizerBase:
@@ -214,6 +220,14 @@ def _zero_shot_identity(tasks: list[str]) -> dict[str, Any]:
     return zero_shot_identity(tasks)
 
 
+def data_identity(config: LlamaSettings) -> dict[str, str]:
+    """``{corpus: SHA-256 of its text}`` for the calibration corpus and every evaluation corpus."""
+    return {
+        name: corpus_fingerprint(name, split)
+        for name, split in [(config.calib_dataset, "train"), *((d, "test") for d in config.eval_datasets)]
+    }
+
+
 def write_llama_run(
     run: Run,
     rows: Sequence[MetricRow],
@@ -225,10 +239,6 @@ def write_llama_run(
     """:func:`common.run.write_results` with a Llama run's data identity: the SHA-256 of each corpus and of
     the zero-shot tasks' data."""
     config = run.config
-    data_identity = {
-        name: corpus_fingerprint(name, split)
-        for name, split in [(config.calib_dataset, "train"), *((d, "test") for d in config.eval_datasets)]
-    }
-    return write_results(run, rows, layers=layers, data_identity=data_identity,
+    return write_results(run, rows, layers=layers, data_identity=data_identity(config),
                          metadata={"zero_shot_data": _zero_shot_identity(config.tasks), **metadata},
                          per_example=per_example)

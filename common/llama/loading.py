@@ -207,6 +207,24 @@ def load_llama_model(
     return llama.eval()
 
 
+def checkpoint_folder(model: str = EMBEDDED, *, cache_dir: Path | None = None) -> Path:
+    """The local folder of ``model``'s checkpoint files, for reading one tensor at a time: the converted
+    embedded model, a local folder as given, or a Hub id's snapshot (downloaded into the Hugging Face cache
+    if needed). Raises ``ModelLoadError`` as :func:`load_llama` does."""
+    if model == EMBEDDED:
+        return _converted_embedded(cache_dir)
+    check_supported(_load_config(model), model)
+    if Path(model).is_dir():
+        return Path(model)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except Exception as err:  # the hub client raises many kinds; the user needs one line
+        first_line = str(err).splitlines()[0]
+        raise ModelLoadError(f"cannot download {model!r} from the Hugging Face Hub: {first_line}") from err
+
+
 def untie_embeddings(model: LlamaForCausalLM) -> None:
     """Give ``lm_head`` its own copy of the embedding matrix [vocab, hidden] (in place; no-op if untied).
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -11,6 +11,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
+from common.engine.wiring import inputs_of
 from common.rules import check_positive
 
 NLL_ROWS = 256
@@ -61,6 +62,60 @@ def _logit_slices(model: nn.Module, batch: torch.Tensor) -> Iterator[Iterator[to
         return ((head(part) for part in row[:-1].split(NLL_ROWS)) for row in hidden)
     logits = model(input_ids=batch, use_cache=False).logits
     return (iter(row[:-1].split(NLL_ROWS)) for row in logits)
+
+
+@torch.no_grad()
+def blockwise_window_nlls(
+    model: LlamaForCausalLM,
+    load_block: Callable[[int], nn.Module],
+    final: Callable[[], tuple[nn.Module, nn.Linear]],
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 4,
+    device: torch.device | None = None,
+    desc: str = "perplexity",
+    progress: bool = True,
+) -> list[float]:
+    """:func:`window_nlls` of a model held one block at a time: every window through block ``i`` before block
+    ``i + 1`` (GPTQ's layer-by-layer evaluation), the same numbers as the whole model's.
+
+    Args:
+        model: the model with its embedding (and rotary buffers) materialised; its blocks may be on ``meta``.
+        load_block: block ``i`` with its weights (moved to ``device`` here and released after use).
+        final: the final norm and the head, with their weights.
+        windows, batch_size, device, desc, progress: as :func:`window_nlls`.
+
+    Memory: the hidden states of every window (``windows × seqlen × hidden`` values in the model's dtype) on
+    ``device``, one block, then the head with :data:`NLL_ROWS` positions of logits.
+    """
+    if windows.ndim != 2 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be [n_windows, seqlen >= 2], got shape {tuple(windows.shape)}")
+    check_positive("batch_size", batch_size)
+    device = device or torch.device("cpu")
+    decoder = model.get_decoder()
+    decoder.embed_tokens.to(device)
+    decoder.rotary_emb.to(device)
+    batches = windows.split(batch_size)
+    runs = [lambda batch=batch: decoder(input_ids=batch.to(device), use_cache=False) for batch in batches]
+    hidden, kwargs = inputs_of(decoder.layers[0], runs)
+    for index in tqdm(range(len(decoder.layers)), desc=desc, disable=not progress, leave=False):
+        block = load_block(index).to(device)
+        hidden = [_block_output(block(states, **arguments)) for states, arguments in zip(hidden, kwargs, strict=True)]
+        del block
+    norm, head = (module.to(device) for module in final())
+    sums = []
+    for states, batch in zip(hidden, batches, strict=True):
+        for row, target_row in zip(norm(states), batch.to(device), strict=True):
+            sums.append(sum(F.cross_entropy(head(part).float(), targets, reduction="sum").item()
+                            for part, targets in zip(row[:-1].split(NLL_ROWS), target_row[1:].split(NLL_ROWS),
+                                                     strict=True)))
+    if not all(math.isfinite(value) for value in sums):
+        raise FloatingPointError(f"{desc}: the model produced non-finite log-likelihoods")
+    return sums
+
+
+def _block_output(output: torch.Tensor | tuple) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
 
 
 def perplexity_of(nll_sums: list[float], seqlen: int) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import subprocess
 from collections.abc import Iterable
@@ -33,6 +34,17 @@ def git_commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("+dirty" if dirty else "")
+
+
+def source_digest(folders: Iterable[str]) -> str:
+    """SHA-256 of the Python sources under ``folders`` (relative to the repository root): the code that ran,
+    committed or not."""
+    digest = hashlib.sha256()
+    for folder in sorted(folders):
+        for path in sorted((REPO_ROOT / folder).rglob("*.py")):
+            digest.update(str(path.relative_to(REPO_ROOT)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def package_versions(names: Iterable[str] = ("torch", "transformers", "timm", "datasets", "lm-eval")) -> dict[str, str]:

@@ -51,17 +51,23 @@ def install_tiny_corpus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(corpora.CORPORA, TINY_CORPUS, lambda split: texts[split])
 
 
-def install_tiny_model(monkeypatch: pytest.MonkeyPatch, tokenizer: object | None = None) -> None:
-    """Make every Llama run load :func:`tiny_llama` with ``tokenizer`` (default :class:`CharTokenizer`)."""
+def install_tiny_model(monkeypatch: pytest.MonkeyPatch, tokenizer: object | None = None,
+                       folder: Path | None = None) -> None:
+    """Make every Llama run load :func:`tiny_llama` with ``tokenizer`` (default :class:`CharTokenizer`); with
+    ``folder``, the model is also saved there (safetensors) for the runs that read it one block at a time."""
     tokenizer = tokenizer if tokenizer is not None else CharTokenizer()
     monkeypatch.setattr(experiment, "load_llama_model", lambda model, dtype: tiny_llama().to(dtype))
     monkeypatch.setattr(experiment, "load_llama_config", lambda model: tiny_llama().config)
     monkeypatch.setattr(experiment, "load_llama_tokenizer", lambda model: tokenizer)
+    if folder is not None:
+        if not (folder / "config.json").is_file():
+            tiny_llama().save_pretrained(folder)
+        monkeypatch.setattr(experiment, "checkpoint_folder", lambda model: folder)
 
 
 @pytest.fixture
 def tiny_setup(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """A temporary folder, with :data:`TINY_CORPUS` registered and every Llama run loading :func:`tiny_llama`."""
     install_tiny_corpus(monkeypatch)
-    install_tiny_model(monkeypatch)
+    install_tiny_model(monkeypatch, folder=tmp_path / "tiny-model")
     return tmp_path

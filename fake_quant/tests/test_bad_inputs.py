@@ -18,7 +18,7 @@ from common.tests.bad_inputs import BadInput, expect_refusal
 from fake_quant import main as fq_main
 
 BASE = ["--calib_dataset", "tiny_text", "--eval_datasets", "tiny_text", "--seqlen", "32", "--nsamples", "4",
-        "--eval_max_windows", "2", "--device", "cpu"]
+        "--eval_max_windows", "2", "--device", "cpu", "--model_loading", "whole"]
 
 
 def _config_file(text: str | bytes):
@@ -92,6 +92,12 @@ BEFORE_LOAD = [
     BadInput("results folder under a file", [], "results_dir: ", _file_in_the_way("--results_dir")),
     BadInput("save and load at once", ["--save_qmodel_path", "a", "--load_qmodel_path", "b"],
              "save_qmodel_path and load_qmodel_path exclude each other"),
+    BadInput("zero-shot tasks one block at a time", ["--tasks", "x", "--model_loading", "blockwise"],
+             "tasks need the whole model in memory: set model_loading: whole"),
+    BadInput("export one block at a time", ["--export_gptq", "out", "--a_bits", "16", "--no-rotate_online",
+                                            "--w_grid", "gptq", "--model_loading", "blockwise"],
+             "export_gptq need the whole model in memory"),
+    BadInput("unknown model loading", ["--model_loading", "lazy"], "model_loading must be one of"),
     BadInput("save folder under a file", [], "save_qmodel_path: ", _file_in_the_way("--save_qmodel_path")),
     BadInput("export of an activation-quantized model", ["--export_gptq", "out", "--w_grid", "gptq"],
              "export_gptq writes weight-only gptq checkpoints: a_bits must be 16"),
@@ -123,7 +129,8 @@ def _saved_models(folder: Path) -> Path:
     saved = folder / "saved"
     config = fq_main.LlamaRunConfig(name="save", calib_dataset="tiny_text", eval_datasets=["tiny_text"], seqlen=32,
                                     nsamples=4, eval_max_windows=1, device="cpu", methods=["rtn"],
-                                    results_dir=str(folder / "save-results"), save_qmodel_path=str(saved))
+                                    results_dir=str(folder / "save-results"), model_loading="whole",
+                                    save_qmodel_path=str(saved))
     fq_main.run(config)
     return saved
 
@@ -214,11 +221,11 @@ def test_unrotated_tied_model_saves_and_reloads(tiny_setup) -> None:
     config = fq_main.LlamaRunConfig(name="tied", calib_dataset="tiny_text", eval_datasets=["tiny_text"], seqlen=32,
                                     nsamples=4, eval_max_windows=2, device="cpu", methods=["fp", "rtn"],
                                     rotate=False, results_dir=str(tiny_setup / "results"),
-                                    save_qmodel_path=str(saved))
+                                    model_loading="whole", save_qmodel_path=str(saved))
     first, _ = fq_main.run(config)
     again = fq_main.LlamaRunConfig(name="tied-again", calib_dataset="tiny_text", eval_datasets=["tiny_text"],
                                    seqlen=32, eval_max_windows=2, device="cpu", results_dir=str(tiny_setup / "results"),
-                                   load_qmodel_path=str(saved))
+                                   model_loading="whole", load_qmodel_path=str(saved))
     second, _ = fq_main.run(again)
     rows = [line.split(",")[4:6] for path in (first, second) for line in path.read_text().splitlines()[1:]]
     assert rows[0] == rows[1]  # fp too: the reloaded run's fp column has activation quantization off

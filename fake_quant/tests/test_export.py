@@ -17,6 +17,7 @@ from fake_quant import main as fq_main
 from fake_quant.settings import LlamaRunConfig
 
 WEIGHT_ONLY = {
+    "model_loading": "whole",
     "name": "tiny-w4", "calib_dataset": "tiny_text", "eval_datasets": ["tiny_text"], "nsamples": 8, "seqlen": 32,
     "eval_max_windows": 6, "calib_batch_size": 3, "device": "cpu", "w_clip": False, "a_bits": 16, "rotate": False,
     "w_grid": "gptq", "w_asym": False, "w_groupsize": 16, "act_order": True, "methods": ["fp", "rtn", "gptq", "gptaq"],

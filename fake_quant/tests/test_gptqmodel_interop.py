@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 def _export(tmp_path, bits: int):
     config = LlamaRunConfig(model="embedded", rotate=False, a_bits=16, w_bits=bits, w_asym=False, w_groupsize=64,
                             w_clip=False, w_grid="gptq", methods=["rtn"], eval_max_windows=1, device="cpu",
-                            results_dir=str(tmp_path / "results"), export_gptq=str(tmp_path / "gptq"))
+                            results_dir=str(tmp_path / "results"), model_loading="whole",
+                            export_gptq=str(tmp_path / "gptq"))
     fq_main.run(config)
     return tmp_path / "gptq" / "rtn"
 

@@ -82,10 +82,12 @@ def test_rerun_keeps_earlier_results(tiny_setup):
 
 def test_saved_model_evaluates_identically(tiny_setup):
     saved = tiny_setup / "qmodel"
-    csv_path, _ = fq_main.run(_config(tiny_setup, methods=["gptaq"], save_qmodel_path=str(saved)))
+    csv_path, _ = fq_main.run(_config(tiny_setup, methods=["gptaq"], model_loading="whole",
+                                      save_qmodel_path=str(saved)))
     first = _read_csv(csv_path)[0]["gptaq"]
     assert json.loads((saved / "settings.json").read_text())["settings"]["seed"] == 0
-    csv_path, json_path = fq_main.run(_config(tiny_setup, name="reloaded", load_qmodel_path=str(saved)))
+    csv_path, json_path = fq_main.run(_config(tiny_setup, name="reloaded", model_loading="whole",
+                                                      load_qmodel_path=str(saved)))
     assert _read_csv(csv_path)[0]["gptaq"] == first
     assert json.loads(json_path.read_text())["layers"] == {}  # evaluated without calibrating
 
@@ -148,7 +150,8 @@ def local_tasks(tiny_setup, monkeypatch):
 
 
 def test_zero_shot_rows_through_lm_eval_offline(local_tasks):
-    config = _config(local_tasks.parent / "results", methods=["fp", "gptaq"], tasks=["river_mc"],
+    config = _config(local_tasks.parent / "results", methods=["fp", "gptaq"], model_loading="whole",
+                     tasks=["river_mc"],
                      tasks_include_path=str(local_tasks))
     csv_path, json_path = fq_main.run(config)
     rows = {row["metric"]: row for row in _read_csv(csv_path)}
@@ -169,7 +172,8 @@ def test_zero_shot_rows_through_lm_eval_offline(local_tasks):
 def test_unloadable_task_fails_before_calibrating(local_tasks, capsys):
     results = local_tasks.parent / "results"
     code = fq_main.main(["--results_dir", str(results), "--calib_dataset", "tiny_text", "--eval_datasets",
-                         "tiny_text", "--seqlen", "32", "--tasks", "river_missing", "--tasks_include_path",
+                         "tiny_text", "--seqlen", "32", "--model_loading", "whole",
+                         "--tasks", "river_missing", "--tasks_include_path",
                          str(local_tasks)])
     assert code == 2
     assert "cannot load zero-shot task 'river_missing'" in capsys.readouterr().err
