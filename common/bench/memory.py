@@ -1,0 +1,126 @@
+"""Peak memory of GPTAQ + QuaRot on synthetic checkpoints: ``python -m common.bench.memory`` (``make bench-memory``).
+
+For each shape (:data:`common.bench.synthetic_llama.SHAPES`) the benchmark writes the synthetic float16
+checkpoint (once, into ``<cache root>/bench-models/``), then runs ``fake_quant.main`` on it in a process of its
+own (the embedded W4A4 settings, GPTAQ only, ``--nsamples`` windows of ``--seqlen`` tokens, perplexity on two
+windows) and samples that process's resident memory every 0.1 s from ``/proc``: anonymous pages (the
+tensors) and file-backed pages (mapped checkpoint files), and their sum. Prints a table and writes
+``results/bench_memory.csv``. A benchmark, not a test: minutes to an hour per shape on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from common.bench.synthetic_llama import SHAPES, write_checkpoint
+from common.bench.table import column, format_table
+from common.cache import cache_root
+from common.device import device_description, pick_device
+from common.files import atomic_write_csv
+from common.results.provenance import REPO_ROOT
+
+BENCH_MEMORY_CSV = "bench_memory.csv"
+FIELDS = ["device", "shape", "model_loading", "checkpoint_gib", "peak_rss_gib", "peak_anon_gib", "peak_file_gib",
+          "seconds", "wiki_embedded_ppl"]
+KIB_PER_GIB = 2**20
+COLUMNS = [column("shape", 15, "shape"), column("loading", 10, "model_loading"),
+           column("ckpt GiB", 9, "checkpoint_gib"), column("peak RSS", 9, "peak_rss_gib"),
+           column("anon", 6, "peak_anon_gib"), column("file", 6, "peak_file_gib"), column("seconds", 8, "seconds"),
+           column("ppl", 10, "wiki_embedded_ppl", ".4g")]
+
+
+def _status_kib(pid: int) -> dict[str, int]:
+    """``VmRSS``, ``RssAnon`` and ``RssFile`` of a process, in KiB (empty once it has exited)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    fields = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+def measure(argv: list[str]) -> tuple[dict[str, int], float, int]:
+    """Run ``argv``, sampling its memory; returns the peak of each field (KiB), the seconds and the exit code."""
+    peaks = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
+    began = time.perf_counter()
+    process = subprocess.Popen(argv, cwd=REPO_ROOT)
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for key, value in _status_kib(process.pid).items():
+                peaks[key] = max(peaks[key], value)
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    code = process.wait()
+    done.set()
+    sampler.join()
+    return peaks, time.perf_counter() - began, code
+
+
+def bench_shape(shape: str, *, loading: str, nsamples: int, seqlen: int, keep: bool) -> dict[str, object]:
+    """Write ``shape``'s checkpoint if needed, run GPTAQ + QuaRot on it and return the measured row."""
+    folder = cache_root() / "bench-models" / shape
+    if not (folder / "model.safetensors.index.json").is_file():
+        write_checkpoint(shape, folder)
+    size = sum(path.stat().st_size for path in folder.glob("*.safetensors"))
+    with tempfile.TemporaryDirectory() as results:
+        argv = [sys.executable, "-m", "fake_quant.main", "--config", "fake_quant/configs/embedded_w4a4.yaml",
+                "--model", str(folder), "--methods", "gptaq", "--nsamples", str(nsamples), "--seqlen", str(seqlen),
+                "--eval_max_windows", "2", "--model_loading", loading, "--name", "bench-memory",
+                "--results_dir", results]
+        peaks, seconds, code = measure(argv)
+        if code != 0:
+            raise RuntimeError(f"{shape}: the run failed with exit code {code}")
+        row = next(line for line in (Path(results) / "bench-memory.csv").read_text().splitlines()
+                   if ",wiki_embedded_ppl," in line)
+    if not keep:
+        for path in folder.iterdir():
+            path.unlink()
+        folder.rmdir()
+    header_ppl = float(row.split(",")[4])
+    return {
+        "device": device_description(pick_device("auto")), "shape": shape, "model_loading": loading,
+        "checkpoint_gib": round(size / 2**30, 2), "peak_rss_gib": round(peaks["VmRSS"] / KIB_PER_GIB, 2),
+        "peak_anon_gib": round(peaks["RssAnon"] / KIB_PER_GIB, 2),
+        "peak_file_gib": round(peaks["RssFile"] / KIB_PER_GIB, 2), "seconds": round(seconds, 1),
+        "wiki_embedded_ppl": header_ppl,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {sorted(SHAPES)}")
+    parser.add_argument("--model-loading", default="blockwise", choices=("blockwise", "whole"))
+    parser.add_argument("--nsamples", type=int, default=4)
+    parser.add_argument("--seqlen", type=int, default=128)
+    parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints (GBs) for a rerun")
+    parser.add_argument("--results-dir", type=Path, default=REPO_ROOT / "results")
+    args = parser.parse_args(argv)
+    shapes = [shape for shape in args.shapes.split(",") if shape]
+    unknown = sorted(set(shapes) - set(SHAPES))
+    if unknown:
+        parser.error(f"--shapes: unknown {unknown}; choose from {sorted(SHAPES)}")
+    rows = []
+    for shape in shapes:
+        rows.append(bench_shape(shape, loading=args.model_loading, nsamples=args.nsamples, seqlen=args.seqlen,
+                                keep=args.keep))
+        print(format_table(rows, COLUMNS), flush=True)
+        atomic_write_csv(args.results_dir / BENCH_MEMORY_CSV, rows, FIELDS)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
