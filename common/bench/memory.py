@@ -11,6 +11,7 @@ tensors) and file-backed pages (mapped checkpoint files), and their sum. Prints 
 from __future__ import annotations
 
 import argparse
+import csv
 import subprocess
 import sys
 import tempfile
@@ -103,22 +104,29 @@ def bench_shape(shape: str, *, loading: str, nsamples: int, seqlen: int, keep: b
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {sorted(SHAPES)}")
-    parser.add_argument("--model-loading", default="blockwise", choices=("blockwise", "whole"))
+    parser.add_argument("--model-loading", default="blockwise",
+                        help="comma-separated, of blockwise and whole (each shape is run with each)")
     parser.add_argument("--nsamples", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints (GBs) for a rerun")
     parser.add_argument("--results-dir", type=Path, default=REPO_ROOT / "results")
+    parser.add_argument("--append", action="store_true", help="add the rows to an existing bench_memory.csv")
     args = parser.parse_args(argv)
     shapes = [shape for shape in args.shapes.split(",") if shape]
     unknown = sorted(set(shapes) - set(SHAPES))
     if unknown:
         parser.error(f"--shapes: unknown {unknown}; choose from {sorted(SHAPES)}")
-    rows = []
+    loadings = [loading for loading in args.model_loading.split(",") if loading]
+    if not loadings or set(loadings) - {"blockwise", "whole"}:
+        parser.error(f"--model-loading: give blockwise, whole or both, got {args.model_loading!r}")
+    path = args.results_dir / BENCH_MEMORY_CSV
+    rows = list(csv.DictReader(path.open())) if args.append and path.is_file() else []
     for shape in shapes:
-        rows.append(bench_shape(shape, loading=args.model_loading, nsamples=args.nsamples, seqlen=args.seqlen,
-                                keep=args.keep))
-        print(format_table(rows, COLUMNS), flush=True)
-        atomic_write_csv(args.results_dir / BENCH_MEMORY_CSV, rows, FIELDS)
+        for loading in loadings:
+            rows.append(bench_shape(shape, loading=loading, nsamples=args.nsamples, seqlen=args.seqlen,
+                                    keep=args.keep or loading != loadings[-1]))
+            print(format_table(rows, COLUMNS), flush=True)
+            atomic_write_csv(path, rows, FIELDS)
     return 0
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -90,17 +90,17 @@ def quantize_model(
     park = settings.device.type == "cpu" and settings.spec.calibrated
     with _ResidentBlocks(blocks, park=park) as source:
         if not settings.spec.calibrated:
-            return quantize_blocks(source, lambda: model, adapter, settings, progress=progress)
+            return quantize_blocks(source, lambda: nullcontext(model), adapter, settings, progress=progress)
         with torch.no_grad():
             first = _first_block_inputs(model, adapter, blocks[0], calibration_batches, settings)
         with parked(_outside_blocks(model, blocks)):
-            return quantize_blocks(source, lambda: model, adapter, settings, calibration_batches, progress=progress,
-                                   first_inputs=first)
+            return quantize_blocks(source, lambda: nullcontext(model), adapter, settings, calibration_batches,
+                                   progress=progress, first_inputs=first)
 
 
 def quantize_blocks(
     source: BlockSource,
-    prologue_model: Callable[[], nn.Module],
+    prologue_model: Callable[[], AbstractContextManager[nn.Module]],
     adapter: ModelAdapter,
     settings: CalibrationSettings,
     calibration_batches: Sequence[Any] = (),
@@ -113,8 +113,9 @@ def quantize_blocks(
 
     Args:
         source: the blocks (:class:`BlockSource`).
-        prologue_model: returns the model ``adapter.run_prologue`` runs up to its first block (called once,
-            for calibrated methods; its blocks need no weights: the run stops before the first one).
+        prologue_model: a context manager holding the model ``adapter.run_prologue`` runs up to its first block
+            (entered once, for calibrated methods; its blocks need no weights: the run stops before the first one),
+            e.g. :meth:`common.llama.blockwise.BlockwiseLlama.embedded`, whose embedding is released on exit.
         adapter, settings, calibration_batches: as :func:`quantize_model`'s.
         checkpoints: keeps the state after each block and resumes from the last one kept.
         progress: show a progress bar over blocks.
@@ -131,8 +132,7 @@ def quantize_blocks(
         if not calibration_batches:
             raise ValueError(f"calibration_batches must not be empty for method {settings.method!r}")
         if first_inputs is None:
-            model = prologue_model()
-            with torch.no_grad():
+            with prologue_model() as model, torch.no_grad():
                 first_inputs = _first_block_inputs(model, adapter, adapter.blocks(model)[0], calibration_batches,
                                                    settings)
         hidden, block_kwargs = first_inputs

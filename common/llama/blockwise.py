@@ -2,23 +2,25 @@
 
 :class:`BlockwiseLlama` builds the model on the ``meta`` device (parameters without memory; buffers such as
 the rotary frequencies are real) and materialises, on request, one decoder block (:meth:`BlockwiseLlama.load`),
-the embedding (:meth:`BlockwiseLlama.prologue_model`) or the final norm and head (:meth:`BlockwiseLlama.final`)
+the embedding (:meth:`BlockwiseLlama.embedded`) or the final norm and head (:meth:`BlockwiseLlama.final`)
 from the checkpoint's safetensors files (:class:`CheckpointTensors` reads single tensors), converted to the
 run's dtype exactly as ``from_pretrained`` converts them. Each piece is then rotated (a :class:`LayerRotation`,
 e.g. :class:`fake_quant.rotation.QuaRot`, applied to that piece alone) and its linears get their activation
 quantizers, so a block loaded here is bit for bit the block of the whole model loaded, rotated and wrapped in
 memory.
 
-Resident memory: one block in the run's dtype (``12·h² + 3·h·i`` values for hidden size ``h`` and MLP size
-``i``, Llama's attention with as many KV heads as heads; fewer KV heads need less), plus the float64
-temporaries of its rotation (one weight matrix and its rotated copy at a time), plus the embedding while the
-model runs up to its first block, plus norm and head while the evaluation computes logits.
+Resident memory: one block in the run's dtype (``4·h² + 3·h·i`` values for hidden size ``h`` and MLP size
+``i``, with as many KV heads as heads; fewer KV heads need less), plus the float64 temporaries of its rotation
+(one weight matrix, its float64 copy and its rotated copy at a time: ``3·8·h·i`` bytes for the MLP's), plus
+the embedding (``v·h`` values, vocabulary ``v``) while the model runs up to its first block, plus norm and
+head while the evaluation computes logits.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -148,18 +150,19 @@ class BlockwiseLlama:
             self.add_quantizers(layer)
         return layer
 
-    def prologue_model(self) -> LlamaForCausalLM:
-        """The model with its embedding materialised (rotated) and every block on ``meta``: enough to run it up
-        to its first block. :meth:`release_embedding` gives the embedding's memory back."""
+    @contextmanager
+    def embedded(self) -> Iterator[LlamaForCausalLM]:
+        """The model with its embedding materialised (rotated) and every block on ``meta``, for the ``with``
+        block: enough to run it up to its first block. The embedding goes back to ``meta`` on exit."""
         embedding = self.tensors.read([EMBEDDING], self.dtype)[EMBEDDING]
         if self.rotation is not None:
             self.rotation.rotate_embeddings(embedding, None, None)
         self.skeleton.model.embed_tokens.weight = nn.Parameter(embedding, requires_grad=False)
-        return self.skeleton
-
-    def release_embedding(self) -> None:
-        """Put the embedding back on ``meta``."""
-        self.skeleton.model.embed_tokens.to("meta")
+        del embedding
+        try:
+            yield self.skeleton
+        finally:
+            self.skeleton.model.embed_tokens.to("meta")
 
     def final(self) -> tuple[nn.Module, nn.Linear]:
         """The final norm and the head (the embedding when the checkpoint ties them), materialised and rotated."""

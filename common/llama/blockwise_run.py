@@ -182,10 +182,9 @@ def _run_method(llama: BlockwiseLlama, adapter: LlamaAdapter, config: LlamaSetti
         settings = calibration_settings(method, config, device=device, offload_device=offload_device)
         stage = f"quantize {method}"
         with timer(stage):
-            report = quantize_blocks(SavingBlocks(llama.load, len(llama), files), llama.prologue_model, adapter,
+            report = quantize_blocks(SavingBlocks(llama.load, len(llama), files), llama.embedded, adapter,
                                      settings, [calibration] if calibration is not None else [],
                                      checkpoints=CalibrationCheckpoint(files.folder))
-            llama.release_embedding()
         for part, (seconds, flops) in report.parts.items():
             timer.add(f"{stage}: {part}", seconds, flops)
         log_report(report)
@@ -203,13 +202,12 @@ def _run_method(llama: BlockwiseLlama, adapter: LlamaAdapter, config: LlamaSetti
     with timer(f"evaluate {method}"):
         if distributed.is_main():
             for dataset, windows in eval_sets.items():
-                sums = blockwise_window_nlls(llama.prologue_model(), load_block, llama.final, windows,
+                sums = blockwise_window_nlls(llama.embedded, load_block, llama.final, windows,
                                              batch_size=config.eval_batch_size, device=device,
                                              desc=f"{method} {dataset}")
                 metrics[f"{dataset}_ppl"] = perplexity_of(sums, windows.shape[1])
                 found[f"{dataset}_ppl"] = [total / (windows.shape[1] - 1) for total in sums]
                 logger.info("%s %s perplexity %.3f", method, dataset, metrics[f"{dataset}_ppl"])
-            llama.release_embedding()
     distributed.wait_for_main(f"evaluate {method}")
     kept = {
         "metrics": metrics,

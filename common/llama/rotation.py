@@ -259,19 +259,30 @@ def _rotated_layer(weights: Mapping[str, torch.Tensor], index: int, residual: to
     """The rotated weights of decoder layer ``index`` (see :func:`rotated_weights`)."""
     prefix = f"model.layers.{index}."
     out: dict[str, torch.Tensor] = {}
-    for name in READERS:
-        out[f"{prefix}{name}.weight"] = weights[f"{prefix}{name}.weight"] @ residual
-    for name in WRITERS:
-        out[f"{prefix}{name}.weight"] = residual.T @ weights[f"{prefix}{name}.weight"]
-        bias = weights.get(f"{prefix}{name}.bias")
-        if bias is not None:
-            out[f"{prefix}{name}.bias"] = bias @ residual
-    v_name, o_name = f"{prefix}self_attn.v_proj", f"{prefix}self_attn.o_proj"
-    out[f"{v_name}.weight"] = _rotate_value_rows(out[f"{v_name}.weight"], head, head_dim)
-    if weights.get(f"{v_name}.bias") is not None:
-        out[f"{v_name}.bias"] = _rotate_value_bias(weights[f"{v_name}.bias"], head, head_dim)
-    out[f"{o_name}.weight"] = _rotate_output_columns(out[f"{o_name}.weight"], head, head_dim)
+    for name in [f"{prefix}{module}.{kind}" for module in (*READERS, *WRITERS) for kind in ("weight", "bias")]:
+        if weights.get(name) is not None:
+            rotated = _rotated_tensor(name[len(prefix):], weights[name], residual, head, head_dim)
+            if rotated is not None:
+                out[name] = rotated
     return out
+
+
+def _rotated_tensor(name: str, value: torch.Tensor, residual: torch.Tensor, head: torch.Tensor,
+                    head_dim: int) -> torch.Tensor | None:
+    """One rotated weight or bias of a decoder layer (``name`` within the layer, e.g. ``mlp.up_proj.weight``), or
+    ``None`` when the rotations leave it unchanged."""
+    module, _, kind = name.rpartition(".")
+    if kind == "weight" and module in READERS:  # W <- W Q, and v_proj's heads W_h <- Mᵀ W_h
+        rotated = value @ residual
+        return _rotate_value_rows(rotated, head, head_dim) if module == "self_attn.v_proj" else rotated
+    if kind == "weight" and module in WRITERS:  # W <- Qᵀ W, and o_proj's head columns W_o[:, h] <- W_o[:, h] M
+        rotated = residual.T @ value
+        return _rotate_output_columns(rotated, head, head_dim) if module == "self_attn.o_proj" else rotated
+    if kind == "bias" and module in WRITERS:  # b <- b Q
+        return value @ residual
+    if kind == "bias" and module == "self_attn.v_proj":  # b_h <- b_h M
+        return _rotate_value_bias(value, head, head_dim)
+    return None
 
 
 @torch.no_grad()
@@ -302,13 +313,14 @@ def rotate_embedding_(embedding: torch.Tensor, residual: torch.Tensor) -> None:
 
 @torch.no_grad()
 def rotate_layer_weights_(layer: nn.Module, index: int, *, residual: torch.Tensor, head: torch.Tensor) -> None:
-    """:func:`rotated_weights` of one prepared decoder layer (number ``index``), in place, in float64."""
-    prefix = f"model.layers.{index}."
-    state = {prefix + name: tensor for name, tensor in layer.state_dict().items()}
-    weights = {name: tensor.double() for name, tensor in state.items() if name.endswith((".weight", ".bias"))}
+    """:func:`rotated_weights` of one prepared decoder layer (number ``index``), in place, in float64: one tensor
+    at a time, so the float64 temporaries are those of one weight matrix."""
+    residual, head = residual.double(), head.double()
     head_dim = layer.self_attn.head_dim
-    for name, value in _rotated_layer(weights, index, residual.double(), head.double(), head_dim).items():
-        _set(state[name], value)
+    for name, tensor in layer.state_dict().items():
+        rotated = _rotated_tensor(name, tensor.double(), residual, head, head_dim)
+        if rotated is not None:
+            _set(tensor, rotated)
 
 
 @torch.no_grad()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
@@ -66,7 +67,7 @@ def _logit_slices(model: nn.Module, batch: torch.Tensor) -> Iterator[Iterator[to
 
 @torch.no_grad()
 def blockwise_window_nlls(
-    model: LlamaForCausalLM,
+    embedded: Callable[[], AbstractContextManager[LlamaForCausalLM]],
     load_block: Callable[[int], nn.Module],
     final: Callable[[], tuple[nn.Module, nn.Linear]],
     windows: torch.Tensor,
@@ -80,7 +81,9 @@ def blockwise_window_nlls(
     ``i + 1`` (GPTQ's layer-by-layer evaluation), the same numbers as the whole model's.
 
     Args:
-        model: the model with its embedding (and rotary buffers) materialised; its blocks may be on ``meta``.
+        embedded: a context manager holding the model with its embedding (and rotary buffers) materialised; its
+            blocks may be on ``meta`` (:meth:`common.llama.blockwise.BlockwiseLlama.embedded`). It is entered
+            once, to compute the first block's inputs.
         load_block: block ``i`` with its weights (moved to ``device`` here and released after use).
         final: the final norm and the head, with their weights.
         windows, batch_size, device, desc, progress: as :func:`window_nlls`.
@@ -92,13 +95,15 @@ def blockwise_window_nlls(
         raise ValueError(f"windows must be [n_windows, seqlen >= 2], got shape {tuple(windows.shape)}")
     check_positive("batch_size", batch_size)
     device = device or torch.device("cpu")
-    decoder = model.get_decoder()
-    decoder.embed_tokens.to(device)
-    decoder.rotary_emb.to(device)
     batches = windows.split(batch_size)
-    runs = [lambda batch=batch: decoder(input_ids=batch.to(device), use_cache=False) for batch in batches]
-    hidden, kwargs = inputs_of(decoder.layers[0], runs)
-    for index in tqdm(range(len(decoder.layers)), desc=desc, disable=not progress, leave=False):
+    with embedded() as model:
+        decoder = model.get_decoder()
+        decoder.embed_tokens.to(device)
+        decoder.rotary_emb.to(device)
+        runs = [lambda batch=batch: decoder(input_ids=batch.to(device), use_cache=False) for batch in batches]
+        hidden, kwargs = inputs_of(decoder.layers[0], runs)
+        blocks = len(decoder.layers)
+    for index in tqdm(range(blocks), desc=desc, disable=not progress, leave=False):
         block = load_block(index).to(device)
         hidden = [_block_output(block(states, **arguments)) for states, arguments in zip(hidden, kwargs, strict=True)]
         del block
