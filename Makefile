@@ -10,7 +10,7 @@ MODEL ?= embedded
 METHODS ?=
 METHOD_ARGS := $(if $(METHODS),--methods $(METHODS))
 
-.PHONY: setup setup-export test-export bench-gptqmodel test test-fast test-numerics margins lint profile-llama-w4a4 profile-llama-w2a4 bench-solver bench-memory bench-revision bench-official reproduce-llama-w4a4 reproduce-llama-w2a4 reproduce-llama-w4 reproduce-llama-w3 reproduce-vit \
+.PHONY: setup setup-export test-export bench-gptqmodel test test-fast test-numerics margins lint profile-llama-w4a4 profile-llama-w2a4 bench-solver bench-memory gpu-check bench-revision bench-official reproduce-llama-w4a4 reproduce-llama-w2a4 reproduce-llama-w4 reproduce-llama-w3 reproduce-vit \
 	reproduce-spinquant-w4a4 reproduce-spinquant-w2a4 reproduce-llama-w4a4-zeroshot reproduce-spinquant-w4a4-zeroshot \
 	data-fashion-mnist
 
@@ -44,6 +44,10 @@ lint: setup
 
 bench-solver: setup
 	$(PY) -m common.bench.solver
+
+# Everything that must be checked on CUDA, one table (about 5 minutes on a GPU; refuses without CUDA).
+gpu-check: setup
+	$(PY) -m common.gpu_check
 
 # Peak memory and time of GPTAQ + QuaRot on synthetic 1.1B/7B/13B float16 checkpoints, one block at a time
 # (results/bench_memory.csv; writes each checkpoint, 2-26 GB, into the cache and removes it after; SHAPES= to pick).

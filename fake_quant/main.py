@@ -15,15 +15,22 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_model as load_saved_model
 
 from common import distributed
 from common.cli import run_cli
-from common.export.gptq_runs import export_checkpoint, exported_methods, read_exported
+from common.export.gptq_runs import (
+    export_blocks,
+    export_checkpoint,
+    exported_methods,
+    read_exported,
+    read_exported_tensors,
+)
 from common.export.saved_models import check_saved_models, load_saved_settings, save_quantized_model
 from common.llama.adapter import add_layer_quantizers
 from common.llama.blockwise import BlockwiseLlama
-from common.llama.blockwise_run import RunCheckpoint, compare_blockwise, run_identity
+from common.llama.blockwise_run import RunCheckpoint, compare_blockwise, evaluate_blockwise, run_identity
 from common.llama.experiment import (
     DTYPES,
     PerExample,
@@ -46,7 +53,7 @@ from common.lm.zeroshot import ZeroShotUnavailableError
 from common.methods import METHODS
 from common.pipeline import metric_rows
 from common.quant.qlinear import set_input_quantization
-from common.run import start_run
+from common.run import Run, start_run
 from fake_quant.rotation import QuaRot, RotationInfo, rotate_model
 from fake_quant.settings import LlamaRunConfig
 
@@ -94,8 +101,16 @@ def run_blockwise(config: LlamaRunConfig) -> tuple[Path, Path]:
     identity = run_identity(config, data_identity(config), llama.tensors.identity(), trees=("common", "fake_quant"))
     checkpoint = RunCheckpoint(config.checkpoint_folder, identity, restart=config.restart)
     per_example: PerExample = {}
+    export = None
+    if config.export_gptq:
+        model_config = llama.config.to_dict()
+
+        def export(method: str, shards, count: int) -> None:
+            export_blocks(shards, count, model_config, tokenizer, Path(config.export_gptq), config, method)
+
     rows, layers = compare_blockwise(llama, config, config.methods, calibration=calibration, eval_sets=eval_sets,
-                                     device=device, timer=timer, checkpoint=checkpoint, per_example=per_example)
+                                     device=device, timer=timer, checkpoint=checkpoint, per_example=per_example,
+                                     export=export)
     rotation_settings = dataclasses.asdict(rotation) if rotation else None
     paths = write_llama_run(started, rows, layers=layers, metadata={"rotation": rotation_settings},
                             per_example={config.setting: per_example})
@@ -115,6 +130,8 @@ def evaluate_checkpoints(config: LlamaRunConfig) -> tuple[Path, Path]:
     with timer("data"):
         tokenizer = load_tokenizer(config)
         _, eval_sets = load_data(tokenizer, config, calibrate=False)
+    if config.model_loading == "blockwise":
+        return _evaluate_checkpoints_blockwise(started, config, folder, methods, eval_sets)
     with timer("load"):
         model = load_model(config)
     results: dict[str, dict[str, float]] = {}
@@ -127,6 +144,26 @@ def evaluate_checkpoints(config: LlamaRunConfig) -> tuple[Path, Path]:
                                        per_example.setdefault(method, {}))
         evaluated.to("cpu")
         del evaluated  # one checkpoint in memory at a time
+    return write_llama_run(started, metric_rows(results, methods), layers={},
+                           metadata={"rotation": None, "checkpoints": config.load_gptq},
+                           per_example={config.setting: per_example})
+
+
+def _evaluate_checkpoints_blockwise(started: Run, config: LlamaRunConfig, folder: Path, methods: list[str],
+                                    eval_sets: dict[str, torch.Tensor]) -> tuple[Path, Path]:
+    """:func:`evaluate_checkpoints` reading each checkpoint (and the full-precision model) one block at a time."""
+    results: dict[str, dict[str, float]] = {}
+    per_example: PerExample = {}
+    dtype = DTYPES[config.dtype]
+    for method in methods:
+        with started.timer(f"evaluate {method}"):
+            if METHODS[method].quantized:
+                exported = folder / method
+                llama = BlockwiseLlama(exported, dtype, tensors=read_exported_tensors(folder, method))
+            else:
+                llama = BlockwiseLlama(model_folder(config), dtype)
+            results[method] = evaluate_blockwise(llama, config, method, eval_sets, started.device,
+                                                 per_example.setdefault(method, {}))
     return write_llama_run(started, metric_rows(results, methods), layers={},
                            metadata={"rotation": None, "checkpoints": config.load_gptq},
                            per_example={config.setting: per_example})

@@ -36,7 +36,7 @@ class LlamaRunConfig(LlamaSettings):
         "folder of --export_gptq checkpoints to evaluate (this repo's reader); writes results/<name>-from-gptq.csv"))
     model_loading: str = field(default="blockwise", metadata=describe(
         f"one of {MODEL_LOADING}: 'blockwise' holds one decoder block in memory at a time and resumes a killed "
-        f"run; 'whole' loads the whole model (needed by zero-shot tasks and the saved/exported models)"))
+        f"run; 'whole' loads the whole model (needed by zero-shot tasks and save/load_qmodel_path)"))
     checkpoint_dir: str | None = field(default=None, metadata=describe(
         "folder of a blockwise run's checkpoint (default <results_dir>/<name>.checkpoint)"))
     restart: bool = field(default=False, metadata=describe("discard the run's checkpoint and start over"))
@@ -54,11 +54,10 @@ class LlamaRunConfig(LlamaSettings):
         if self.export_gptq:
             self.check_exportable()
         check_one_of("model_loading", self.model_loading, MODEL_LOADING)
-        whole_only = [name for name in ("tasks", "save_qmodel_path", "load_qmodel_path", "export_gptq", "load_gptq")
-                      if getattr(self, name)]
+        whole_only = [name for name in ("tasks", "save_qmodel_path", "load_qmodel_path") if getattr(self, name)]
         if self.model_loading == "blockwise" and whole_only:
-            raise ConfigError(f"{', '.join(whole_only)} need the whole model in memory: set model_loading: whole "
-                              f"(model_loading: blockwise holds one block at a time)")
+            raise ConfigError(f"{', '.join(whole_only)} cannot run with model_loading: blockwise (one block in "
+                              f"memory at a time): set model_loading: whole")
 
     @property
     def checkpoint_folder(self) -> Path:

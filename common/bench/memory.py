@@ -103,7 +103,8 @@ def bench_shape(shape: str, *, loading: str, nsamples: int, seqlen: int, keep: b
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {sorted(SHAPES)}")
+    parser.add_argument("--shapes", default="tinyllama-1.1b,llama-2-7b,llama-2-13b",
+                        help=f"comma-separated, of {sorted(SHAPES)}")
     parser.add_argument("--model-loading", default="blockwise",
                         help="comma-separated, of blockwise and whole (each shape is run with each)")
     parser.add_argument("--nsamples", type=int, default=4)

@@ -30,9 +30,10 @@ from common.solvers.column_loop import SolverConfig
 
 DEFAULT_SHAPES = ((576, 576), (576, 1536), (4096, 4096), (11008, 4096))
 FIELDS = [
-    "device", "rows", "columns", "method", "seconds", "over_gptq", "gflop", "gflops_achieved",
+    "device", "dtype", "rows", "columns", "method", "seconds", "over_gptq", "gflop", "gflops_achieved",
     "floor_seconds", "times_floor", "matmul_gflops",
 ]
+WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BENCHED = tuple(name for name, method in METHODS.items() if method.calibrated and name != GPTAQ_OFFICIAL.name)
 """The solvers timed (the official lazy update is GPTAQ's cost)."""
 
@@ -44,20 +45,23 @@ def time_solve(method: Method, weight, hessian, drift, repeats: int, config: Sol
 
 
 def run(shapes, repeats: int, device: torch.device, bits: int = 4, blocksize: int = 128,
-        methods: tuple[str, ...] = BENCHED) -> list[dict]:
-    """Time ``methods`` on every shape; a row per (shape, method)."""
+        methods: tuple[str, ...] = BENCHED, dtype: torch.dtype = torch.float32) -> list[dict]:
+    """Time ``methods`` on every shape (weights in ``dtype``; ``H`` and ``D`` in float32); a row per
+    (shape, method)."""
     rate = matmul_rate(device, size=4096, repeats=3)
     name = device_description(device)
     config = SolverConfig(bits=bits, blocksize=blocksize)
     rows_out = []
     for rows, columns in shapes:
         weight, hessian, drift = seeded_problem(rows, columns, device)
+        weight = weight.to(dtype)
         seconds = {m: time_solve(METHODS[m], weight, hessian, drift, repeats, config) for m in methods}
         for method in methods:
             flops = METHODS[method].flops(rows, columns, blocksize)
             floor = flops / rate
             rows_out.append({
                 "device": name,
+                "dtype": str(dtype).removeprefix("torch."),
                 "rows": rows,
                 "columns": columns,
                 "method": method,
@@ -82,11 +86,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shapes", nargs="+", type=parse_shape, default=list(DEFAULT_SHAPES), help="ROWSxCOLUMNS")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    parser.add_argument("--dtype", default="float32", choices=sorted(WEIGHT_DTYPES),
+                        help="the weights' dtype (H and D stay float32)")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "results" / BENCH_SOLVER_CSV)
     args = parser.parse_args(argv)
     device = pick_device(args.device)
-    rows = run(args.shapes, args.repeats, device)
-    print(f"device: {rows[0]['device']}; float32 matmul: {rows[0]['matmul_gflops']} GFLOP/s")
+    rows = run(args.shapes, args.repeats, device, dtype=WEIGHT_DTYPES[args.dtype])
+    print(f"device: {rows[0]['device']}; weights {args.dtype}; float32 matmul: {rows[0]['matmul_gflops']} GFLOP/s")
     print(format_table(rows, COLUMNS))
     atomic_write_csv(args.output, rows, FIELDS)
     print(f"wrote {args.output}")

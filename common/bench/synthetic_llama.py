@@ -22,6 +22,8 @@ from common.files import atomic_write_json
 from common.llama.loading import load_llama_tokenizer
 
 SHAPES = {
+    "toy": {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4,
+            "num_key_value_heads": 2},
     "tinyllama-1.1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
                        "num_attention_heads": 32, "num_key_value_heads": 4},
     "llama-2-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -29,7 +31,7 @@ SHAPES = {
     "llama-2-13b": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
                     "num_attention_heads": 40, "num_key_value_heads": 40},
 }
-"""The sizes of TinyLlama-1.1B, Llama-2-7B and Llama-2-13B (their configurations' values)."""
+"""The sizes of TinyLlama-1.1B, Llama-2-7B and Llama-2-13B (their configurations' values), and a toy one."""
 VOCAB = 49152
 """The embedded tokenizer's vocabulary."""
 

@@ -1,14 +1,27 @@
 """The whole-model walk: every block calibrated in order, the two streams carried from one to the next.
 
-:func:`quantize_model` is the engine's entry point. For a calibrated method it runs the model up to its
-first block on the calibration batches (the adapter's prologue), starts both streams there and calibrates
-the blocks one after another (:class:`common.engine.block.BlockCalibration`); for RTN it rounds every
-linear without data.
+:func:`quantize_model` (a model in memory) and :func:`quantize_blocks` (blocks loaded one at a time from a
+:class:`BlockSource`, e.g. a checkpoint read block by block) are the engine's entry points. For a calibrated
+method the model runs up to its first block on the calibration batches (the adapter's prologue), both
+streams start there and the blocks are calibrated one after another
+(:class:`common.engine.block.BlockCalibration`), each handed back to its source once quantized; for RTN every
+linear is rounded without data. With :class:`Checkpoints`, the state after each block is kept and a killed
+calibration resumes from the last finished block (:mod:`common.engine.resume`).
 
-Memory: blocks are moved to ``device`` one at a time; the streams and the full-precision inputs live on
-``offload_device`` so large models fit one GPU. Once the first block's inputs are computed, the parameters
-outside the blocks (embedding, head) wait in a file (:func:`common.weight_files.parked`): calibration does
-not read them. On the CPU the blocks not being calibrated wait in files too.
+Memory (what is resident while block ``b`` is calibrated; ``h`` hidden size, ``i`` MLP size, ``k`` key/value
+width, ``N`` calibration tokens of this process, ``s`` bytes per value of the model's dtype):
+
+* the block, ``s·(2h² + 2hk + 3hi)`` for a Llama block (moved to ``device``; a source loads one at a time,
+  a model in memory parks the others in files on the CPU, :func:`common.weight_files.parked`);
+* both streams, ``2·s·N·h``, the full-precision inputs kept per group, ``s·N·(3h + i)``, and the recorded
+  outputs replayed by later passes, ``s·N·(2h + 2k + 2i)``, on ``offload_device`` (the CPU with
+  ``--offload``, so large models fit one GPU);
+* while a linear of input size ``n`` is solved, its float32 ``H``, ``D``, Cholesky factor, inverse factor and
+  GPTAQ's ``P``: ``4·5n²``.
+
+The parameters outside the blocks (embedding, head) are not read after the first block's inputs are computed:
+a model in memory parks them in a file, a source never loads them. docs/engine.md checks this against
+measured peaks.
 """
 
 from __future__ import annotations

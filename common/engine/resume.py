@@ -15,8 +15,8 @@ removed by the next run (:func:`common.files.sweep_stale_temporaries`). A resume
 block ``progress.json`` names, with the streams and random state kept for it, and so produces the same bits
 as one never interrupted.
 
-Disk: the quantized linears of every finished block (the model's decoder weights, in the run's dtype) plus
-two generations of streams at most (the streams of a block: ``samples × tokens × hidden`` values, twice for the
+Disk: the quantized linears of every finished block (a byte per weight, plus the grids) plus two generations of
+streams at most (the streams of a block: ``samples × tokens × hidden`` values, twice for the
 methods with a full-precision stream).
 """
 
@@ -48,8 +48,9 @@ class CheckpointError(RuntimeError):
 
 
 class BlockFiles:
-    """Each calibrated block's quantized linears in ``<folder>/block-<index>.safetensors``: the weights and the
-    grids they lie on (what evaluation and export read back).
+    """Each calibrated block's quantized linears in ``<folder>/block-<index>.safetensors``: the grids and the
+    integer codes of the weights on them (one byte per weight up to 8 bits: a quarter of a float32 model on
+    disk), from which the weights are rebuilt bit for bit; a weight without a grid is kept as it is.
 
     Args:
         folder: where the files go.
@@ -69,12 +70,15 @@ class BlockFiles:
         tensors: dict[str, torch.Tensor] = {}
         metadata: dict[str, str] = {}
         for name, linear in block_linears(self.adapter, block).items():
-            tensors[f"{name}.weight"] = linear.weight.detach().cpu().contiguous()
             grid = linear.weight_grid
-            if grid is not None:
-                for part in ("scales", "zeros", "g_idx"):
-                    tensors[f"{name}.grid.{part}"] = getattr(grid, part).detach().cpu().contiguous()
-                metadata[f"{name}.grid.maxq"] = str(grid.maxq)
+            if grid is None:
+                tensors[f"{name}.weight"] = linear.weight.detach().cpu().contiguous()
+                continue
+            codes = grid.codes(linear.weight)
+            tensors[f"{name}.codes"] = codes.to(torch.uint8 if grid.maxq <= 255 else torch.int32).cpu().contiguous()
+            for part in ("scales", "zeros", "g_idx"):
+                tensors[f"{name}.grid.{part}"] = getattr(grid, part).detach().cpu().contiguous()
+            metadata[f"{name}.grid.maxq"] = str(grid.maxq)
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path(index), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -86,10 +90,15 @@ class BlockFiles:
         with safe_open(path, "pt") as handle, torch.no_grad():
             metadata = handle.metadata() or {}
             for name, linear in block_linears(self.adapter, block).items():
-                linear.weight.copy_(handle.get_tensor(f"{name}.weight"))
                 maxq = metadata.get(f"{name}.grid.maxq")
-                linear.weight_grid = None if maxq is None else WeightGrid(
-                    *(handle.get_tensor(f"{name}.grid.{part}") for part in ("scales", "zeros", "g_idx")), int(maxq))
+                if maxq is None:
+                    linear.weight.copy_(handle.get_tensor(f"{name}.weight"))
+                    linear.weight_grid = None
+                    continue
+                grid = WeightGrid(*(handle.get_tensor(f"{name}.grid.{part}") for part in ("scales", "zeros", "g_idx")),
+                                  int(maxq))
+                linear.weight.copy_(grid.dequantize(handle.get_tensor(f"{name}.codes")).to(linear.weight.dtype))
+                linear.weight_grid = grid.to(linear.weight.device)
 
 
 class CalibrationCheckpoint:

@@ -1,9 +1,11 @@
 """Write and read Hugging Face folders in the ``gptq`` checkpoint format (see :mod:`common.export.gptq_format`).
 
 A folder holds ``config.json`` (the model's configuration with a ``quantization_config``),
-``quantize_config.json`` (the same settings, for GPTQModel's older readers), the tokenizer and
-``model.safetensors``: each quantized linear as ``qweight``/``qzeros``/``scales``/``g_idx`` (and its bias),
-every other tensor as it was, tied embeddings once. :func:`read_gptq_checkpoint` is this repo's reader: it
+``quantize_config.json`` (the same settings, for GPTQModel's older readers), the tokenizer and the weights in
+safetensors shards with their index (``model-<k>-of-<n>.safetensors``, one per decoder layer and one for the
+rest, so that a model held one block at a time is written one block at a time): each quantized linear as
+``qweight``/``qzeros``/``scales``/``g_idx`` (and its bias), every other tensor as it was, tied embeddings
+once. A folder with a single ``model.safetensors`` reads too. :func:`read_gptq_checkpoint` is this repo's reader: it
 needs nothing beyond transformers and safetensors and rebuilds the float model the checkpoint encodes.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -29,6 +31,7 @@ from common.files import sweep_stale_temporaries, temporary_dir
 from common.quant.qlinear import QuantLinear
 
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 PACKED = ("qweight", "qzeros", "scales", "g_idx")
 """The tensors of one quantized linear, ``<module>.<name>``."""
 
@@ -100,43 +103,68 @@ def packed_linears(model: nn.Module) -> dict[str, QuantLinear]:
     return linears
 
 
-def gptq_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors: packed quantized linears, every other tensor as it is (on CPU, contiguous).
-
-    A tied output head (``config.tie_word_embeddings`` and the very tensor of the input embedding) is left
-    out, as transformers saves it.
-    """
-    linears = packed_linears(model)
-    if not linears:
-        raise ValueError("the model has no quantized linear with a recorded grid: quantize it first")
+def packed_state(module: nn.Module, prefix: str = "", skip: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors of ``module`` (names prefixed with ``prefix``): its quantized linears packed,
+    every other tensor as it is (on CPU, contiguous), the names in ``skip`` (unprefixed) left out."""
+    linears = packed_linears(module)
     state: dict[str, torch.Tensor] = {}
     for name, linear in linears.items():
         codes = linear.weight_grid.codes(linear.weight)
         for key, tensor in pack_linear(codes.cpu(), linear.weight_grid.to("cpu")).items():
-            state[f"{name}.{key}"] = tensor
+            state[f"{prefix}{name}.{key}"] = tensor
     packed_weights = {f"{name}.weight" for name in linears}
-    tied = _tied_head(model)
-    for key, tensor in model.state_dict().items():
-        if key in packed_weights or key == tied:
-            continue
-        state[key] = tensor.detach().to("cpu").contiguous()
+    for key, tensor in module.state_dict().items():
+        if key not in packed_weights and key not in skip:
+            state[prefix + key] = tensor.detach().to("cpu").contiguous()
     return state
+
+
+def model_shards(model: PreTrainedModel) -> Iterator[dict[str, torch.Tensor]]:
+    """A decoder's checkpoint tensors in shards (see :func:`write_gptq_checkpoint`): one per decoder layer, then
+    one with everything else (embedding, final norm, head; a tied head is left out, as transformers saves it)."""
+    if not packed_linears(model):
+        raise ValueError("the model has no quantized linear with a recorded grid: quantize it first")
+    layers = model.get_decoder().layers
+    for index, layer in enumerate(layers):
+        yield packed_state(layer, f"model.layers.{index}.")
+    inside = {f"model.layers.{index}.{key}" for index, layer in enumerate(layers) for key in layer.state_dict()}
+    tied = _tied_head(model)
+    yield {key: tensor.detach().to("cpu").contiguous() for key, tensor in model.state_dict().items()
+           if key not in inside and key != tied}
 
 
 def write_gptq_checkpoint(model: PreTrainedModel, folder: str | Path, settings: GptqSettings,
                           tokenizer: Any = None) -> Path:
-    """Write the checkpoint folder (see the module docstring) atomically: it appears complete or not at all,
-    replacing an earlier one. Returns ``folder``."""
+    """Write the checkpoint folder of ``model`` (see :func:`write_gptq_shards`); returns ``folder``."""
+    layers = len(model.get_decoder().layers)
+    return write_gptq_shards(model_shards(model), layers + 1, model.config.to_dict(), folder, settings, tokenizer)
+
+
+def write_gptq_shards(shards: Iterable[dict[str, torch.Tensor]], count: int, config: Mapping[str, Any],
+                      folder: str | Path, settings: GptqSettings, tokenizer: Any = None) -> Path:
+    """Write a checkpoint folder atomically (it appears complete or not at all, replacing an earlier one):
+    ``count`` safetensors shards, written one at a time as ``shards`` yields them (a decoder layer each, then
+    the rest: the model is never whole in memory), their index, ``config.json`` (``config`` with the
+    ``quantization_config``), ``quantize_config.json`` and the tokenizer. Returns ``folder``."""
     check_format_bits(settings.bits, "w_bits")
     folder = Path(folder)
-    state = gptq_state_dict(model)
-    config = model.config.to_dict()
-    config["quantization_config"] = settings.as_dict()
+    config = {**config, "quantization_config": settings.as_dict()}
     folder.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_temporaries(folder.parent)
     tmp = temporary_dir(folder)
     try:
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        weight_map: dict[str, str] = {}
+        total = 0
+        written = 0
+        for written, state in enumerate(shards, start=1):
+            name = f"model-{written:05d}-of-{count:05d}.safetensors"
+            save_file(state, str(tmp / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(state, name))
+            total += sum(tensor.nbytes for tensor in state.values())
+        if written != count:
+            raise ValueError(f"expected {count} shards, got {written}")
+        (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                 indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n",
                                          encoding="utf-8")
         (tmp / "quantize_config.json").write_text(json.dumps(settings.as_dict(), indent=2, sort_keys=True) + "\n",
@@ -158,10 +186,7 @@ def read_gptq_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32)
     truncated or inconsistent folder.
     """
     folder = Path(folder)
-    quantization = read_quantization_config(folder)
-    bits = quantization["bits"]
-    tensors = _read_tensors(folder / WEIGHTS_FILE)
-    state = _dequantized_state(tensors, bits, folder / WEIGHTS_FILE)
+    tensors = GptqTensors(folder)
     config = AutoConfig.from_pretrained(str(folder))
     del config.quantization_config  # the rebuilt model is a plain float one
     with no_init_weights():  # every parameter is read below: skip the random initialisation
@@ -169,17 +194,89 @@ def read_gptq_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32)
     model.tie_weights()  # part of the initialisation skipped above
     expected = set(model.state_dict())
     tied = _tied_head(model)
-    missing = sorted(expected - set(state) - {tied})
-    unknown = sorted(set(state) - expected)
+    missing = sorted(expected - tensors.names - {tied})
+    unknown = sorted(tensors.names - expected)
     if missing or unknown:
-        raise CheckpointError(f"{folder / WEIGHTS_FILE} does not hold this model's tensors (missing: "
-                              f"{missing[:3]}, unknown: {unknown[:3]})")
+        raise CheckpointError(f"{folder} does not hold this model's tensors (missing: {missing[:3]}, unknown: "
+                              f"{unknown[:3]})")
+    state = tensors.read(sorted(tensors.names), dtype)
     try:
         model.load_state_dict(state, strict=False)
     except RuntimeError as error:
-        raise CheckpointError(f"{folder / WEIGHTS_FILE} does not fit the model of its config.json ({error})") from None
+        raise CheckpointError(f"{folder} does not fit the model of its config.json ({error})") from None
     tokenizer = AutoTokenizer.from_pretrained(str(folder)) if (folder / "tokenizer_config.json").is_file() else None
     return model.eval(), tokenizer
+
+
+class GptqTensors:
+    """The float tensors a checkpoint folder encodes, read one at a time (its quantized linears' weights
+    dequantized on reading): what :func:`read_gptq_checkpoint` and a model read one block at a time
+    (:class:`common.llama.blockwise.BlockwiseLlama`) read. Raises :class:`CheckpointError` naming the file
+    for a missing, unreadable, truncated or inconsistent folder."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.bits = read_quantization_config(self.folder)["bits"]
+        index = self.folder / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+                raise CheckpointError(f"{index} is not a readable safetensors index ({error!r})") from None
+            self.files = {name: self.folder / file for name, file in weight_map.items()}
+        else:
+            self.files = dict.fromkeys(_keys(self.folder / WEIGHTS_FILE), self.folder / WEIGHTS_FILE)
+        for path in sorted(set(self.files.values())):
+            _keys(path)  # every shard's header is checked before any tensor is read
+        self.packed = {key.rsplit(".", 1)[0] for key in self.files if key.endswith(".qweight")}
+        self.names = ({key for key in self.files if key.rsplit(".", 1)[0] not in self.packed}
+                      | {f"{module}.weight" for module in self.packed})
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+    def read(self, names: Iterable[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """``{name: float tensor}`` in ``dtype`` on the CPU."""
+        out = {}
+        for name in names:
+            module = name.rsplit(".", 1)[0]
+            if module in self.packed and name.endswith(".weight"):
+                parts = {part: self._tensor(f"{module}.{part}") for part in PACKED}
+                try:
+                    out[name] = unpack_linear(parts, self.bits).to(dtype)
+                except (ValueError, RuntimeError, IndexError) as error:
+                    raise CheckpointError(f"{self.files[module + '.qweight']}: {module} cannot be unpacked "
+                                          f"({error})") from None
+            else:
+                out[name] = self._tensor(name).to(dtype)
+        return out
+
+    def _tensor(self, key: str) -> torch.Tensor:
+        path = self.files.get(key)
+        if path is None:
+            module = key.rsplit(".", 1)[0]
+            raise CheckpointError(f"{self.folder}: {module} has a qweight but no {key.rsplit('.', 1)[1]}"
+                                  if module in self.packed else f"{self.folder} holds no tensor {key}")
+        try:
+            with safe_open(str(path), "pt") as handle:
+                return handle.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({error})") from None
+
+    def identity(self) -> list[dict[str, object]]:
+        paths = sorted({*self.files.values(), *self.folder.glob("*.json")})
+        return [{"file": path.name, "bytes": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns}
+                for path in paths]
+
+
+def _keys(path: Path) -> list[str]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        with safe_open(str(path), "pt") as handle:
+            return list(handle.keys())
+    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({error})") from None
 
 
 def _tied_head(model: PreTrainedModel) -> str | None:
@@ -222,30 +319,3 @@ def read_quantization_config(folder: str | Path) -> Mapping[str, Any]:
         raise CheckpointError(f"{path}: only checkpoint_format 'gptq' with bits in {BITS} can be read, got "
                               f"{quantization.get('checkpoint_format')!r} with bits {quantization.get('bits')!r}")
     return quantization
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist")
-    try:
-        with safe_open(str(path), "pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({error})") from None
-
-
-def _dequantized_state(tensors: dict[str, torch.Tensor], bits: int, path: Path) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    modules = {key.rsplit(".", 1)[0] for key in tensors if key.endswith(".qweight")}
-    for module in sorted(modules):
-        parts = {name: tensors.get(f"{module}.{name}") for name in PACKED}
-        absent = [name for name, tensor in parts.items() if tensor is None]
-        if absent:
-            raise CheckpointError(f"{path}: {module} has a qweight but no {', '.join(absent)}")
-        try:
-            state[f"{module}.weight"] = unpack_linear(parts, bits)
-        except (ValueError, RuntimeError, IndexError) as error:
-            raise CheckpointError(f"{path}: {module} cannot be unpacked ({error})") from None
-    packed = {f"{module}.{name}" for module in modules for name in PACKED}
-    state.update({key: tensor for key, tensor in tensors.items() if key not in packed})
-    return state

@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -17,9 +19,11 @@ from common.config import ConfigError
 from common.export.checkpoint import (
     CheckpointError,
     GptqSettings,
+    GptqTensors,
     read_gptq_checkpoint,
     read_quantization_config,
     write_gptq_checkpoint,
+    write_gptq_shards,
 )
 from common.methods import METHODS
 from common.run_settings import RunSettings
@@ -41,6 +45,15 @@ def export_checkpoint(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase
     """Write ``<folder>/<method>/`` (see :mod:`common.export.checkpoint`); returns it."""
     model.to("cpu")
     written = write_gptq_checkpoint(model, folder / method, gptq_settings(config, method), tokenizer)
+    logger.info("%s: wrote the gptq checkpoint %s", method, written)
+    return written
+
+
+def export_blocks(shards: Iterable[dict[str, torch.Tensor]], count: int, model_config: Mapping[str, Any],
+                  tokenizer: PreTrainedTokenizerBase, folder: Path, config: RunSettings, method: str) -> Path:
+    """Write ``<folder>/<method>/`` from ``count`` shards produced one at a time (a model held one block at a time,
+    see :func:`common.llama.blockwise_run.exported_shards`); returns it."""
+    written = write_gptq_shards(shards, count, model_config, folder / method, gptq_settings(config, method), tokenizer)
     logger.info("%s: wrote the gptq checkpoint %s", method, written)
     return written
 
@@ -68,6 +81,15 @@ def exported_methods(config: RunSettings, folder: Path) -> list[str]:
     if not any(METHODS[m].quantized for m in methods):
         raise ConfigError(f"load_gptq: {folder} holds no <method>/config.json for any of {config.methods}")
     return methods
+
+
+def read_exported_tensors(folder: Path, method: str) -> GptqTensors:
+    """The tensors of ``folder/<method>/``, read (and dequantized) one at a time; ``ConfigError`` naming
+    ``load_gptq``."""
+    try:
+        return GptqTensors(folder / method)
+    except CheckpointError as error:
+        raise ConfigError(f"load_gptq: {error}") from None
 
 
 def read_exported(folder: Path, method: str, dtype: torch.dtype) -> torch.nn.Module:

@@ -88,6 +88,16 @@ class CheckpointTensors:
                 for path in paths]
 
 
+class TensorSource(Protocol):
+    """Named tensors read on request (:class:`CheckpointTensors`)."""
+
+    def __contains__(self, name: str) -> bool: ...
+
+    def read(self, names: Iterable[str], dtype: torch.dtype) -> dict[str, torch.Tensor]: ...
+
+    def identity(self) -> list[dict[str, object]]: ...
+
+
 class LayerRotation(Protocol):
     """A function-preserving rotation that can be applied piece by piece (:class:`fake_quant.rotation.QuaRot`)."""
 
@@ -116,15 +126,21 @@ class BlockwiseLlama:
     rotation: LayerRotation | None = None
     attn_implementation: str | None = None
     add_quantizers: Callable[[nn.Module], None] | None = None
+    tensors: TensorSource | None = None
+    """Where the tensors are read (default: :class:`CheckpointTensors` of ``folder``; an exported checkpoint's
+    :class:`common.export.checkpoint.GptqTensors` dequantizes them)."""
 
     def __post_init__(self) -> None:
-        self.tensors = CheckpointTensors(self.folder)
+        if self.tensors is None:
+            self.tensors = CheckpointTensors(self.folder)
         self.skeleton = _empty_model(self.folder, self.dtype)
         self.set_rotation(self.rotation, self.attn_implementation)
 
     def set_rotation(self, rotation: LayerRotation | None, attn_implementation: str | None) -> None:
         """Rotate every piece materialised from now on; the blocks run ``attn_implementation`` (if given)."""
         self.rotation, self.attn_implementation = rotation, attn_implementation
+        if rotation is not None:
+            self.config.tie_word_embeddings = False  # the head is rotated on its own (as untie_embeddings does)
         if attn_implementation is not None:
             self.skeleton.set_attn_implementation(attn_implementation)
 
@@ -164,6 +180,17 @@ class BlockwiseLlama:
         finally:
             self.skeleton.model.embed_tokens.to("meta")
 
+    def outside_blocks(self) -> dict[str, torch.Tensor]:
+        """The tensors outside the blocks as the whole model (rotated) holds them: embedding, final norm and,
+        unless tied to the embedding, the head."""
+        with self.embedded() as model:
+            tensors = {EMBEDDING: model.model.embed_tokens.weight.detach()}
+        norm, head = self.final()
+        tensors[FINAL_NORM] = norm.weight.detach()
+        if not self.config.tie_word_embeddings:
+            tensors[HEAD] = head.weight.detach()
+        return tensors
+
     def final(self) -> tuple[nn.Module, nn.Linear]:
         """The final norm and the head (the embedding when the checkpoint ties them), materialised and rotated."""
         head_name = HEAD if HEAD in self.tensors else EMBEDDING
@@ -181,6 +208,9 @@ class BlockwiseLlama:
 def _empty_model(folder: Path, dtype: torch.dtype) -> LlamaForCausalLM:
     """The model of ``folder`` with every parameter on ``meta`` and its buffers real, as ``from_pretrained``
     would build it (same configuration, attention implementation and buffer values)."""
+    config = AutoConfig.from_pretrained(folder)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # an exported checkpoint: its tensors are read as floats
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()

@@ -18,7 +18,7 @@ import dataclasses
 import json
 import logging
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from common import distributed
 from common.config import ConfigError
 from common.engine.model import quantize_blocks
 from common.engine.resume import BlockFiles, CalibrationCheckpoint, SavingBlocks, file_bytes
+from common.export.checkpoint import packed_state
 from common.files import atomic_write_json, json_text
 from common.llama.adapter import LlamaAdapter
 from common.llama.blockwise import BlockwiseLlama
@@ -145,10 +146,12 @@ def compare_blockwise(
     timer: StageProfile,
     checkpoint: RunCheckpoint,
     per_example: dict[str, dict[str, Any]],
+    export: Export | None = None,
 ) -> tuple[list[MetricRow], dict[str, list[dict[str, Any]]]]:
     """Quantize (each quantizing method) and evaluate ``llama`` with every method, one block in memory at a
-    time, resuming from ``checkpoint``. Returns the metric rows and the per-layer records per method (as
-    :func:`common.pipeline.compare_methods`); ``per_example`` receives each method's per-example data."""
+    time, resuming from ``checkpoint``; ``export``, if given, writes each quantized method's checkpoint.
+    Returns the metric rows and the per-layer records per method (as :func:`common.pipeline.compare_methods`);
+    ``per_example`` receives each method's per-example data."""
     results: dict[str, dict[str, float]] = {}
     layers: dict[str, list[dict[str, Any]]] = {}
     adapter = LlamaAdapter()
@@ -157,7 +160,7 @@ def compare_blockwise(
         kept = checkpoint.metrics(method)
         if kept is None:
             kept = _run_method(llama, adapter, config, method, calibration, eval_sets, device, offload_device,
-                               timer, checkpoint)
+                               timer, checkpoint, export)
         else:
             logger.info("%s: finished in an earlier run, read from %s", method, checkpoint.method_folder(method))
             for stage, seconds in kept["stages"].items():
@@ -169,9 +172,41 @@ def compare_blockwise(
     return metric_rows(results, methods), layers
 
 
+def evaluate_blockwise(llama: BlockwiseLlama, config: LlamaSettings, label: str,
+                       eval_sets: Mapping[str, torch.Tensor], device: torch.device, found: dict[str, Any],
+                       load_block: Callable[[int], torch.nn.Module] | None = None) -> dict[str, float]:
+    """``{<corpus>_ppl: perplexity}`` of ``llama`` computed layer by layer (blocks from ``load_block``, default
+    ``llama.load``); ``found`` receives each window's mean NLL as :func:`common.llama.experiment.evaluate`'s
+    ``per_example`` does."""
+    metrics: dict[str, float] = {}
+    for dataset, windows in eval_sets.items():
+        sums = blockwise_window_nlls(llama.embedded, load_block or llama.load, llama.final, windows,
+                                     batch_size=config.eval_batch_size, device=device, desc=f"{label} {dataset}")
+        metrics[f"{dataset}_ppl"] = perplexity_of(sums, windows.shape[1])
+        found[f"{dataset}_ppl"] = [total / (windows.shape[1] - 1) for total in sums]
+        logger.info("%s %s perplexity %.3f", label, dataset, metrics[f"{dataset}_ppl"])
+    return metrics
+
+
+def exported_shards(llama: BlockwiseLlama, files: BlockFiles) -> Iterator[dict[str, torch.Tensor]]:
+    """The checkpoint tensors of a quantized blockwise model, one decoder block at a time (its quantized linears
+    packed), then the tensors outside the blocks: the shards :func:`common.export.checkpoint.model_shards`
+    makes of the same model in memory."""
+    for index in range(len(llama)):
+        block = llama.load(index)
+        files.load_into(index, block)
+        yield packed_state(block, f"model.layers.{index}.")
+    yield {name: tensor.contiguous() for name, tensor in llama.outside_blocks().items()}
+
+
+Export = Callable[[str, Iterator[dict[str, torch.Tensor]], int], None]
+"""``export(method, shards, count)``: write a quantized method's checkpoint from its shards."""
+
+
 def _run_method(llama: BlockwiseLlama, adapter: LlamaAdapter, config: LlamaSettings, method: str,
                 calibration: torch.Tensor | None, eval_sets: Mapping[str, torch.Tensor], device: torch.device,
-                offload_device: torch.device, timer: StageProfile, checkpoint: RunCheckpoint) -> dict[str, Any]:
+                offload_device: torch.device, timer: StageProfile, checkpoint: RunCheckpoint,
+                export: Export | None) -> dict[str, Any]:
     """Quantize and evaluate one method; returns (and keeps) its metrics, per-example data, records and stage
     times."""
     files = BlockFiles(checkpoint.method_folder(method), adapter)
@@ -189,6 +224,9 @@ def _run_method(llama: BlockwiseLlama, adapter: LlamaAdapter, config: LlamaSetti
             timer.add(f"{stage}: {part}", seconds, flops)
         log_report(report)
         logger.info("checkpoint %s: %.1f MiB on disk", checkpoint.folder, checkpoint.disk_bytes() / 2**20)
+        if export is not None and distributed.is_main():
+            with timer(f"export {method}"):
+                export(method, exported_shards(llama, files), len(llama) + 1)
 
     def load_block(index: int):
         block = llama.load(index)
@@ -201,13 +239,7 @@ def _run_method(llama: BlockwiseLlama, adapter: LlamaAdapter, config: LlamaSetti
     found: dict[str, Any] = {}
     with timer(f"evaluate {method}"):
         if distributed.is_main():
-            for dataset, windows in eval_sets.items():
-                sums = blockwise_window_nlls(llama.embedded, load_block, llama.final, windows,
-                                             batch_size=config.eval_batch_size, device=device,
-                                             desc=f"{method} {dataset}")
-                metrics[f"{dataset}_ppl"] = perplexity_of(sums, windows.shape[1])
-                found[f"{dataset}_ppl"] = [total / (windows.shape[1] - 1) for total in sums]
-                logger.info("%s %s perplexity %.3f", method, dataset, metrics[f"{dataset}_ppl"])
+            metrics = evaluate_blockwise(llama, config, method, eval_sets, device, found, load_block)
     distributed.wait_for_main(f"evaluate {method}")
     kept = {
         "metrics": metrics,

@@ -79,9 +79,11 @@ def engine_worker(rank: int, world: int, port: int, family: str, method: str, op
     distributed.finalize()
 
 
-def cli_worker(rank: int, world: int, port: int, argvs: list[list[str]], fail_rank: int | None, out: str) -> None:
-    """``fake_quant.main.main(argvs[rank])`` (which joins the group) on the tiny Llama and corpus; ``fail_rank``
-    raises in its calibration."""
+def cli_worker(rank: int, world: int, port: int, argvs: list[list[str]], fail_rank: int | None, out: str,
+               fail_block: int = 0) -> None:
+    """``fake_quant.main.main(argvs[rank])`` (which joins the group) on the tiny Llama and corpus (read one block
+    at a time from ``<out>/tiny-model``, which :func:`save_tiny_model` wrote); ``fail_rank`` raises in its
+    calibration of block ``fail_block``."""
     as_torchrun_rank(rank, world, port)
     from common.engine import block
     from common.tests.llama_fixtures import install_tiny_corpus, install_tiny_model
@@ -89,10 +91,14 @@ def cli_worker(rank: int, world: int, port: int, argvs: list[list[str]], fail_ra
 
     patches = pytest.MonkeyPatch()
     install_tiny_corpus(patches)
-    install_tiny_model(patches)
+    install_tiny_model(patches, folder=Path(out) / "tiny-model")
     if rank == fail_rank:
-        def fail(*args, **kwargs):
-            raise ValueError(f"planted failure on rank {rank}")
+        quantized_pass = block.BlockCalibration._quantized_pass
+
+        def fail(self, *args, **kwargs):
+            if self.index == fail_block:
+                raise ValueError(f"planted failure on rank {rank}")
+            return quantized_pass(self, *args, **kwargs)
 
         patches.setattr(block.BlockCalibration, "_quantized_pass", fail)
     errors = io.StringIO()
@@ -105,6 +111,13 @@ def cli_worker(rank: int, world: int, port: int, argvs: list[list[str]], fail_ra
             code = -1
     result = {"code": code, "stderr": errors.getvalue(), "seconds": time.perf_counter() - began}
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def save_tiny_model(out: Path) -> None:
+    """The tiny Llama every rank of :func:`cli_worker` reads, saved once before they start."""
+    from common.tests.llama_fixtures import tiny_llama
+
+    tiny_llama().save_pretrained(Path(out) / "tiny-model")
 
 
 def launch(target, world: int, *args, timeout: float = 300) -> float:

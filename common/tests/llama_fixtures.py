@@ -54,15 +54,18 @@ def install_tiny_corpus(monkeypatch: pytest.MonkeyPatch) -> None:
 def install_tiny_model(monkeypatch: pytest.MonkeyPatch, tokenizer: object | None = None,
                        folder: Path | None = None) -> None:
     """Make every Llama run load :func:`tiny_llama` with ``tokenizer`` (default :class:`CharTokenizer`); with
-    ``folder``, the model is also saved there (safetensors) for the runs that read it one block at a time."""
+    ``folder``, the model is saved there (safetensors) and every run reads it from there (in memory with
+    ``from_pretrained``, or one block at a time)."""
     tokenizer = tokenizer if tokenizer is not None else CharTokenizer()
     monkeypatch.setattr(experiment, "load_llama_model", lambda model, dtype: tiny_llama().to(dtype))
     monkeypatch.setattr(experiment, "load_llama_config", lambda model: tiny_llama().config)
     monkeypatch.setattr(experiment, "load_llama_tokenizer", lambda model: tokenizer)
-    if folder is not None:
+    if folder is not None:  # both paths read the saved model, as they read a real checkpoint folder
         if not (folder / "config.json").is_file():
             tiny_llama().save_pretrained(folder)
         monkeypatch.setattr(experiment, "checkpoint_folder", lambda model: folder)
+        monkeypatch.setattr(experiment, "load_llama_model",
+                            lambda model, dtype: LlamaForCausalLM.from_pretrained(folder, dtype=dtype).eval())
 
 
 @pytest.fixture

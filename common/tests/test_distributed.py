@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from common import distributed
-from common.tests.distributed_workers import cli_worker, engine_worker, launch, quantized_state
+from common.tests.distributed_workers import cli_worker, engine_worker, launch, quantized_state, save_tiny_model
 from fake_quant import main as fq_main
 
 CASES = [("gptq", {"groupsize": 16, "act_order": True}), ("gptaq", {"groupsize": 16, "act_order": True}),
@@ -72,7 +72,7 @@ def _records(path) -> dict[str, list[dict]]:
 def test_two_ranks_write_the_single_process_csv(tiny_setup, one_thread):
     assert fq_main.main(_argv(str(tiny_setup / "single"))) == 0
     out = tiny_setup / "ranks"
-    out.mkdir()
+    save_tiny_model(out)
     launch(cli_worker, 2, [_argv(str(out / "results"))] * 2, None, str(out), timeout=240)
     assert [rank["code"] for rank in _ranks(out)] == [0, 0]
     assert sorted(p.name for p in (out / "results").iterdir()) == ["tiny.csv", "tiny.json"]  # rank 0 only
@@ -85,12 +85,31 @@ def test_two_ranks_write_the_single_process_csv(tiny_setup, one_thread):
 
 
 def test_a_failing_rank_ends_every_rank_with_its_message(tmp_path, margin):
+    save_tiny_model(tmp_path)
     seconds = launch(cli_worker, 2, [_argv(str(tmp_path / "results"))] * 2, 1, str(tmp_path), timeout=120)
     zero, one = _ranks(tmp_path)
     assert one["code"] == 2 and "planted failure on rank 1" in one["stderr"]
     assert zero["code"] == 2 and "rank 1: ValueError: planted failure on rank 1" in zero["stderr"], zero
     margin("seconds until both ranks exited after rank 1 failed (incl. start-up)", seconds, below=90)
     assert not (tmp_path / "results" / "tiny.csv").exists()
+
+
+def test_ranks_resume_a_failed_run_to_the_single_process_results(tiny_setup, one_thread):
+    """Rank 1 fails in block 1 of GPTQ: both ranks stop; launched again, both resume from block 1 and write what
+    one process writes."""
+    assert fq_main.main(_argv(str(tiny_setup / "single"))) == 0
+    out = tiny_setup / "ranks"
+    save_tiny_model(out)
+    argvs = [_argv(str(out / "results"))] * 2
+    launch(cli_worker, 2, argvs, 1, str(out), 1, timeout=240)
+    assert [rank["code"] for rank in _ranks(out)] == [2, 2]
+    progress = json.loads((out / "results" / "tiny.checkpoint" / "gptq" / "progress.json").read_text())
+    assert progress["next_block"] == 1
+    launch(cli_worker, 2, argvs, None, str(out), timeout=240)
+    ranks = _ranks(out)
+    assert [rank["code"] for rank in ranks] == [0, 0] and "resuming from checkpoint" in ranks[0]["stderr"]
+    assert _ppl(out / "results" / "tiny.csv") == _ppl(tiny_setup / "single" / "tiny.csv")
+    assert not (out / "results" / "tiny.checkpoint").exists()
 
 
 def test_ranks_with_different_settings_are_refused_before_any_work(tmp_path):

@@ -1,10 +1,10 @@
-"""A fake_quant run on the tiny model in a process of its own, that kills itself when told (for the resume tests).
+"""A fake_quant run in a process of its own, that kills itself when told (for the resume tests).
 
-``python -m fake_quant.tests.blockwise_worker [--kill-after-block K | --kill-writing-block K] ARGS``: registers
-the tiny corpus and the byte tokenizer (for a model folder without a tokenizer, given by ``--model``), and runs
-``fake_quant.main`` with ``ARGS``. ``--kill-after-block K`` sends SIGKILL to itself once the first quantizing
-method's state after block ``K`` is kept; ``--kill-writing-block K`` once the streams file for the block after
-``K`` is written but not yet renamed (a checkpoint killed during its write).
+``python -m fake_quant.tests.blockwise_worker [--tiny-data] [--kill-after-block K | --kill-writing-block K] ARGS``
+runs ``fake_quant.main`` with ``ARGS``. ``--tiny-data`` registers the tiny corpus and the byte tokenizer (for
+a model folder without a tokenizer, given by ``--model``). ``--kill-after-block K`` sends SIGKILL to itself
+once the first quantizing method's state after block ``K`` is kept; ``--kill-writing-block K`` once the
+streams file for the block after ``K`` is written but not yet renamed (a checkpoint killed during its write).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def _kill() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _install() -> None:
+def _install_tiny_data() -> None:
     texts = {"train": " ".join(SENTENCES * 40), "test": " ".join(reversed(SENTENCES * 10))}
     corpora.CORPORA[TINY_CORPUS] = lambda split: texts[split]
     tokenizer = CharTokenizer()
@@ -57,7 +57,9 @@ def _kill_writing(block: int) -> None:
 
 def main(argv: list[str]) -> int:
     rest = list(argv)
-    _install()
+    if rest and rest[0] == "--tiny-data":
+        _install_tiny_data()
+        rest = rest[1:]
     if rest and rest[0] == "--kill-after-block":
         _kill_after(int(rest[1]))
         rest = rest[2:]

@@ -47,7 +47,7 @@ def test_blockwise_equals_whole_model_for_every_method(tiny_setup, rotate) -> No
 
 
 def _worker(args: list[str], *, model: Path, results: Path, kill: list[str] = ()) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "fake_quant.tests.blockwise_worker", *kill, "--model", str(model),
+    argv = [sys.executable, "-m", "fake_quant.tests.blockwise_worker", "--tiny-data", *kill, "--model", str(model),
             "--results_dir", str(results), "--name", "run", *TINY_ARGV, *args]
     return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
 

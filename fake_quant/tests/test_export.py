@@ -49,8 +49,10 @@ def test_export_reproduces_the_fake_quantized_model_exactly(tiny_setup, override
             "group_size": overrides.get("w_groupsize", 16), "desc_act": overrides.get("act_order", True),
             "sym": not overrides.get("w_asym", False)}
         assert json.loads((folder / "quantize_config.json").read_text())["bits"] == bits
-        with safe_open(str(folder / "model.safetensors"), "pt") as handle:
-            keys = set(handle.keys())
+        weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+        keys = set(weight_map)
+        assert sorted(set(weight_map.values())) == [f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)]
+        with safe_open(str(folder / weight_map["model.layers.0.mlp.down_proj.qweight"]), "pt") as handle:
             assert handle.get_tensor("model.layers.0.mlp.down_proj.qweight").shape == (128 * bits // 32, 64)
             assert handle.get_tensor("model.layers.0.mlp.down_proj.qweight").dtype == torch.int32
             assert handle.get_tensor("model.layers.0.mlp.down_proj.scales").dtype == torch.float16
@@ -96,7 +98,7 @@ def test_unexportable_settings_are_refused_up_front(tiny_setup, overrides, match
 def test_broken_checkpoints_are_clear_errors_naming_the_file(tiny_setup):
     export = tiny_setup / "gptq"
     fq_main.run(_config(tiny_setup, methods=["rtn"], export_gptq=str(export)))
-    weights = export / "rtn" / "model.safetensors"
+    weights = export / "rtn" / "model-00001-of-00003.safetensors"  # decoder layer 0
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=f"{weights} is not a readable safetensors file"):
@@ -121,3 +123,22 @@ def test_reading_with_other_settings_is_refused(tiny_setup):
         fq_main.run(_config(tiny_setup, name="other", w_groupsize=32, load_gptq=str(export)))
     with pytest.raises(ConfigError, match=r"holds no <method>/config\.json"):
         fq_main.run(_config(tiny_setup, name="none", load_gptq=str(tiny_setup / "empty")))
+
+
+@pytest.mark.parametrize("rotate", [False, True], ids=["tied", "rotated"])
+def test_blockwise_export_writes_the_same_files_and_reads_back_the_same(tiny_setup, rotate):
+    """A model held one block at a time exports the bytes the in-memory model exports, and its reader (one
+    block at a time) evaluates them to the same numbers."""
+    settings = {"methods": ["fp", "rtn", "gptaq"], "rotate": rotate, "rotate_online": False}
+    exported = {}
+    for loading in ("whole", "blockwise"):
+        folder = tiny_setup / f"gptq-{loading}"
+        fq_main.run(_config(tiny_setup, name=loading, model_loading=loading, export_gptq=str(folder), **settings))
+        exported[loading] = {path.relative_to(folder): path.read_bytes() for path in sorted(folder.rglob("*"))
+                             if path.is_file()}
+    assert exported["whole"].keys() == exported["blockwise"].keys()
+    assert [name for name in exported["whole"] if exported["whole"][name] != exported["blockwise"][name]] == []
+    reread = {loading: _ppl(fq_main.run(_config(tiny_setup, name=f"reread-{loading}", model_loading=loading,
+                                                load_gptq=str(tiny_setup / "gptq-whole"), **settings))[0])
+              for loading in ("whole", "blockwise")}
+    assert reread["whole"] == reread["blockwise"]
