@@ -7,7 +7,8 @@ default (the paper's protocol: on for the asymmetric methods, off for GPTQ), its
 its solver-setting overrides, its colour in the figures and its FLOP model for the benchmark.
 
 Adding a method is one entry in :data:`METHODS`, one module of :mod:`common.solvers` with its solve function
-``solve(W, H, D, config, *, name)`` returning a :class:`common.solvers.column_loop.SolveResult` (and the
+``solve(W, H, D, config, *, name, release_statistics=False)`` returning a
+:class:`common.solvers.column_loop.SolveResult` (and the
 declarations of its own parameters, :class:`common.solvers.parameters.MethodParameter`), and its tests.
 """
 
@@ -23,7 +24,9 @@ from common.solvers.column_loop import SolverConfig, SolveResult
 from common.solvers.parameters import MethodParameter
 
 Solve = Callable[..., SolveResult]
-"""``solve(W [m, n], H [n, n], D [n, n] | None, config: SolverConfig, *, name) -> SolveResult``."""
+"""``solve(W [m, n], H [n, n], D [n, n] | None, config: SolverConfig, *, name, release_statistics=False) ->
+SolveResult`` (``release_statistics``: ``H`` and ``D`` are handed over, see
+:func:`common.solvers.column_loop.solve_layer`)."""
 
 Flops = Callable[[int, int, int], float]
 """``flops(rows, columns, blocksize)``: floating-point operations of one solve (the benchmark's floor)."""

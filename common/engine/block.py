@@ -235,8 +235,11 @@ class BlockCalibration:
         linear, settings = self.linears[name], self.settings
         weight = linear.weight.detach()
         config = settings.solver_for(name)
-        result = settings.spec.solve(weight, stats.hessian(), stats.drift(), config,
-                                     name=f"block {self.index}: {name}")
+        hessian, drift = stats.hessian(), stats.drift()
+        with stats.set_aside():  # the float64 sums wait in a file; H and D are handed over to the solve
+            result = settings.spec.solve(weight, hessian, drift, config, name=f"block {self.index}: {name}",
+                                         release_statistics=True)
+        del hessian, drift
         error = stats.output_error(weight, result.weight, reference_norm)
         with torch.no_grad():
             linear.weight.copy_(result.weight)

@@ -174,7 +174,8 @@ def _set(param: torch.Tensor, value: torch.Tensor) -> None:
 def _fold(norm: nn.Module, readers: Sequence[nn.Linear]) -> None:
     scale = norm.weight.double()
     for linear in readers:
-        _set(linear.weight, linear.weight.double() * scale)
+        for rows in linear.weight.split(_ROTATION_ROWS):  # float64 copies of a slice of rows at a time
+            _set(rows, rows.double() * scale)
     norm.weight.fill_(1.0)
 
 

@@ -176,11 +176,15 @@ def solve_layer(
     *,
     name: str = "layer",
     start: MethodStart | None = None,
+    release_statistics: bool = False,
 ) -> SolveResult:
     """The column loop with its checks, damping, ``act_order`` and groups, from a method's ``start``.
 
     Without ``start`` the loop runs GPTQ on ``W`` and ``D`` is not read; with it (``D`` required) the
-    method's start turns ``W`` into its starting point and ``P`` once ``H_λ`` is factored. Static group
+    method's start turns ``W`` into its starting point and ``P`` once ``H_λ`` is factored. With
+    ``release_statistics`` the caller hands ``H`` and ``D`` over: they are worked on in place and their memory
+    is given back as soon as they are read (``H`` once factored, ``D`` once the start is computed), so a solve
+    holds at most four ``n × n`` matrices besides them (the calibration engine's large layers). Static group
     grids are computed from the starting point's weights. Computation runs in float64 when ``W`` is
     float64, else in float32, on ``W``'s device.
     """
@@ -197,8 +201,8 @@ def solve_layer(
 
     dtype = working_dtype(W)
     work = W.detach().to(dtype=dtype, copy=True)
-    hessian = H.detach().to(device=W.device, dtype=dtype, copy=True)
-    drift = D.detach().to(device=W.device, dtype=dtype, copy=True) if needs_drift else None
+    hessian = H.detach().to(device=W.device, dtype=dtype, copy=not release_statistics)
+    drift = D.detach().to(device=W.device, dtype=dtype, copy=not release_statistics) if needs_drift else None
 
     if not torch.any(hessian):
         raise CalibrationError(f"{name}: the Hessian is all zeros (no calibration data reached this layer)")
@@ -217,8 +221,12 @@ def solve_layer(
             drift = drift[perm][:, perm]
 
     factorization = factorize(hessian, config.percdamp, name)
+    _release(hessian, H if release_statistics else None)
     del hessian
     start_point = StartingPoint(work) if start is None else start(work, drift, factorization, config)
+    if drift is not None and not _shares_memory(drift, start_point.correction):
+        _release(drift, D if release_statistics else None)
+    del drift
 
     quantizer = WeightQuantizer(config.bits, sym=config.sym, mse=config.mse, grid_format=config.grid)
     static_params = group_of_column = None
@@ -250,6 +258,18 @@ def solve_layer(
             f"percdamp={factorization.damp:g}): {hint}"
         )
     return SolveResult(result, loss, factorization.damp, time.perf_counter() - began, grid)
+
+
+def _release(*tensors: torch.Tensor | None) -> None:
+    """Give back the memory of tensors the solver owns (its own copies, or statistics handed over with
+    ``release_statistics``); they are empty afterwards."""
+    for tensor in tensors:
+        if tensor is not None:
+            tensor.untyped_storage().resize_(0)
+
+
+def _shares_memory(tensor: torch.Tensor, other: torch.Tensor | None) -> bool:
+    return other is not None and tensor.untyped_storage().data_ptr() == other.untyped_storage().data_ptr()
 
 
 def _check_weight(W: torch.Tensor, name: str) -> None:
@@ -313,18 +333,25 @@ def factorize(hessian: torch.Tensor, percdamp: float, name: str) -> Factorizatio
     ``J H_λ J = L Lᵀ``, ``R = J L J`` is upper triangular with ``H_λ = R Rᵀ``, so ``H_λ⁻¹ = R⁻ᵀ R⁻¹`` and
     ``U = R⁻¹``. If ``H_λ`` is not positive definite, ``percdamp`` grows tenfold (with a warning).
     """
-    n = hessian.shape[0]
     mean_diag = torch.diagonal(hessian).mean()
-    identity = torch.eye(n, dtype=hessian.dtype, device=hessian.device)
     damp = percdamp
     for attempt in range(_DAMP_RETRIES):
-        damped = hessian + (damp * mean_diag) * identity
-        lower, info = torch.linalg.cholesky_ex(damped.flip(0, 1))
+        damped = hessian.clone()
+        torch.diagonal(damped).add_(damp * mean_diag)  # H + λI; the copies below are freed as soon as read
+        diagonal = torch.diagonal(damped).clone()
+        flipped = damped.flip(0, 1)
+        del damped
+        lower, info = torch.linalg.cholesky_ex(flipped)
+        del flipped
         if info.item() == 0:
             root = lower.flip(0, 1)
+            del lower
             upper = _upper_triangular_inverse(root)
             if _all_finite(upper):
-                return Factorization(upper, root, damp, torch.diagonal(damped).clone())
+                return Factorization(upper, root, damp, diagonal)
+            del root, upper
+        else:
+            del lower
         next_damp = max(damp * 10, 1e-6)
         if attempt + 1 < _DAMP_RETRIES:
             warnings.warn(

@@ -34,8 +34,11 @@ from common.solvers.parameters import MethodParameter
 ALPHA = MethodParameter("alpha", 0.25, "GPTAQ's drift-correction scale; official code: 0.25")
 
 
-def drift_correction(drift: torch.Tensor, upper: torch.Tensor, alpha: float) -> torch.Tensor:
+def drift_correction(drift: torch.Tensor, upper: torch.Tensor, alpha: float, *, in_place: bool = False
+                     ) -> torch.Tensor:
     """GPTAQ's ``P = α · triu(D Uᵀ, 1) · U`` [n, n], strictly upper triangular.
+
+    With ``in_place``, ``P`` is written over ``drift`` (read only before): one ``n × n`` matrix less.
 
     Exploits the triangles: ``T = triu(D Uᵀ, 1)`` needs, for the columns ``[a, b)``, only rows ``< b``
     and only ``U``'s columns ``≥ a``; ``P = T U`` needs, for rows ``[a, b)``, only ``T``'s and ``U``'s rows
@@ -48,8 +51,8 @@ def drift_correction(drift: torch.Tensor, upper: torch.Tensor, alpha: float) -> 
     for a in range(0, n, step):
         b = min(a + step, n)
         torch.mm(drift[:b, a:], upper[a:b, a:].T, out=t[:b, a:b])
-    t = torch.triu(t, diagonal=1)
-    p = torch.zeros_like(drift)
+    t.triu_(diagonal=1)
+    p = drift.zero_() if in_place else torch.zeros_like(drift)
     for a in range(0, n, step):
         b = min(a + step, n)
         for c in range(a, n, step):
@@ -60,15 +63,17 @@ def drift_correction(drift: torch.Tensor, upper: torch.Tensor, alpha: float) -> 
 
 def start(work: torch.Tensor, drift: torch.Tensor, factorization: Factorization,
           config: SolverConfig) -> StartingPoint:
-    """GPTAQ's start: the weight itself, and ``P`` from ``D`` and ``U`` (``config.alpha``)."""
-    return StartingPoint(work, correction=drift_correction(drift, factorization.upper, config.alpha))
+    """GPTAQ's start: the weight itself, and ``P`` from ``D`` and ``U`` (``config.alpha``), written over ``D``
+    (the column loop's own copy)."""
+    return StartingPoint(work, correction=drift_correction(drift, factorization.upper, config.alpha, in_place=True))
 
 
 def solve(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor | None, config: SolverConfig, *,
-          name: str = "layer") -> SolveResult:
-    """GPTAQ on one layer: ``W`` [m, n], ``H`` and ``D`` [n, n] (required)."""
+          name: str = "layer", release_statistics: bool = False) -> SolveResult:
+    """GPTAQ on one layer: ``W`` [m, n], ``H`` and ``D`` [n, n] (required; handed over with
+    ``release_statistics``, see :func:`common.solvers.column_loop.solve_layer`)."""
     ALPHA.check(config.alpha)
-    return solve_layer(W, H, D, config, name=name, start=start)
+    return solve_layer(W, H, D, config, name=name, start=start, release_statistics=release_statistics)
 
 
 def quantize_weight(

@@ -18,6 +18,6 @@ from common.solvers.column_loop import SolverConfig, SolveResult, solve_layer
 
 
 def solve(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor | None, config: SolverConfig, *,
-          name: str = "layer") -> SolveResult:
+          name: str = "layer", release_statistics: bool = False) -> SolveResult:
     """GPTQ on one layer: ``W`` [m, n], ``H`` [n, n]; ``D`` is not read."""
-    return solve_layer(W, H, None, config, name=name)
+    return solve_layer(W, H, None, config, name=name, release_statistics=release_statistics)

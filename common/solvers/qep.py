@@ -51,7 +51,7 @@ def start(work: torch.Tensor, drift: torch.Tensor, factorization: Factorization,
 
 
 def solve(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor | None, config: SolverConfig, *,
-          name: str = "layer") -> SolveResult:
+          name: str = "layer", release_statistics: bool = False) -> SolveResult:
     """QEP on one layer (``config.qep_alpha`` scales the correction); ``D`` is required."""
     QEP_ALPHA.check(config.qep_alpha)
-    return solve_layer(W, H, D, config, name=name, start=start)
+    return solve_layer(W, H, D, config, name=name, start=start, release_statistics=release_statistics)

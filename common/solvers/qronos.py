@@ -55,6 +55,6 @@ def start(work: torch.Tensor, drift: torch.Tensor, factorization: Factorization,
 
 
 def solve(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor | None, config: SolverConfig, *,
-          name: str = "layer") -> SolveResult:
+          name: str = "layer", release_statistics: bool = False) -> SolveResult:
     """Qronos on one layer (see the module docstring); ``D`` is required."""
-    return solve_layer(W, H, D, config, name=name, start=start)
+    return solve_layer(W, H, D, config, name=name, start=start, release_statistics=release_statistics)

@@ -10,9 +10,19 @@ in the full-precision model, ``X̃`` [N, n] its input in the partially quantized
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
+
+from common.weight_files import parked
+
+_ERROR_ROWS = 1024
+"""Weight rows per slice in :meth:`CalibrationStatistics.output_error`."""
+_SUM_ROWS = 1024
+"""Rows of a batch's product added to the float64 sums at once (its float64 copy: ``1024 × n`` values)."""
+SET_ASIDE_BYTES = 64 * 2**20
+"""Sums smaller than this stay in memory during a solve (:meth:`CalibrationStatistics.set_aside`)."""
 
 
 class CalibrationError(RuntimeError):
@@ -56,6 +66,18 @@ class CalibrationStatistics:
     def asymmetric(self) -> bool:
         return self._dxtx is not None
 
+    @contextmanager
+    def set_aside(self) -> Iterator[None]:
+        """Keep the float64 sums in a file for the ``with`` block (their memory given back), when they hold at
+        least :data:`SET_ASIDE_BYTES`: a solve needs only ``H`` and ``D`` in the solver's dtype, and the sums
+        (``2 · 8n²`` bytes: 1.9 GiB for a 7B model's down_proj) are read again only by :meth:`output_error`."""
+        sums = {"xtx": self._xtx, **({"dxtx": self._dxtx} if self._dxtx is not None else {})}
+        if sum(tensor.nbytes for tensor in sums.values()) < SET_ASIDE_BYTES:
+            yield
+            return
+        with parked(sums):
+            yield
+
     def add(self, x_quant: torch.Tensor, x_full: torch.Tensor | None = None) -> None:
         """Add a batch: ``x_quant`` [..., n] from the quantized stream, ``x_full`` the matching FP input."""
         if x_quant.shape[-1] != self.columns:
@@ -63,14 +85,14 @@ class CalibrationStatistics:
                 f"{self.name}: expected inputs with last dimension {self.columns}, got {tuple(x_quant.shape)}"
             )
         xq = x_quant.reshape(-1, self.columns).to(device=self._xtx.device, dtype=self.dtype)
-        self._xtx += xq.T @ xq
+        _add_by_rows(self._xtx, xq.T @ xq)
         if self._dxtx is not None:
             if x_full is None or x_full.shape != x_quant.shape:
                 raise ValueError(
                     f"{self.name}: GPTAQ statistics need x_full with the shape of x_quant {tuple(x_quant.shape)}"
                 )
             xf = x_full.reshape(-1, self.columns).to(device=self._xtx.device, dtype=self.dtype)
-            self._dxtx += (xf - xq).T @ xq
+            _add_by_rows(self._dxtx, (xf - xq).T @ xq)
         self.rows += xq.shape[0]
 
     def reduce_(self, sum_: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -101,19 +123,33 @@ class CalibrationStatistics:
         otherwise ``‖x̃ (Ŵ − W)ᵀ‖² / ‖x̃ Wᵀ‖²`` (GPTQ's). ``weight``, ``quantized``: [m, n].
         """
         self._check_rows()
-        w = weight.detach().to(self._xtx.device, torch.float64)
-        w_hat = quantized.detach().to(self._xtx.device, torch.float64)
-        xtx = self._xtx.double()
-        if self._dxtx is None:
-            delta = w_hat - w
-            return float(((delta @ xtx) * delta).sum() / ((w @ xtx) * w).sum())
-        if reference is None or not reference > 0:
+        if self._dxtx is not None and (reference is None or not reference > 0):
             raise ValueError(f"{self.name}: the asymmetric output error needs the reference ‖x Wᵀ‖² > 0, "
                              f"got {reference}")
-        cross = xtx + self._dxtx.double().T
-        error = ((w_hat @ xtx) * w_hat).sum() - 2 * ((w_hat @ cross) * w).sum() + reference
-        return float(error.clamp(min=0) / reference)
+        xtx, dxtx = self._xtx, self._dxtx
+        numerator = torch.zeros((), dtype=torch.float64, device=xtx.device)
+        denominator = torch.zeros_like(numerator)
+        for rows in range(0, weight.shape[0], _ERROR_ROWS):  # float64 copies of a slice of rows at a time
+            w = weight[rows:rows + _ERROR_ROWS].detach().to(xtx.device, torch.float64)
+            w_hat = quantized[rows:rows + _ERROR_ROWS].detach().to(xtx.device, torch.float64)
+            if dxtx is None:
+                delta = w_hat - w
+                numerator += ((delta @ xtx) * delta).sum()
+                denominator += ((w @ xtx) * w).sum()
+            else:  # ‖x̃Ŵᵀ‖² − 2⟨x̃Ŵᵀ, xWᵀ⟩ + ‖xWᵀ‖², with xᵀx̃ = x̃ᵀx̃ + (x − x̃)ᵀx̃
+                projected = w_hat @ xtx
+                numerator += (projected * w_hat).sum() - 2 * ((projected + w_hat @ dxtx.T) * w).sum()
+        if dxtx is None:
+            return float(numerator / denominator)
+        return float((numerator + reference).clamp(min=0) / reference)
 
     def _check_rows(self) -> None:
         if self.rows == 0:
             raise CalibrationError(f"{self.name}: no calibration data reached this layer")
+
+
+def _add_by_rows(total: torch.Tensor, product: torch.Tensor) -> None:
+    """``total += product`` (float64 += float32, [n, n]) a slice of rows at a time: a whole float64 copy of
+    ``product`` would be ``8n²`` bytes."""
+    for rows in range(0, product.shape[0], _SUM_ROWS):
+        total[rows:rows + _SUM_ROWS] += product[rows:rows + _SUM_ROWS]
