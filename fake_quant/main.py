@@ -20,6 +20,8 @@ from safetensors.torch import load_model as load_saved_model
 
 from common import distributed
 from common.cli import run_cli
+from common.engine.resume import CheckpointError
+from common.export.checkpoint import CheckpointError as ExportedCheckpointError
 from common.export.gptq_runs import (
     export_blocks,
     export_checkpoint,
@@ -29,7 +31,7 @@ from common.export.gptq_runs import (
 )
 from common.export.saved_models import check_saved_models, load_saved_settings, save_quantized_model
 from common.llama.adapter import add_layer_quantizers
-from common.llama.blockwise import BlockwiseLlama
+from common.llama.blockwise import BlockwiseLlama, CheckpointTensors
 from common.llama.blockwise_run import RunCheckpoint, compare_blockwise, evaluate_blockwise, run_identity
 from common.llama.experiment import (
     DTYPES,
@@ -89,9 +91,16 @@ def blockwise_model(config: LlamaRunConfig) -> tuple[BlockwiseLlama, RotationInf
     return llama, plan.info
 
 
+def preflight_blockwise(config: LlamaRunConfig) -> None:
+    """:func:`preflight`, and a local model folder must hold a safetensors checkpoint (read one block at a time)."""
+    preflight(config, calibrate=config.calibrates)
+    if Path(config.model).is_dir():
+        CheckpointTensors(config.model)
+
+
 def run_blockwise(config: LlamaRunConfig) -> tuple[Path, Path]:
     """:func:`run` one block in memory at a time, resuming from the run's checkpoint folder."""
-    started, _ = start_run(config, lambda: preflight(config, calibrate=config.calibrates))
+    started, _ = start_run(config, lambda: preflight_blockwise(config))
     timer, device = started.timer, started.device
     with timer("data"):
         tokenizer = load_tokenizer(config)
@@ -219,7 +228,8 @@ def run(config: LlamaRunConfig) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    expected = (ModelLoadError, CorpusUnavailableError, ZeroShotUnavailableError)
+    expected = (ModelLoadError, CorpusUnavailableError, ZeroShotUnavailableError, CheckpointError,
+                ExportedCheckpointError)
     return run_cli(LlamaRunConfig, run, argv, __doc__.splitlines()[0], expected)
 
 

@@ -28,8 +28,10 @@ from common.files import atomic_write_csv
 from common.results.provenance import REPO_ROOT
 
 BENCH_MEMORY_CSV = "bench_memory.csv"
-FIELDS = ["device", "shape", "model_loading", "checkpoint_gib", "peak_rss_gib", "peak_anon_gib", "peak_file_gib",
-          "seconds", "wiki_embedded_ppl"]
+FIELDS = ["device", "shape", "model_loading", "tokens", "checkpoint_gib", "peak_rss_gib", "peak_anon_gib",
+          "peak_file_gib", "seconds", "wiki_embedded_ppl"]
+NSAMPLES, SEQLEN = 4, 128
+"""The default calibration: 4 windows of 128 tokens (float32, as the embedded W4A4 config)."""
 KIB_PER_GIB = 2**20
 COLUMNS = [column("shape", 15, "shape"), column("loading", 10, "model_loading"),
            column("ckpt GiB", 9, "checkpoint_gib"), column("peak RSS", 9, "peak_rss_gib"),
@@ -95,6 +97,7 @@ def bench_shape(shape: str, *, loading: str, nsamples: int, seqlen: int, keep: b
     header_ppl = float(row.split(",")[4])
     return {
         "device": device_description(pick_device("auto")), "shape": shape, "model_loading": loading,
+        "tokens": nsamples * seqlen,
         "checkpoint_gib": round(size / 2**30, 2), "peak_rss_gib": round(peaks["VmRSS"] / KIB_PER_GIB, 2),
         "peak_anon_gib": round(peaks["RssAnon"] / KIB_PER_GIB, 2),
         "peak_file_gib": round(peaks["RssFile"] / KIB_PER_GIB, 2), "seconds": round(seconds, 1),
@@ -108,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated, of {sorted(SHAPES)}")
     parser.add_argument("--model-loading", default="blockwise",
                         help="comma-separated, of blockwise and whole (each shape is run with each)")
-    parser.add_argument("--nsamples", type=int, default=4)
-    parser.add_argument("--seqlen", type=int, default=128)
+    parser.add_argument("--nsamples", type=int, default=NSAMPLES)
+    parser.add_argument("--seqlen", type=int, default=SEQLEN)
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints (GBs) for a rerun")
     parser.add_argument("--results-dir", type=Path, default=REPO_ROOT / "results")
     parser.add_argument("--append", action="store_true", help="add the rows to an existing bench_memory.csv")

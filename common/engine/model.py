@@ -16,12 +16,14 @@ width, ``N`` calibration tokens of this process, ``s`` bytes per value of the mo
 * both streams, ``2·s·N·h``, the full-precision inputs kept per group, ``s·N·(3h + i)``, and the recorded
   outputs replayed by later passes, ``s·N·(2h + 2k + 2i)``, on ``offload_device`` (the CPU with
   ``--offload``, so large models fit one GPU);
-* while a linear of input size ``n`` is solved, its float32 ``H``, ``D``, Cholesky factor, inverse factor and
-  GPTAQ's ``P``: ``4·5n²``.
+* one after another, never together: a group's statistics while its quantized pass runs (the float64 sums of
+  ``H`` and ``D`` and one batch's float32 product, ``2·8n² + 4n²`` for input size ``n``), then each solve
+  (``H`` and ``D`` handed over in float32, the Cholesky factor and its inverse, GPTAQ's ``P`` over ``D``:
+  ``4·4n²``; the sums wait in a file, :meth:`common.solvers.statistics.CalibrationStatistics.set_aside`).
 
 The parameters outside the blocks (embedding, head) are not read after the first block's inputs are computed:
-a model in memory parks them in a file, a source never loads them. docs/engine.md checks this against
-measured peaks.
+a model in memory parks them in a file, a source never loads them. :mod:`common.llama.memory` computes these
+terms; docs/engine.md and the README set them beside measured peaks.
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
 """What a blockwise calibration holds in memory, as a formula of a Llama model's shapes and the calibration size.
 
 :func:`calibration_bytes` states each term of the engine's resident set while a block is calibrated (see
-:mod:`common.engine.model` and docs/engine.md); their sum is an upper bound (the kept inputs and the recorded
-outputs of a block are not all alive at once). ``make bench-memory`` checks it against measured peaks, and
-``make docs`` turns it into the README's table for the paper's models (:data:`PAPER_MODELS`).
+:mod:`common.engine.model` and docs/engine.md) and :func:`peak_bytes` combines them: the block and the
+activations stay for the whole block, while the statistics of a group, its solve and the rotation of a block
+being read come one after another, so only the largest of those counts. The sum is an upper bound (a block's
+kept inputs and recorded outputs are not all alive at once) and leaves out the process itself (Python, torch
+and transformers: about 1 GiB). ``make bench-memory`` checks it against measured peaks, and ``make docs``
+turns it into the README's table for the paper's models (:data:`PAPER_MODELS`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GIB = 2**30
+ONE_AT_A_TIME = ("statistics", "solve", "rotation")
+"""Terms that are never resident together."""
 
 
 @dataclass(frozen=True)
@@ -48,44 +53,54 @@ PAPER_TOKENS = 128 * 2048
 def calibration_bytes(shape: ModelShape, tokens: int, value_bytes: int, *, full_precision_stream: bool = True
                       ) -> dict[str, int]:
     """Each term of the resident set while a block is calibrated (bytes), for ``tokens`` calibration tokens
-    on this process, values of ``value_bytes`` bytes (the model's dtype; statistics and solves in float32).
+    on this process and values of ``value_bytes`` bytes (the model's dtype).
 
-    Terms: ``block`` (its weights), ``streams`` (both, or the quantized one alone), ``kept inputs`` (each
-    group's full-precision input, for ``D``), ``recorded outputs`` (solved linears' outputs replayed by later
-    passes), ``solve`` (``H``, ``D``, the Cholesky factor, its inverse and GPTAQ's ``P`` of the widest linear
-    input, float32), ``rotation`` (one weight in float64 and its rotated copy, while a block is read).
+    Terms, with ``n`` the widest linear input (down_proj's, the MLP size): ``block`` (its weights),
+    ``streams`` (both, or the quantized one alone), ``kept inputs`` (each group's full-precision input, for
+    ``D``), ``recorded outputs`` (solved linears' outputs replayed by later passes), ``statistics`` (the
+    float64 sums of ``H`` and ``D`` and one batch's float32 product), ``solve`` (four float32 ``n × n``
+    matrices: ``H`` and ``D`` handed over, the Cholesky factor and its inverse, then ``P`` over ``D``; the
+    float64 sums wait in a file), ``rotation`` (one weight in float64 and its rotated copy, while a block is
+    read).
     """
     h, i, k = shape.hidden, shape.intermediate, shape.kv_width
-    widest = max(h, i)
+    n = max(h, i)
+    sums = 2 if full_precision_stream else 1
     return {
         "block": value_bytes * shape.block_values,
-        "streams": (2 if full_precision_stream else 1) * value_bytes * tokens * h,
+        "streams": sums * value_bytes * tokens * h,
         "kept inputs": value_bytes * tokens * (3 * h + i) if full_precision_stream else 0,
         "recorded outputs": value_bytes * tokens * (2 * h + 2 * k + 2 * i),
-        "solve": 4 * 5 * widest * widest,
+        "statistics": sums * 8 * n * n + 4 * n * n,
+        "solve": 4 * 4 * n * n,
         "rotation": 3 * 8 * h * i,
     }
 
 
+def peak_bytes(terms: dict[str, int]) -> int:
+    """The resident set's upper bound: every term, but only the largest of :data:`ONE_AT_A_TIME`."""
+    return (sum(value for name, value in terms.items() if name not in ONE_AT_A_TIME)
+            + max(terms[name] for name in ONE_AT_A_TIME))
+
+
 def placement(terms: dict[str, int], *, offload: bool) -> tuple[int, int]:
     """``(host bytes, device bytes)`` of :func:`calibration_bytes`' terms on a GPU run: with ``offload`` the
-    streams, kept inputs and recorded outputs stay in host memory and the block is read there first; without
-    it everything but the block being read is on the device."""
+    streams, kept inputs and recorded outputs stay in host memory and a block is read and rotated there;
+    without it only the reading is on the host."""
     activations = terms["streams"] + terms["kept inputs"] + terms["recorded outputs"]
-    device = terms["block"] + terms["solve"] + (0 if offload else activations)
+    device = terms["block"] + max(terms["statistics"], terms["solve"]) + (0 if offload else activations)
     host = terms["block"] + terms["rotation"] + (activations if offload else 0)
     return host, device
 
 
-def paper_table() -> list[list[str]]:
+def paper_rows() -> list[list[str]]:
     """Rows of the README's memory table: per paper model, its float16 size, this repo's host and GPU memory
-    with ``--offload`` (upper bounds from :func:`calibration_bytes`, GPTAQ, float16 model), and the weights the
-    two other designs keep in host memory."""
+    with ``--offload`` (upper bounds from :func:`calibration_bytes`, GPTAQ, float16 model, 128 × 2048 tokens),
+    and the weights each design keeps in host memory: the whole model (the official code) or one block
+    (this repo; GPTQModel, which reads one layer at a time from the shards)."""
     rows = []
     for name, shape in PAPER_MODELS.items():
-        terms = calibration_bytes(shape, PAPER_TOKENS, 2)
-        host, device = placement(terms, offload=True)
-        model = 2 * shape.parameters
-        rows.append([name, f"{model / GIB:.0f}", f"{host / GIB:.0f}", f"{device / GIB:.1f}", f"{model / GIB:.0f}",
-                     f"{2 * shape.block_values / GIB:.1f}"])
+        host, device = placement(calibration_bytes(shape, PAPER_TOKENS, 2), offload=True)
+        rows.append([name, f"{2 * shape.parameters / GIB:.0f}", f"{host / GIB:.0f}", f"{device / GIB:.1f}",
+                     f"{2 * shape.parameters / GIB:.0f}", f"{2 * shape.block_values / GIB:.1f}"])
     return rows

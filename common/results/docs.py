@@ -18,7 +18,9 @@ sidecar JSON, written by the command the surrounding text names). Kinds:
   start of the run, peak resident memory in MiB);
 * ``readback NAME FROM``: a weight-only run's perplexities beside the ones its exported checkpoints give when
   read back (run ``FROM``);
-* ``bench NAME``: a benchmark CSV (``docs/results/NAME.csv``) as a table.
+* ``bench NAME``: a benchmark CSV (``docs/results/NAME.csv``) as a table;
+* ``memory NAME``: the memory formula for the paper's models, and beside the peaks of ``make bench-memory``
+  (``docs/results/NAME.csv``).
 
 ``--check`` rewrites nothing and exits 1 naming every block that differs from what the files give (the test
 suite runs it), so a table in the docs cannot drift from its result file.
@@ -122,6 +124,36 @@ def bench_table(root: Path, names: Sequence[str]) -> list[str]:
     return [*lines, "", f"- `{name}.csv`: {', '.join(devices)}"]
 
 
+def memory_table(root: Path, names: Sequence[str]) -> list[str]:
+    """The memory formula (:mod:`common.llama.memory`) for the paper's models, and beside the peaks measured
+    by ``make bench-memory`` (``docs/results/NAME.csv``)."""
+    (name,) = names
+    from common.bench.memory import NSAMPLES, SEQLEN
+    from common.bench.synthetic_llama import SHAPES
+    from common.llama.memory import GIB, ModelShape, calibration_bytes, paper_rows, peak_bytes
+
+    lines = [table_line(["model", "float16 GiB", "this repo: host GiB", "this repo: GPU GiB",
+                         "official code: weights in host GiB", "GPTQModel: weights in host GiB"]),
+             table_line(["---", "---:", "---:", "---:", "---:", "---:"])]
+    lines += [table_line(row) for row in paper_rows()]
+    with _result_file(root, name).open(newline="", encoding="utf-8") as handle:
+        measured = list(csv.DictReader(handle))
+    lines += ["", table_line(["synthetic checkpoint", "loading", "checkpoint GiB", "formula GiB (model terms)",
+                              "measured peak GiB", "measured − formula"]),
+              table_line(["---", "---", "---:", "---:", "---:", "---:"])]
+    for row in measured:
+        config = SHAPES[row["shape"]]
+        shape = ModelShape(config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"],
+                           config["hidden_size"] // config["num_attention_heads"] * config["num_key_value_heads"],
+                           49152)
+        formula = peak_bytes(calibration_bytes(shape, int(row.get("tokens") or NSAMPLES * SEQLEN), 4)) / GIB
+        peak = float(row["peak_rss_gib"])
+        lines.append(table_line([row["shape"], row["model_loading"], row["checkpoint_gib"], f"{formula:.2f}",
+                                 f"{peak:.2f}", f"{peak - formula:.2f}"]))
+    devices = sorted({row.get("device", "") for row in measured})
+    return [*lines, "", f"- `{name}.csv`: {', '.join(devices)}"]
+
+
 def _numeric(rows: list[dict[str, str]], column: str) -> bool:
     try:
         for row in rows:
@@ -133,6 +165,7 @@ def _numeric(rows: list[dict[str, str]], column: str) -> bool:
 
 KINDS: dict[str, Callable[[Path, Sequence[str]], list[str]]] = {
     "runs": runs_table, "profile": profile_table, "readback": readback_table, "bench": bench_table,
+    "memory": memory_table,
 }
 
 

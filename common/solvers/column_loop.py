@@ -247,6 +247,9 @@ def solve_layer(
     )
     quantized, loss = solver.run(config.blocksize)
     grid = _solved_grid(solver, static_params, groupsize, perm, columns, quantizer.maxq)
+    del solver, start_point
+    if release_statistics:  # D's memory may have held P until now
+        _release(H, D)
     if perm is not None:
         quantized = quantized[:, torch.argsort(perm)]
     result = quantized.to(W.dtype)

@@ -89,7 +89,16 @@ def watched_llama(tiny_setup: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Pa
 
         return refuse
 
+    from common.llama.blockwise import BlockwiseLlama
+
+    block_load = BlockwiseLlama.load
+
+    def loading_block(*args, **kwargs):
+        events.append("load")
+        return block_load(*args, **kwargs)
+
     monkeypatch.setattr(experiment, "load_llama_model", loading)
+    monkeypatch.setattr(BlockwiseLlama, "load", loading_block)
     monkeypatch.setattr(experiment, "window_nlls", forbidden("evaluation"))
     monkeypatch.setattr(experiment, "quantize", forbidden("calibration"))
     return tiny_setup, events

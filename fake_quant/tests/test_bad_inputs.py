@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from common.llama import experiment
 from common.tests.bad_inputs import BadInput, expect_refusal
+from common.tests.llama_fixtures import tiny_llama
 from fake_quant import main as fq_main
 
 BASE = ["--calib_dataset", "tiny_text", "--eval_datasets", "tiny_text", "--seqlen", "32", "--nsamples", "4",
@@ -46,7 +47,15 @@ def _folder(flag: str, name: str = "empty"):
     return setup
 
 
+def _model_without_weights(folder: Path) -> list[str]:
+    """A model folder with a Llama config.json and no safetensors checkpoint."""
+    tiny_llama().config.save_pretrained(folder / "model")
+    return ["--model", str(folder / "model")]
+
+
 BEFORE_LOAD = [
+    BadInput("model folder without safetensors", ["--model_loading", "blockwise"], "holds no safetensors checkpoint",
+             _model_without_weights),
     BadInput("weight bits too high", ["--w_bits", "17"], "w_bits must be an integer in 1..16"),
     BadInput("weight bits zero", ["--w_bits", "0"], "w_bits"),
     BadInput("activation bits not an integer", ["--a_bits", "2.5"], "a_bits must be of type int"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,18 @@ def test_resume_refuses_a_different_run(model_folder, tmp_path) -> None:
     assert "belongs to another run (settings.w_bits: 4 -> 3)" in other.stderr
     restarted = _worker(["--methods", "gptq", "--w_bits", "3", "--restart"], model=model_folder, results=results)
     assert restarted.returncode == 0, restarted.stderr[-2000:]
+
+
+def test_resume_refuses_a_changed_model_file(model_folder, tmp_path) -> None:
+    results = tmp_path / "results"
+    killed = _worker(["--methods", "gptq"], model=model_folder, results=results, kill=["--kill-after-block", "1"])
+    assert killed.returncode == -9
+    weights = model_folder / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    try:
+        again = _worker(["--methods", "gptq"], model=model_folder, results=results)
+    finally:
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert again.returncode == 2
+    assert "belongs to another run (model_files" in again.stderr and "--restart" in again.stderr

@@ -1,0 +1,41 @@
+"""Handing ``H`` and ``D`` over to a solve (``release_statistics``) and setting the float64 sums aside change no
+bit of the result, and give the memory back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.bench.timing import seeded_problem
+from common.methods import METHODS
+from common.solvers.column_loop import SolverConfig
+from common.solvers.statistics import SET_ASIDE_BYTES, CalibrationStatistics
+
+CALIBRATED = [name for name, method in METHODS.items() if method.calibrated]
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["in-order", "act_order"])
+@pytest.mark.parametrize("method", CALIBRATED)
+def test_handed_over_statistics_give_the_same_bits_and_are_released(method, act_order) -> None:
+    weight, hessian, drift = seeded_problem(48, 96, torch.device("cpu"))
+    spec = METHODS[method]
+    config = spec.solver_config(SolverConfig(bits=4, groupsize=32, act_order=act_order, blocksize=32))
+    kept = spec.solve(weight, hessian, drift, config)
+    handed_h, handed_d = hessian.clone(), drift.clone()
+    handed = spec.solve(weight, handed_h, handed_d, config, release_statistics=True)
+    assert torch.equal(kept.weight, handed.weight) and kept.loss == handed.loss
+    assert handed_h.untyped_storage().nbytes() == 0
+    assert handed_d.untyped_storage().nbytes() == (handed_d.nbytes if spec.statistics == ("H",) else 0)
+
+
+def test_set_aside_sums_come_back_whole(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("GPTAQ_CACHE_DIR", str(tmp_path))
+    columns = int((SET_ASIDE_BYTES / 16) ** 0.5) + 1  # two float64 sums just above the threshold
+    stats = CalibrationStatistics(columns, asymmetric=True)
+    generator = torch.Generator().manual_seed(0)
+    x_quant = torch.randn(8, columns, generator=generator)
+    stats.add(x_quant, x_quant + 0.1 * torch.randn(8, columns, generator=generator))
+    before = stats.hessian(), stats.drift()
+    with stats.set_aside():
+        assert stats._xtx.numel() == 0 and stats._dxtx.numel() == 0  # in the file, not in memory
+    assert torch.equal(stats.hessian(), before[0]) and torch.equal(stats.drift(), before[1])
