@@ -94,6 +94,7 @@ class BlockCalibration:
         for step in self.passes[:-1]:  # 2. each group, in true-sequential order:
             statistics = self._quantized_pass(step, quant_stream, full_inputs)  # a. X̃ → H (and D)
             records += self._solve_group(step.group, statistics, reference_norms)  # b. Ŵ, in place
+            del statistics  # the group's float64 sums: not alive during the next group's pass
         self._final_pass(self.passes[-1], quant_stream)  # 3. X̃ advances
         set_input_quantization(self.block, True)
         return records

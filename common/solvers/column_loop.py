@@ -339,11 +339,9 @@ def factorize(hessian: torch.Tensor, percdamp: float, name: str) -> Factorizatio
     mean_diag = torch.diagonal(hessian).mean()
     damp = percdamp
     for attempt in range(_DAMP_RETRIES):
-        damped = hessian.clone()
-        torch.diagonal(damped).add_(damp * mean_diag)  # H + λI; the copies below are freed as soon as read
-        diagonal = torch.diagonal(damped).clone()
-        flipped = damped.flip(0, 1)
-        del damped
+        flipped = hessian.flip(0, 1)  # J H J, a copy: its diagonal is H's reversed
+        torch.diagonal(flipped).add_(damp * mean_diag)  # J (H + λI) J
+        diagonal = torch.diagonal(flipped).flip(0)
         lower, info = torch.linalg.cholesky_ex(flipped)
         del flipped
         if info.item() == 0:
