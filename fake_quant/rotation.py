@@ -94,7 +94,8 @@ class RotationInfo:
 @dataclass
 class QuaRot:
     """The transforms :func:`rotate_model` applies, built once from the model's sizes and applied piece by piece:
-    to every decoder layer (:meth:`rotate_layer`) and to the embedding and head (:meth:`rotate_embeddings`).
+    to every decoder layer (:meth:`rotate_layer`), to the embedding (:meth:`rotate_embedding`) and to the head
+    (:meth:`rotate_head`).
     A model loaded one block at a time (:mod:`common.llama.blockwise`) is rotated block by block with the same
     calls, so both give the same bits.
 
@@ -185,13 +186,14 @@ class QuaRot:
             install_kv_quantizer(layer, self.k_rotation, k_bits=self.info.k_bits, v_bits=self.info.v_bits,
                                  clip_ratio=self.info.kv_clip_ratio)
 
-    def rotate_embeddings(self, embedding: torch.Tensor, norm: nn.Module | None, head: nn.Linear | None) -> None:
-        """Rotate the input embedding [vocab, hidden] in place, and, when given, fold the final ``norm`` into
-        the (untied) ``head`` and rotate it."""
+    def rotate_embedding(self, embedding: torch.Tensor) -> None:
+        """Rotate the input embedding [vocab, hidden] in place."""
         rotate_embedding_(embedding, self.residual)
-        if head is not None:
-            fold_final_norm(norm, head)
-            rotate_embedding_(head.weight, self.residual)
+
+    def rotate_head(self, norm: nn.Module, head: nn.Linear) -> None:
+        """Fold the final ``norm`` into the (untied) ``head`` and rotate it, in place."""
+        fold_final_norm(norm, head)
+        rotate_embedding_(head.weight, self.residual)
 
 
 def rotate_model(
@@ -223,7 +225,8 @@ def rotate_model(
     plan = QuaRot.build(LlamaShape.of(model), model.config._attn_implementation, mode=mode, seed=seed,
                         k_bits=k_bits, v_bits=v_bits, kv_clip_ratio=kv_clip_ratio, rotate_k=rotate_k, online=online)
     untie_embeddings(model)
-    plan.rotate_embeddings(model.get_input_embeddings().weight, model.model.norm, model.lm_head)
+    plan.rotate_embedding(model.get_input_embeddings().weight)
+    plan.rotate_head(model.model.norm, model.lm_head)
     for index, layer in enumerate(model.model.layers):
         plan.rotate_layer(layer, index)
     model.set_attn_implementation(plan.info.attn_implementation)

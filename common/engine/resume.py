@@ -112,13 +112,6 @@ class CalibrationCheckpoint:
         rank = distributed.rank() if rank is None else rank
         return self.folder / f"streams-{next_block:05d}.rank{rank}.safetensors"
 
-    def next_block(self) -> int:
-        """The block the calibration resumes at (0 when nothing is kept)."""
-        progress = self.folder / PROGRESS
-        if not progress.is_file():
-            return 0
-        return int(json.loads(progress.read_text())["next_block"])
-
     def resume(self, device: torch.device) -> CalibrationState | None:
         progress = self.folder / PROGRESS
         if not progress.is_file():

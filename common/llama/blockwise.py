@@ -104,8 +104,11 @@ class LayerRotation(Protocol):
     def rotate_layer(self, layer: nn.Module, index: int) -> None:
         """Rotate decoder layer ``index`` in place (it may replace submodules)."""
 
-    def rotate_embeddings(self, embedding: torch.Tensor, norm: nn.Module | None, head: nn.Linear | None) -> None:
-        """Rotate the embedding in place and, when given, fold the final norm into the head and rotate it."""
+    def rotate_embedding(self, embedding: torch.Tensor) -> None:
+        """Rotate the input embedding in place."""
+
+    def rotate_head(self, norm: nn.Module, head: nn.Linear) -> None:
+        """Fold the final norm into the head and rotate it, in place."""
 
 
 @dataclass
@@ -172,7 +175,7 @@ class BlockwiseLlama:
         block: enough to run it up to its first block. The embedding goes back to ``meta`` on exit."""
         embedding = self.tensors.read([EMBEDDING], self.dtype)[EMBEDDING]
         if self.rotation is not None:
-            self.rotation.rotate_embeddings(embedding, None, None)
+            self.rotation.rotate_embedding(embedding)
         self.skeleton.model.embed_tokens.weight = nn.Parameter(embedding, requires_grad=False)
         del embedding
         try:
@@ -201,7 +204,7 @@ class BlockwiseLlama:
         norm.weight = nn.Parameter(values[FINAL_NORM], requires_grad=False)
         head.weight = nn.Parameter(values[head_name], requires_grad=False)
         if self.rotation is not None:
-            self.rotation.rotate_embeddings(torch.empty(0, self.config.hidden_size, dtype=self.dtype), norm, head)
+            self.rotation.rotate_head(norm, head)
         return norm.eval(), head.eval()
 
 
