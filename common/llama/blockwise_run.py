@@ -33,8 +33,9 @@ from common.export.checkpoint import packed_state
 from common.files import atomic_write_json, json_text
 from common.llama.adapter import LlamaAdapter
 from common.llama.blockwise import BlockwiseLlama
+from common.llama.experiment import perplexity_metrics
 from common.llama.settings import LlamaSettings
-from common.lm.perplexity import blockwise_window_nlls, perplexity_of
+from common.lm.perplexity import blockwise_window_nlls
 from common.methods import METHODS
 from common.pipeline import calibration_settings, log_report, metric_rows
 from common.profile import StageProfile
@@ -178,14 +179,9 @@ def evaluate_blockwise(llama: BlockwiseLlama, config: LlamaSettings, label: str,
     """``{<corpus>_ppl: perplexity}`` of ``llama`` computed layer by layer (blocks from ``load_block``, default
     ``llama.load``); ``found`` receives each window's mean NLL as :func:`common.llama.experiment.evaluate`'s
     ``per_example`` does."""
-    metrics: dict[str, float] = {}
-    for dataset, windows in eval_sets.items():
-        sums = blockwise_window_nlls(llama.embedded, load_block or llama.load, llama.final, windows,
-                                     batch_size=config.eval_batch_size, device=device, desc=f"{label} {dataset}")
-        metrics[f"{dataset}_ppl"] = perplexity_of(sums, windows.shape[1])
-        found[f"{dataset}_ppl"] = [total / (windows.shape[1] - 1) for total in sums]
-        logger.info("%s %s perplexity %.3f", label, dataset, metrics[f"{dataset}_ppl"])
-    return metrics
+    return perplexity_metrics(label, eval_sets, found, lambda dataset, windows: blockwise_window_nlls(
+        llama.embedded, load_block or llama.load, llama.final, windows, batch_size=config.eval_batch_size,
+        device=device, desc=f"{label} {dataset}"))
 
 
 def exported_shards(llama: BlockwiseLlama, files: BlockFiles) -> Iterator[dict[str, torch.Tensor]]:

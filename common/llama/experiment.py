@@ -137,12 +137,8 @@ def evaluate(
     model.to(device)
     metrics: dict[str, float] = {}
     found = per_example if per_example is not None else {}
-    for dataset, windows in eval_sets.items():
-        sums = window_nlls(model, windows, batch_size=config.eval_batch_size, device=device,
-                           desc=f"{label} {dataset}")
-        metrics[f"{dataset}_ppl"] = perplexity_of(sums, windows.shape[1])
-        found[f"{dataset}_ppl"] = [total / (windows.shape[1] - 1) for total in sums]
-        logger.info("%s %s perplexity %.3f", label, dataset, metrics[f"{dataset}_ppl"])
+    metrics.update(perplexity_metrics(label, eval_sets, found, lambda dataset, windows: window_nlls(
+        model, windows, batch_size=config.eval_batch_size, device=device, desc=f"{label} {dataset}")))
     if config.tasks:
         from common.lm.zeroshot import zero_shot_evaluation
 
@@ -151,6 +147,19 @@ def evaluate(
                                       include_path=config.tasks_include_path)
         metrics.update(result.metrics)
         found.update(result.per_example)
+    return metrics
+
+
+def perplexity_metrics(label: str, eval_sets: Mapping[str, torch.Tensor], found: dict[str, Any],
+                       nlls: Callable[[str, torch.Tensor], list[float]]) -> dict[str, float]:
+    """``{<corpus>_ppl: perplexity}`` from ``nlls(corpus, windows)`` (each window's summed NLL); ``found``
+    receives each window's mean NLL in nats per token (see :func:`evaluate`)."""
+    metrics: dict[str, float] = {}
+    for dataset, windows in eval_sets.items():
+        sums = nlls(dataset, windows)
+        metrics[f"{dataset}_ppl"] = perplexity_of(sums, windows.shape[1])
+        found[f"{dataset}_ppl"] = [total / (windows.shape[1] - 1) for total in sums]
+        logger.info("%s %s perplexity %.3f", label, dataset, metrics[f"{dataset}_ppl"])
     return metrics
 
 
