@@ -1,5 +1,6 @@
 """Tensors kept in a temporary file instead of memory: a model's starting weights between methods
-(:class:`WeightSnapshot`), and parameters a stage does not use while it runs (:func:`parked`).
+(:class:`WeightSnapshot`), parameters a stage does not use while it runs (:func:`parked`), and the
+parameters of a block not read by the current step of its calibration (:class:`ResidentOnly`).
 
 The file holds the raw bytes of each tensor (tensors sharing storage once), in the cache root
 (``$GPTAQ_CACHE_DIR``) under a name carrying the process id; it is removed on exit, and one a killed run left
@@ -11,8 +12,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import torch
@@ -114,3 +115,37 @@ def parked(parameters: Mapping[str, nn.Parameter], folder: Path | None = None) -
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor's storage."""
     return memoryview(tensor.view(-1).view(torch.uint8).numpy())
+
+
+class ResidentOnly:
+    """Named parameters of which only those a step reads are in memory; the others wait in files (:func:`parked`).
+
+    ``with ResidentOnly(weights) as resident: resident.keep(names); ...``: every parameter is resident at the
+    start and again on exit (also on an error). Disabled (``enabled=False``), :meth:`keep` does nothing.
+    """
+
+    def __init__(self, parameters: Mapping[str, nn.Parameter], *, enabled: bool = True,
+                 folder: Path | None = None) -> None:
+        self.parameters, self.enabled, self.folder = dict(parameters), enabled, folder
+        self._parked: dict[str, AbstractContextManager] = {}
+
+    def keep(self, names: Collection[str]) -> None:
+        """Make exactly ``names`` resident: the others are parked first, then parked ones named here come back."""
+        if not self.enabled:
+            return
+        unknown = set(names) - self.parameters.keys()
+        if unknown:
+            raise KeyError(f"no parameters named {sorted(unknown)}")
+        for name in sorted(self.parameters.keys() - names - self._parked.keys()):  # first out, then in
+            context = parked({name: self.parameters[name]}, self.folder)
+            context.__enter__()
+            self._parked[name] = context
+        for name in [name for name in self._parked if name in names]:
+            self._parked.pop(name).__exit__(None, None, None)
+
+    def __enter__(self) -> ResidentOnly:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        while self._parked:
+            self._parked.popitem()[1].__exit__(None, None, None)

@@ -20,6 +20,10 @@ Methods whose statistics are ``H`` alone skip step 1. Details that keep the pass
 * Every per-batch tensor the block keeps (both streams, the full-precision inputs, recorded outputs) lives
   in a :class:`~common.batch_store.BatchStore`, one buffer per kind, out of the heap the forwards'
   temporaries churn through. The streams advance in place: each batch's block output overwrites its input.
+* On the CPU, only the weights the current step reads are in memory (:class:`~common.weight_files.ResidentOnly`):
+  a pass those of the linears it computes (:func:`common.engine.plan.weights_read`), a solve those of its
+  group; the others wait in files. While the MLP's down projection is solved, the block holds one of its
+  seven weights.
 * Before each pass, memory the allocator freed is handed back to the system
   (:func:`common.memory.release_freed_memory`): the passes keep different tensors, and glibc would otherwise
   hold the freed ones' pages.
@@ -39,13 +43,14 @@ from torch import nn
 from common.batch_store import BatchStore
 from common.engine import ranks
 from common.engine.adapter import ModelAdapter, block_linears
-from common.engine.plan import Pass, plan_passes
+from common.engine.plan import Pass, plan_passes, weights_read
 from common.engine.settings import CalibrationReport, CalibrationSettings, LayerRecord
 from common.engine.wiring import StopForward, observing, recording_outputs, wired_batch
 from common.memory import release_freed_memory
 from common.profile import counting_flops
 from common.quant.qlinear import QuantLinear, set_input_quantization
 from common.solvers.statistics import CalibrationStatistics
+from common.weight_files import ResidentOnly
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +75,8 @@ class BlockCalibration:
         self.linears = block_linears(adapter, block)
         self.tails = adapter.tail_linears(block) if settings.reuse_outputs else {}
         held = {module: [name for name in self.linears if name.startswith(f"{module}.")] for module in self.tails}
+        self.held = held
+        """``{tail submodule: the linears inside it}``."""
         for module, tail in self.tails.items():
             if tail.linear not in held[module]:
                 raise ValueError(f"{type(adapter).__name__}.tail_linears: {tail.linear!r} is not one of the "
@@ -91,13 +98,23 @@ class BlockCalibration:
             full_inputs, reference_norms = self._full_precision_pass(full_stream)
         set_input_quantization(self.block, self.settings.quantize_activations)
         records: list[LayerRecord] = []
-        for step in self.passes[:-1]:  # 2. each group, in true-sequential order:
-            statistics = self._quantized_pass(step, quant_stream, full_inputs)  # a. X̃ → H (and D)
-            records += self._solve_group(step.group, statistics, reference_norms)  # b. Ŵ, in place
-            del statistics  # the group's float64 sums: not alive during the next group's pass
-        self._final_pass(self.passes[-1], quant_stream)  # 3. X̃ advances
+        weights = {name: linear.weight for name, linear in self.linears.items()}
+        with ResidentOnly(weights, enabled=self.settings.device.type == "cpu") as resident:
+            for step in self.passes[:-1]:  # 2. each group, in true-sequential order:
+                resident.keep(self._weights_read(step))
+                statistics = self._quantized_pass(step, quant_stream, full_inputs)  # a. X̃ → H (and D)
+                resident.keep(step.group)
+                records += self._solve_group(step.group, statistics, reference_norms)  # b. Ŵ, in place
+                del statistics  # the group's float64 sums: not alive during the next group's pass
+            resident.keep(self._weights_read(self.passes[-1]))
+            self._final_pass(self.passes[-1], quant_stream)  # 3. X̃ advances
         set_input_quantization(self.block, True)
         return records
+
+    def _weights_read(self, step: Pass) -> frozenset[str]:
+        """The linears whose weights ``step`` reads (:func:`common.engine.plan.weights_read`)."""
+        return weights_read(step, [tuple(group) for group in self.groups],
+                            {module: tail.linear for module, tail in self.tails.items()}, self.held)
 
     def _sharing(self, group: tuple[str, ...]) -> dict[str, str]:
         """``{linear: the linear whose statistics it uses}``: the first earlier one with the same input."""
@@ -236,8 +253,7 @@ class BlockCalibration:
         linear, settings = self.linears[name], self.settings
         weight = linear.weight.detach()
         config = settings.solver_for(name)
-        hessian, drift = stats.hessian(), stats.drift()
-        with stats.set_aside():  # the float64 sums wait in a file; H and D are handed over to the solve
+        with stats.solve_inputs() as (hessian, drift):  # handed over; the float64 sums wait in a file
             result = settings.spec.solve(weight, hessian, drift, config, name=f"block {self.index}: {name}",
                                          release_statistics=True)
         del hessian, drift

@@ -9,17 +9,26 @@ linear is rounded without data. With :class:`Checkpoints`, the state after each 
 calibration resumes from the last finished block (:mod:`common.engine.resume`).
 
 Memory (what is resident while block ``b`` is calibrated; ``h`` hidden size, ``i`` MLP size, ``k`` key/value
-width, ``N`` calibration tokens of this process, ``s`` bytes per value of the model's dtype):
+width, ``N`` calibration tokens of this process, ``s`` bytes per value of the calibration's dtype, ``n`` the
+widest linear input):
 
-* the block, ``s·(2h² + 2hk + 3hi)`` for a Llama block (moved to ``device``; a source loads one at a time,
-  a model in memory parks the others in files on the CPU, :func:`common.weight_files.parked`);
-* both streams, ``2·s·N·h``, the full-precision inputs kept per group, ``s·N·(3h + i)``, and the recorded
-  outputs replayed by later passes, ``s·N·(2h + 2k + 2i)``, on ``offload_device`` (the CPU with
-  ``--offload``, so large models fit one GPU);
-* one after another, never together: a group's statistics while its quantized pass runs (the float64 sums of
-  ``H`` and ``D`` and one batch's float32 product, ``2·8n² + 4n²`` for input size ``n``), then each solve
-  (``H`` and ``D`` handed over in float32, the Cholesky factor and its inverse, GPTAQ's ``P`` over ``D``:
-  ``4·4n²``; the sums wait in a file, :meth:`common.solvers.statistics.CalibrationStatistics.set_aside`).
+* for the whole block: both streams, ``2·s·N·h``, the full-precision inputs kept per group, ``s·N·(3h + i)``,
+  and the recorded outputs replayed by later passes, ``s·N·(2h + 2k + 2i)``, on ``offload_device`` (the CPU
+  with ``--offload``, so large models fit one GPU);
+* one phase after another, never together:
+
+  - reading: the block, ``s·(2h² + 2hk + 3hi)`` for a Llama block (a source loads one at a time, a model in
+    memory parks the others in files on the CPU, :func:`common.weight_files.parked`), and the float64
+    temporaries of its rotation;
+  - a group's statistics pass: the float64 sums of ``H`` and ``D``, ``2·8n²`` (computed a slice of rows at
+    a time), and the weights the pass reads;
+  - each solve: ``H`` and ``D`` handed over in float32, the Cholesky factor and its inverse, GPTAQ's ``P``
+    over ``D`` (``4·4n²``), and the linear's weight; the sums wait in a file
+    (:meth:`common.solvers.statistics.CalibrationStatistics.solve_inputs`).
+
+  On the CPU a step holds only the weights it reads (:class:`common.weight_files.ResidentOnly`: for
+  down_proj, the MLP's two other weights during its pass and its own during its solve); on a GPU the block
+  stays there.
 
 The parameters outside the blocks (embedding, head) are not read after the first block's inputs are computed:
 a model in memory parks them in a file, a source never loads them. :mod:`common.llama.memory` computes these

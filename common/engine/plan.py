@@ -98,3 +98,22 @@ def plan_passes(groups: Sequence[Sequence[str]], tails: Mapping[str, str], insid
         kept.extend(keep)
         solved.extend(group)
     return passes
+
+
+def weights_read(step: Pass, groups: Sequence[Sequence[str]], tails: Mapping[str, str],
+                 inside: Mapping[str, Sequence[str]]) -> frozenset[str]:
+    """The linears whose weights ``step`` reads: those of the groups it runs through (every group for the
+    final pass; the groups before its own otherwise), less the replayed ones and those inside a submodule
+    computed from its tail linear.
+
+    A pass stops at its group's input, so a group of one linear is not computed in its own pass; the
+    linears of a larger group count as read (which of them the forward reaches before the stop depends on
+    the model's code).
+    """
+    position = len(groups) if step.final else [tuple(group) for group in groups].index(step.group)
+    reached = [name for group in groups[:position] for name in group]
+    if len(step.group) > 1:
+        reached += step.group
+    skipped = set(step.replay) | {name for module in step.from_tail_linear for name in inside[module]
+                                  if name != tails[module]}
+    return frozenset(name for name in reached if name not in skipped)

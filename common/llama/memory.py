@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GIB = 2**30
-ONE_AT_A_TIME = ("statistics", "solve", "rotation")
-"""Terms that are never resident together."""
+ONE_AT_A_TIME = ("reading", "statistics", "solve")
+"""Phases of a block that are never resident together (each term holds the block's weights it needs)."""
 
 
 @dataclass(frozen=True)
@@ -50,30 +50,33 @@ PAPER_TOKENS = 128 * 2048
 """The paper's calibration: 128 windows of 2048 tokens."""
 
 
-def calibration_bytes(shape: ModelShape, tokens: int, value_bytes: int, *, full_precision_stream: bool = True
-                      ) -> dict[str, int]:
+def calibration_bytes(shape: ModelShape, tokens: int, value_bytes: int, *, full_precision_stream: bool = True,
+                      resident_only: bool = False) -> dict[str, int]:
     """Each term of the resident set while a block is calibrated (bytes), for ``tokens`` calibration tokens
-    on this process and values of ``value_bytes`` bytes (the model's dtype).
+    on this process and values of ``value_bytes`` bytes (the calibration's dtype).
 
-    Terms, with ``n`` the widest linear input (down_proj's, the MLP size): ``block`` (its weights),
-    ``streams`` (both, or the quantized one alone), ``kept inputs`` (each group's full-precision input, for
-    ``D``), ``recorded outputs`` (solved linears' outputs replayed by later passes), ``statistics`` (the
-    float64 sums of ``H`` and ``D`` and one batch's float32 product), ``solve`` (four float32 ``n × n``
-    matrices: ``H`` and ``D`` handed over, the Cholesky factor and its inverse, then ``P`` over ``D``; the
-    float64 sums wait in a file), ``rotation`` (one weight in float64 and its rotated copy, while a block is
-    read).
+    Terms held for the whole block: ``streams`` (both, or the quantized one alone), ``kept inputs`` (each
+    group's full-precision input, for ``D``), ``recorded outputs`` (solved linears' outputs replayed by later
+    passes). Phases, one at a time (:data:`ONE_AT_A_TIME`), with ``n`` the widest linear input (down_proj's,
+    the MLP size ``i``): ``reading`` (the block, and one weight in float64 with its rotated copy and the
+    online transform's temporaries), ``statistics`` (the float64 sums of ``H`` and ``D``, and the weights the
+    pass reads), ``solve`` (four float32 ``n × n`` matrices: ``H`` and ``D`` handed over, the Cholesky factor
+    and its inverse, then ``P`` over ``D``; the weight, its float32 working copy and the result; the sums wait
+    in a file). With ``resident_only`` (the CPU: :class:`common.weight_files.ResidentOnly`) the statistics of
+    down_proj hold the MLP's two other weights and its solve down_proj's alone; otherwise the whole block
+    stays.
     """
     h, i, k = shape.hidden, shape.intermediate, shape.kv_width
     n = max(h, i)
     sums = 2 if full_precision_stream else 1
+    block = value_bytes * shape.block_values
     return {
-        "block": value_bytes * shape.block_values,
         "streams": sums * value_bytes * tokens * h,
         "kept inputs": value_bytes * tokens * (3 * h + i) if full_precision_stream else 0,
         "recorded outputs": value_bytes * tokens * (2 * h + 2 * k + 2 * i),
-        "statistics": sums * 8 * n * n + 4 * n * n,
-        "solve": 4 * 4 * n * n,
-        "rotation": 3 * 8 * h * i,
+        "reading": block + 3 * 8 * h * i,
+        "statistics": (2 * value_bytes * h * i if resident_only else block) + sums * 8 * n * n,
+        "solve": (value_bytes * h * i if resident_only else block) + 4 * 4 * n * n + 2 * 4 * h * i,
     }
 
 
@@ -84,12 +87,12 @@ def peak_bytes(terms: dict[str, int]) -> int:
 
 
 def placement(terms: dict[str, int], *, offload: bool) -> tuple[int, int]:
-    """``(host bytes, device bytes)`` of :func:`calibration_bytes`' terms on a GPU run: with ``offload`` the
-    streams, kept inputs and recorded outputs stay in host memory and a block is read and rotated there;
-    without it only the reading is on the host."""
+    """``(host bytes, device bytes)`` of :func:`calibration_bytes`' terms (without ``resident_only``) on a GPU
+    run: with ``offload`` the streams, kept inputs and recorded outputs stay in host memory; a block is read
+    and rotated in host memory either way."""
     activations = terms["streams"] + terms["kept inputs"] + terms["recorded outputs"]
-    device = terms["block"] + max(terms["statistics"], terms["solve"]) + (0 if offload else activations)
-    host = terms["block"] + terms["rotation"] + (activations if offload else 0)
+    device = max(terms["statistics"], terms["solve"]) + (0 if offload else activations)
+    host = terms["reading"] + (activations if offload else 0)
     return host, device
 
 

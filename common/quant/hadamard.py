@@ -143,15 +143,25 @@ def _two_factors(n: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=64)
-def _factor_matrices(n: int, dtype: torch.dtype, device: torch.device,
-                     normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cached ``(H_a, H_b)`` of :func:`_two_factors`, ``H_b`` divided by ``sqrt(n)`` when ``normalize``
-    (treat as read-only)."""
+def _factor_signs(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached ``(H_a, H_b)`` of :func:`_two_factors` as int8 ±1 on ``device`` (treat as read-only): a byte per
+    entry, so a large factor (``H_5504`` for ``n = 11008``: 30 MB) costs an eighth of its float64 copy."""
     a, b = _two_factors(n)
     m, _ = _split(n)
-    left = torch.kron(_small_factor(m, torch.float64, torch.device("cpu")), _sylvester(a // m).double())
-    right = _sylvester(b).double() / (math.sqrt(n) if normalize else 1.0)
-    return left.to(dtype=dtype, device=device), right.to(dtype=dtype, device=device)
+    left = torch.kron(_small_factor(m, torch.int8, torch.device("cpu")), _sylvester(a // m))
+    return left.to(device), _sylvester(b).to(device)
+
+
+def _factor_matrices(n: int, dtype: torch.dtype, device: torch.device,
+                     normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(H_a, H_b)`` of :func:`_two_factors` in ``dtype``, ``H_b`` divided by ``sqrt(n)`` when ``normalize``.
+
+    Built for each call from the cached signs (:func:`_factor_signs`): the float copies live as long as the
+    transform that reads them, not as long as the process.
+    """
+    left, right = _factor_signs(n, torch.device(device))
+    scaled = right.to("cpu", torch.float64) / (math.sqrt(n) if normalize else 1.0)
+    return left.to(dtype), scaled.to(dtype=dtype, device=device)
 
 
 def hadamard_transform(x: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:

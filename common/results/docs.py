@@ -146,7 +146,8 @@ def memory_table(root: Path, names: Sequence[str]) -> list[str]:
         shape = ModelShape(config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"],
                            config["hidden_size"] // config["num_attention_heads"] * config["num_key_value_heads"],
                            49152)
-        formula = peak_bytes(calibration_bytes(shape, int(row.get("tokens") or NSAMPLES * SEQLEN), 4)) / GIB
+        formula = peak_bytes(calibration_bytes(shape, int(row.get("tokens") or NSAMPLES * SEQLEN), 4,
+                                               resident_only=True)) / GIB
         peak = float(row["peak_rss_gib"])
         lines.append(table_line([row["shape"], row["model_loading"], row["checkpoint_gib"], f"{formula:.2f}",
                                  f"{peak:.2f}", f"{peak - formula:.2f}"]))

@@ -219,9 +219,11 @@ def solve_layer(
         hessian = hessian[perm][:, perm]
         if drift is not None:
             drift = drift[perm][:, perm]
+    if release_statistics:  # handed over: what the solve reads is in its own copies now (or is them)
+        _release(*(given for given, own in ((H, hessian), (D if needs_drift else None, drift))
+                   if given is not None and not _shares_memory(given, own)))
 
-    factorization = factorize(hessian, config.percdamp, name)
-    _release(hessian, H if release_statistics else None)
+    factorization = factorize(hessian, config.percdamp, name, consume=True)  # the solve's own H: given back
     del hessian
     start_point = StartingPoint(work) if start is None else start(work, drift, factorization, config)
     if drift is not None and not _shares_memory(drift, start_point.correction):
@@ -329,28 +331,38 @@ def _check_statistics(H: torch.Tensor, D: torch.Tensor | None, columns: int, nam
         )
 
 
-def factorize(hessian: torch.Tensor, percdamp: float, name: str) -> Factorization:
+def factorize(hessian: torch.Tensor, percdamp: float, name: str, *, consume: bool = False) -> Factorization:
     """``H_λ = H + λI`` with ``λ = percdamp · mean(diag H)``, factored (see :class:`Factorization`).
 
     Uses one Cholesky and one triangular inverse: with ``J`` the reversal permutation and
     ``J H_λ J = L Lᵀ``, ``R = J L J`` is upper triangular with ``H_λ = R Rᵀ``, so ``H_λ⁻¹ = R⁻ᵀ R⁻¹`` and
     ``U = R⁻¹``. If ``H_λ`` is not positive definite, ``percdamp`` grows tenfold (with a warning).
+
+    Memory: two ``n × n`` matrices at a time besides ``hessian``, which ``consume`` gives back once it is copied
+    (the caller owns it and does not read it again): ``J H J`` and ``L``, then ``L`` and ``R``, then ``R`` and ``U``.
+    A retry after an inverse with NaN or Inf entries starts from ``R Rᵀ`` (``H_λ`` to rounding), its diagonal
+    reset to ``H``'s.
     """
     mean_diag = torch.diagonal(hessian).mean()
+    flipped = hessian.flip(0, 1)  # J H J, a copy: its diagonal is H's reversed
+    if consume:
+        _release(hessian)
+    undamped = torch.diagonal(flipped).clone()
     damp = percdamp
     for attempt in range(_DAMP_RETRIES):
-        flipped = hessian.flip(0, 1)  # J H J, a copy: its diagonal is H's reversed
-        torch.diagonal(flipped).add_(damp * mean_diag)  # J (H + λI) J
-        diagonal = torch.diagonal(flipped).flip(0)
+        torch.diagonal(flipped).copy_(undamped).add_(damp * mean_diag)  # J (H + λI) J
         lower, info = torch.linalg.cholesky_ex(flipped)
-        del flipped
         if info.item() == 0:
+            diagonal = torch.diagonal(flipped).flip(0)
+            del flipped
             root = lower.flip(0, 1)
             del lower
             upper = _upper_triangular_inverse(root)
             if _all_finite(upper):
                 return Factorization(upper, root, damp, diagonal)
-            del root, upper
+            del upper
+            flipped = (root @ root.T).flip(0, 1)  # J H_λ J again (to rounding; its diagonal is reset below)
+            del root
         else:
             del lower
         next_damp = max(damp * 10, 1e-6)
@@ -368,20 +380,26 @@ def _upper_triangular_inverse(r: torch.Tensor) -> torch.Tensor:
     """Inverse of the upper triangular ``r`` [n, n], by halves: ``[[A, B], [0, C]]⁻¹ = [[A⁻¹, −A⁻¹BC⁻¹], [0, C⁻¹]]``.
 
     About ``2n³/3`` flops in matrix products, against ``n³`` for a triangular solve with an identity
-    right-hand side.
+    right-hand side. The halves are written into the result in place: one ``n × n`` matrix and two
+    ``n/2 × n/2`` products besides ``r``.
     """
+    inverse = torch.zeros_like(r)
+    _invert_upper_into(r, inverse)
+    return inverse
+
+
+def _invert_upper_into(r: torch.Tensor, out: torch.Tensor) -> None:
+    """``out ← r⁻¹`` for the upper triangular ``r``; ``out`` (same shape) holds zeros below its diagonal."""
     n = r.shape[0]
     if n <= STRUCTURE_BLOCK:
         identity = torch.eye(n, dtype=r.dtype, device=r.device)
-        return torch.linalg.solve_triangular(r, identity, upper=True)
+        out.copy_(torch.linalg.solve_triangular(r, identity, upper=True))
+        return
     half = n // 2
-    inverse = torch.zeros_like(r)
-    a_inv = _upper_triangular_inverse(r[:half, :half])
-    c_inv = _upper_triangular_inverse(r[half:, half:])
-    inverse[:half, :half] = a_inv
-    inverse[half:, half:] = c_inv
-    inverse[:half, half:] = -(a_inv @ r[:half, half:]) @ c_inv
-    return inverse
+    a_inv, c_inv = out[:half, :half], out[half:, half:]
+    _invert_upper_into(r[:half, :half], a_inv)
+    _invert_upper_into(r[half:, half:], c_inv)
+    out[:half, half:] = -(a_inv @ r[:half, half:]) @ c_inv
 
 
 @dataclass

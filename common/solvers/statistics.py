@@ -17,12 +17,12 @@ import torch
 
 from common.weight_files import parked
 
-_ERROR_ROWS = 1024
-"""Weight rows per slice in :meth:`CalibrationStatistics.output_error`."""
-_SUM_ROWS = 1024
-"""Rows of a batch's product added to the float64 sums at once (its float64 copy: ``1024 × n`` values)."""
+_ERROR_ROWS = 256
+"""Weight rows per slice in :meth:`CalibrationStatistics.output_error` (four float64 ``256 × n`` temporaries)."""
+_SUM_ROWS = 256
+"""Rows of a batch's product computed and added to the float64 sums at once (``256 × n`` values)."""
 SET_ASIDE_BYTES = 64 * 2**20
-"""Sums smaller than this stay in memory during a solve (:meth:`CalibrationStatistics.set_aside`)."""
+"""Sums smaller than this stay in memory during a solve (:meth:`CalibrationStatistics.solve_inputs`)."""
 
 
 class CalibrationError(RuntimeError):
@@ -67,16 +67,27 @@ class CalibrationStatistics:
         return self._dxtx is not None
 
     @contextmanager
-    def set_aside(self) -> Iterator[None]:
-        """Keep the float64 sums in a file for the ``with`` block (their memory given back), when they hold at
-        least :data:`SET_ASIDE_BYTES`: a solve needs only ``H`` and ``D`` in the solver's dtype, and the sums
-        (``2 · 8n²`` bytes: 1.9 GiB for a 7B model's down_proj) are read again only by :meth:`output_error`."""
-        sums = {"xtx": self._xtx, **({"dxtx": self._dxtx} if self._dxtx is not None else {})}
-        if sum(tensor.nbytes for tensor in sums.values()) < SET_ASIDE_BYTES:
-            yield
+    def solve_inputs(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """``(H, D)`` in the statistics' dtype (``D`` ``None`` for GPTQ statistics) for a solve, which may take
+        them over (``release_statistics``).
+
+        When the float64 sums hold at least :data:`SET_ASIDE_BYTES` (``2 · 8n²`` bytes: 1.9 GiB for a 7B model's
+        down_proj), they wait in a file until the ``with`` block ends (:meth:`output_error` reads them again),
+        and each matrix is computed while the other sum is in the file: at most ``8n² + 4n²`` (``H``), then
+        ``8n² + 4n² + 4n²`` (``H``, ``D``'s sum, ``D``), then ``4n² · 2`` during the solve; never more than
+        the two sums the statistics pass held.
+        """
+        sums = [self._xtx, *([self._dxtx] if self._dxtx is not None else [])]
+        if sum(tensor.nbytes for tensor in sums) < SET_ASIDE_BYTES:
+            yield self.hessian(), self.drift()
             return
-        with parked(sums):
-            yield
+        drift_sum = {"dxtx": self._dxtx} if self._dxtx is not None else {}
+        with parked(drift_sum):
+            hessian = self.hessian()
+        with parked({"xtx": self._xtx}):
+            drift = self.drift()
+            with parked(drift_sum):
+                yield hessian, drift
 
     def add(self, x_quant: torch.Tensor, x_full: torch.Tensor | None = None) -> None:
         """Add a batch: ``x_quant`` [..., n] from the quantized stream, ``x_full`` the matching FP input."""
@@ -85,14 +96,14 @@ class CalibrationStatistics:
                 f"{self.name}: expected inputs with last dimension {self.columns}, got {tuple(x_quant.shape)}"
             )
         xq = x_quant.reshape(-1, self.columns).to(device=self._xtx.device, dtype=self.dtype)
-        _add_by_rows(self._xtx, xq.T @ xq)
+        _add_product(self._xtx, xq, xq)
         if self._dxtx is not None:
             if x_full is None or x_full.shape != x_quant.shape:
                 raise ValueError(
                     f"{self.name}: GPTAQ statistics need x_full with the shape of x_quant {tuple(x_quant.shape)}"
                 )
             xf = x_full.reshape(-1, self.columns).to(device=self._xtx.device, dtype=self.dtype)
-            _add_by_rows(self._dxtx, (xf - xq).T @ xq)
+            _add_product(self._dxtx, xf - xq, xq)
         self.rows += xq.shape[0]
 
     def reduce_(self, sum_: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -106,14 +117,14 @@ class CalibrationStatistics:
     def hessian(self) -> torch.Tensor:
         """``H = 2/N Σ x̃ x̃ᵀ`` [n, n]."""
         self._check_rows()
-        return (self._xtx * (2.0 / self.rows)).to(self.dtype)
+        return _scaled(self._xtx, 2.0 / self.rows, self.dtype)
 
     def drift(self) -> torch.Tensor | None:
         """``D = 2/N Σ (x − x̃) x̃ᵀ`` [n, n], or ``None`` for GPTQ statistics."""
         if self._dxtx is None:
             return None
         self._check_rows()
-        return (self._dxtx * (2.0 / self.rows)).to(self.dtype)
+        return _scaled(self._dxtx, 2.0 / self.rows, self.dtype)
 
     def output_error(self, weight: torch.Tensor, quantized: torch.Tensor, reference: float | None = None) -> float:
         """Relative output error over the calibration tokens, from the statistics (float64).
@@ -148,8 +159,17 @@ class CalibrationStatistics:
             raise CalibrationError(f"{self.name}: no calibration data reached this layer")
 
 
-def _add_by_rows(total: torch.Tensor, product: torch.Tensor) -> None:
-    """``total += product`` (float64 += float32, [n, n]) a slice of rows at a time: a whole float64 copy of
-    ``product`` would be ``8n²`` bytes."""
-    for rows in range(0, product.shape[0], _SUM_ROWS):
-        total[rows:rows + _SUM_ROWS] += product[rows:rows + _SUM_ROWS]
+def _add_product(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """``total += leftᵀ · right`` (float64 [n, n] += the product of ``left``, ``right`` [N, n] in their dtype), a
+    slice of rows at a time: the whole product would be ``4n²`` bytes more (its float64 copy ``8n²``)."""
+    for rows in range(0, total.shape[0], _SUM_ROWS):
+        total[rows:rows + _SUM_ROWS] += left[:, rows:rows + _SUM_ROWS].T @ right
+
+
+def _scaled(total: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``(total · scale)`` in ``dtype`` (``total`` [n, n] float64), a slice of rows at a time: no float64
+    temporary of the whole matrix besides the result."""
+    result = torch.empty(total.shape, dtype=dtype, device=total.device)
+    for rows in range(0, total.shape[0], _SUM_ROWS):
+        result[rows:rows + _SUM_ROWS] = total[rows:rows + _SUM_ROWS] * scale
+    return result

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import pytest
 
 from common.engine.model import ContextStack
-from common.engine.plan import Pass, plan_passes
+from common.engine.plan import Pass, plan_passes, weights_read
 
 LLAMA_GROUPS = [["q", "k", "v"], ["o"], ["gate", "up"], ["down"]]
 LLAMA_TAILS = {"attn": "o", "mlp": "down"}
@@ -53,6 +53,23 @@ def test_a_tail_submodule_reads_only_what_an_earlier_pass_kept_or_recorded():
                 assert LLAMA_TAILS[module] in kept | recorded
             recorded |= set(step.record)
             kept |= set(step.keep_inputs)
+
+
+def test_each_pass_reads_the_weights_it_computes():
+    passes = plan_passes(LLAMA_GROUPS, LLAMA_TAILS, LLAMA_INSIDE)
+    read = [set(weights_read(step, LLAMA_GROUPS, LLAMA_TAILS, LLAMA_INSIDE)) for step in passes]
+    assert read == [
+        {"q", "k", "v"},  # a group of three: which the forward reaches before it stops is the model's
+        {"q", "k", "v"},  # attention runs up to o's input
+        {"o", "gate", "up"},  # attention is o applied to its kept input
+        {"gate", "up"},  # o replayed; the MLP runs up to down's input
+        {"down"},  # both tails from their tail linears, o's output replayed
+    ]
+    everything = weights_read(Pass(()), LLAMA_GROUPS, LLAMA_TAILS, LLAMA_INSIDE)
+    assert everything == {name for group in LLAMA_GROUPS for name in group}
+    without_reuse = plan_passes(LLAMA_GROUPS, LLAMA_TAILS, LLAMA_INSIDE, reuse_outputs=False)
+    assert weights_read(without_reuse[3], LLAMA_GROUPS, LLAMA_TAILS, LLAMA_INSIDE) == {"q", "k", "v", "o", "gate",
+                                                                                        "up"}
 
 
 def test_context_stack_exits_from_the_top_and_the_rest_on_an_error():

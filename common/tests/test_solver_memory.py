@@ -1,5 +1,5 @@
-"""Handing ``H`` and ``D`` over to a solve (``release_statistics``) and setting the float64 sums aside change no
-bit of the result, and give the memory back."""
+"""Handing ``H`` and ``D`` over to a solve (``release_statistics``), setting the float64 sums aside and consuming
+``H`` in the factorization change no bit of the result, and give the memory back."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from common.bench.timing import seeded_problem
 from common.methods import METHODS
-from common.solvers.column_loop import SolverConfig
+from common.solvers.column_loop import SolverConfig, factorize
 from common.solvers.statistics import SET_ASIDE_BYTES, CalibrationStatistics
 
 CALIBRATED = [name for name, method in METHODS.items() if method.calibrated]
@@ -28,7 +28,7 @@ def test_handed_over_statistics_give_the_same_bits_and_are_released(method, act_
     assert handed_d.untyped_storage().nbytes() == (handed_d.nbytes if spec.statistics == ("H",) else 0)
 
 
-def test_set_aside_sums_come_back_whole(tmp_path, monkeypatch) -> None:
+def test_sums_wait_in_a_file_while_solving_and_come_back_whole(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("GPTAQ_CACHE_DIR", str(tmp_path))
     columns = int((SET_ASIDE_BYTES / 16) ** 0.5) + 1  # two float64 sums just above the threshold
     stats = CalibrationStatistics(columns, asymmetric=True)
@@ -36,6 +36,18 @@ def test_set_aside_sums_come_back_whole(tmp_path, monkeypatch) -> None:
     x_quant = torch.randn(8, columns, generator=generator)
     stats.add(x_quant, x_quant + 0.1 * torch.randn(8, columns, generator=generator))
     before = stats.hessian(), stats.drift()
-    with stats.set_aside():
+    with stats.solve_inputs() as (hessian, drift):
         assert stats._xtx.numel() == 0 and stats._dxtx.numel() == 0  # in the file, not in memory
+        assert torch.equal(hessian, before[0]) and torch.equal(drift, before[1])
     assert torch.equal(stats.hessian(), before[0]) and torch.equal(stats.drift(), before[1])
+
+
+def test_a_consumed_hessian_is_released_and_factors_the_same() -> None:
+    _, hessian, _ = seeded_problem(48, 1100, torch.device("cpu"))  # wider than a structure block
+    kept = factorize(hessian, 0.01, "layer")
+    consumed = hessian.clone()
+    given = factorize(consumed, 0.01, "layer", consume=True)
+    assert consumed.untyped_storage().nbytes() == 0
+    for part in ("upper", "root", "diagonal"):
+        assert torch.equal(getattr(kept, part), getattr(given, part)), part
+    assert kept.damp == given.damp

@@ -11,7 +11,7 @@ import torch
 
 from common.files import sweep_stale_temporaries
 from common.tests.llama_fixtures import tiny_llama
-from common.weight_files import WeightSnapshot, parked
+from common.weight_files import ResidentOnly, WeightSnapshot, parked
 
 
 def test_snapshot_restores_every_tensor_exactly_and_keeps_ties(tmp_path: Path) -> None:
@@ -65,3 +65,32 @@ def test_a_parked_parameter_inside_a_memory_mapped_checkpoint_keeps_its_own_valu
     with parked({"w": weight}, snapshots):
         assert weight.numel() == 0
     assert weight.shape == (256, 1024) and torch.all(weight == 10.0)
+
+
+def test_resident_only_keeps_exactly_the_named_weights_in_memory(tmp_path: Path) -> None:
+    layer = tiny_llama().model.layers[0]
+    weights = {name: module.weight for name, module in layer.named_modules() if isinstance(module, torch.nn.Linear)}
+    before = {name: weight.detach().clone() for name, weight in weights.items()}
+    with ResidentOnly(weights, folder=tmp_path) as resident:
+        for names in ({"mlp.down_proj"}, {"mlp.down_proj", "self_attn.q_proj"}, set(), set(weights)):
+            resident.keep(names)
+            assert {name for name, weight in weights.items() if weight.numel()} == names
+            assert len(list(tmp_path.iterdir())) == len(weights) - len(names)
+        resident.keep(set())
+        with pytest.raises(KeyError, match="no parameters named"):
+            resident.keep({"mlp.typo"})
+    for name, weight in weights.items():
+        assert torch.equal(weight, before[name]), name
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resident_only_brings_everything_back_after_an_error_and_can_be_disabled(tmp_path: Path) -> None:
+    weight = tiny_llama().lm_head.weight
+    before = weight.detach().clone()
+    with pytest.raises(RuntimeError, match="planted"), ResidentOnly({"head": weight}, folder=tmp_path) as resident:
+        resident.keep(set())
+        raise RuntimeError("planted")
+    assert torch.equal(weight, before) and list(tmp_path.iterdir()) == []
+    with ResidentOnly({"head": weight}, enabled=False, folder=tmp_path) as resident:
+        resident.keep(set())
+        assert torch.equal(weight, before) and list(tmp_path.iterdir()) == []
