@@ -50,9 +50,10 @@ gpu-check: setup
 	$(PY) -m common.gpu_check
 
 # Peak memory and time of GPTAQ + QuaRot on synthetic 1.1B/7B/13B float16 checkpoints, one block at a time
-# (results/bench_memory.csv; writes each checkpoint, 2-26 GB, into the cache and removes it after; SHAPES= to pick).
+# (results/bench_memory.csv; writes each checkpoint, 2-26 GB, into the cache and removes it after; SHAPES= to pick,
+# LAYERS=N for the first N layers of each shape, APPEND=1 to add rows to the file).
 bench-memory: setup
-	$(PY) -m common.bench.memory $(if $(SHAPES),--shapes $(SHAPES))
+	$(PY) -m common.bench.memory $(if $(SHAPES),--shapes $(SHAPES)) $(if $(LAYERS),--layers $(LAYERS)) $(if $(APPEND),--append)
 
 # This checkout's solvers beside a git revision's, alternating in one process: REV=<revision> (MSE=1 adds
 # the clip search, the embedded runs' setting; METHODS=gptq,gptaq,qep,... picks the methods, default gptq,gptaq).

@@ -48,10 +48,12 @@ class TensorFile:
                 self.entries.append((name, offsets[key], tensor.nbytes))
 
     def read_into(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Read the saved bytes back into ``tensors`` (the same names, shapes and dtypes), in place."""
+        """Read the saved bytes of each of ``tensors`` (names saved here, the same shapes and dtypes) back into
+        it, in place."""
+        entries = {name: (offset, size) for name, offset, size in self.entries}
         with open(self.path, "rb") as handle, torch.no_grad():
-            for name, offset, size in self.entries:
-                target = tensors[name]
+            for name, target in tensors.items():
+                offset, size = entries[name]
                 direct = target.device.type == "cpu" and target.is_contiguous()
                 buffer = target if direct else torch.empty_like(target, device="cpu").contiguous()
                 handle.seek(offset)
@@ -94,22 +96,32 @@ def parked(parameters: Mapping[str, nn.Parameter], folder: Path | None = None) -
     reads them: the calibration engine parks what lies outside the blocks (in a language model the
     embedding and the head: 0.23 GB of the embedded run's 0.65 GB).
     """
-    originals = {name: parameter.data for name, parameter in parameters.items()}
-    with TensorFile(originals, folder) as saved:
-        for parameter in parameters.values():
-            parameter.data = torch.empty(0, dtype=parameter.dtype, device=parameter.device)
-        kept = {name: tensor for name, tensor in originals.items() if drop_pages(tensor)}
-        released = {name: (t.shape, t.dtype, t.device) for name, t in originals.items() if name not in kept}
-        del originals
+    with TensorFile({name: parameter.data for name, parameter in parameters.items()}, folder) as saved:
+        held = {name: _give_back(parameter) for name, parameter in parameters.items()}
         try:
             yield
         finally:
-            values = {name: kept[name] if name in kept else torch.empty(released[name][0], dtype=released[name][1],
-                                                                          device=released[name][2])
-                      for name in parameters}
-            saved.read_into(values)
             for name, parameter in parameters.items():
-                parameter.data = values[name]
+                _take_back(parameter, held[name], saved, name)
+
+
+_Held = tuple[torch.Tensor | None, torch.Size, torch.dtype, torch.device]
+"""A parameter's data given back: its tensor with the pages dropped (``None`` if released), shape, dtype, device."""
+
+
+def _give_back(parameter: nn.Parameter) -> _Held:
+    """Give ``parameter``'s memory back (its values are in a file); its data becomes an empty tensor."""
+    original = parameter.data
+    parameter.data = torch.empty(0, dtype=original.dtype, device=original.device)
+    return (original if drop_pages(original) else None), original.shape, original.dtype, original.device
+
+
+def _take_back(parameter: nn.Parameter, held: _Held, saved: TensorFile, name: str) -> None:
+    """Undo :func:`_give_back`: ``parameter``'s values read back from ``saved`` (under ``name``)."""
+    kept, shape, dtype, device = held
+    value = kept if kept is not None else torch.empty(shape, dtype=dtype, device=device)
+    saved.read_into({name: value})
+    parameter.data = value
 
 
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:
@@ -122,12 +134,20 @@ class ResidentOnly:
 
     ``with ResidentOnly(weights) as resident: resident.keep(names); ...``: every parameter is resident at the
     start and again on exit (also on an error). Disabled (``enabled=False``), :meth:`keep` does nothing.
+    With ``unchanged`` the caller promises not to modify the parameters while this lives: each is written to
+    a file once, and parking it again only gives its memory back.
     """
 
-    def __init__(self, parameters: Mapping[str, nn.Parameter], *, enabled: bool = True,
+    def __init__(self, parameters: Mapping[str, nn.Parameter], *, enabled: bool = True, unchanged: bool = False,
                  folder: Path | None = None) -> None:
-        self.parameters, self.enabled, self.folder = dict(parameters), enabled, folder
+        self.parameters, self.enabled, self.unchanged, self.folder = dict(parameters), enabled, unchanged, folder
         self._parked: dict[str, AbstractContextManager] = {}
+        self._files: dict[str, TensorFile] = {}
+        self._held: dict[str, _Held] = {}
+
+    @property
+    def parked_names(self) -> set[str]:
+        return set(self._parked) | set(self._held)
 
     def keep(self, names: Collection[str]) -> None:
         """Make exactly ``names`` resident: the others are parked first, then parked ones named here come back."""
@@ -136,16 +156,43 @@ class ResidentOnly:
         unknown = set(names) - self.parameters.keys()
         if unknown:
             raise KeyError(f"no parameters named {sorted(unknown)}")
-        for name in sorted(self.parameters.keys() - names - self._parked.keys()):  # first out, then in
-            context = parked({name: self.parameters[name]}, self.folder)
+        for name in sorted(self.parameters.keys() - names - self.parked_names):  # first out, then in
+            self._park(name)
+        for name in sorted(self.parked_names & set(names)):
+            self._unpark(name)
+
+    def _park(self, name: str) -> None:
+        parameter = self.parameters[name]
+        if not self.unchanged:
+            context = parked({name: parameter}, self.folder)
             context.__enter__()
             self._parked[name] = context
-        for name in [name for name in self._parked if name in names]:
+            return
+        if name not in self._files:
+            self._files[name] = TensorFile({name: parameter.data}, self.folder)
+        self._held[name] = _give_back(parameter)
+
+    def _unpark(self, name: str) -> None:
+        if name in self._parked:
             self._parked.pop(name).__exit__(None, None, None)
+        else:
+            _take_back(self.parameters[name], self._held.pop(name), self._files[name], name)
+
+    def discard(self) -> None:
+        """Forget the parked parameters' values (they stay empty; their files go on exit): for parameters that
+        are not read again. Only with ``unchanged``."""
+        if not self.unchanged:
+            raise ValueError("discard needs unchanged=True (a parked parameter's file is its only copy)")
+        self._held.clear()
 
     def __enter__(self) -> ResidentOnly:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        while self._parked:
-            self._parked.popitem()[1].__exit__(None, None, None)
+        try:
+            for name in sorted(self.parked_names):
+                self._unpark(name)
+        finally:
+            for saved in self._files.values():
+                saved.__exit__(None, None, None)
+            self._files.clear()

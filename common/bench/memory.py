@@ -28,12 +28,12 @@ from common.files import atomic_write_csv
 from common.results.provenance import REPO_ROOT
 
 BENCH_MEMORY_CSV = "bench_memory.csv"
-FIELDS = ["device", "shape", "model_loading", "tokens", "checkpoint_gib", "peak_rss_gib", "peak_anon_gib",
+FIELDS = ["device", "shape", "layers", "model_loading", "tokens", "checkpoint_gib", "peak_rss_gib", "peak_anon_gib",
           "peak_file_gib", "seconds", "wiki_embedded_ppl"]
 NSAMPLES, SEQLEN = 4, 128
 """The default calibration: 4 windows of 128 tokens (float32, as the embedded W4A4 config)."""
 KIB_PER_GIB = 2**20
-COLUMNS = [column("shape", 15, "shape"), column("loading", 10, "model_loading"),
+COLUMNS = [column("shape", 15, "shape"), column("layers", 7, "layers"), column("loading", 10, "model_loading"),
            column("ckpt GiB", 9, "checkpoint_gib"), column("peak RSS", 9, "peak_rss_gib"),
            column("anon", 6, "peak_anon_gib"), column("file", 6, "peak_file_gib"), column("seconds", 8, "seconds"),
            column("ppl", 10, "wiki_embedded_ppl", ".4g")]
@@ -74,11 +74,13 @@ def measure(argv: list[str]) -> tuple[dict[str, int], float, int]:
     return peaks, time.perf_counter() - began, code
 
 
-def bench_shape(shape: str, *, loading: str, nsamples: int, seqlen: int, keep: bool) -> dict[str, object]:
-    """Write ``shape``'s checkpoint if needed, run GPTAQ + QuaRot on it and return the measured row."""
-    folder = cache_root() / "bench-models" / shape
+def bench_shape(shape: str, *, loading: str, nsamples: int, seqlen: int, keep: bool,
+                layers: int | None = None) -> dict[str, object]:
+    """Write ``shape``'s checkpoint (its first ``layers`` layers, if given) if needed, run GPTAQ + QuaRot on it
+    and return the measured row."""
+    folder = cache_root() / "bench-models" / (f"{shape}-{layers}-layers" if layers else shape)
     if not (folder / "model.safetensors.index.json").is_file():
-        write_checkpoint(shape, folder)
+        write_checkpoint(shape, folder, layers=layers)
     size = sum(path.stat().st_size for path in folder.glob("*.safetensors"))
     with tempfile.TemporaryDirectory() as results:
         argv = [sys.executable, "-m", "fake_quant.main", "--config", "fake_quant/configs/embedded_w4a4.yaml",
@@ -96,7 +98,8 @@ def bench_shape(shape: str, *, loading: str, nsamples: int, seqlen: int, keep: b
         folder.rmdir()
     header_ppl = float(row.split(",")[4])
     return {
-        "device": device_description(pick_device("auto")), "shape": shape, "model_loading": loading,
+        "device": device_description(pick_device("auto")), "shape": shape,
+        "layers": layers or SHAPES[shape]["num_hidden_layers"], "model_loading": loading,
         "tokens": nsamples * seqlen,
         "checkpoint_gib": round(size / 2**30, 2), "peak_rss_gib": round(peaks["VmRSS"] / KIB_PER_GIB, 2),
         "peak_anon_gib": round(peaks["RssAnon"] / KIB_PER_GIB, 2),
@@ -113,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated, of blockwise and whole (each shape is run with each)")
     parser.add_argument("--nsamples", type=int, default=NSAMPLES)
     parser.add_argument("--seqlen", type=int, default=SEQLEN)
+    parser.add_argument("--layers", type=int, help="only the first LAYERS decoder layers of each shape (the same "
+                        "peak per block in less time and disk; the row says how many)")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints (GBs) for a rerun")
     parser.add_argument("--results-dir", type=Path, default=REPO_ROOT / "results")
     parser.add_argument("--append", action="store_true", help="add the rows to an existing bench_memory.csv")
@@ -125,11 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     if not loadings or set(loadings) - {"blockwise", "whole"}:
         parser.error(f"--model-loading: give blockwise, whole or both, got {args.model_loading!r}")
     path = args.results_dir / BENCH_MEMORY_CSV
+    if args.layers is not None and args.layers < 1:
+        parser.error(f"--layers: give a positive number of layers, got {args.layers}")
     rows = list(csv.DictReader(path.open())) if args.append and path.is_file() else []
     for shape in shapes:
         for loading in loadings:
             rows.append(bench_shape(shape, loading=loading, nsamples=args.nsamples, seqlen=args.seqlen,
-                                    keep=args.keep or loading != loadings[-1]))
+                                    keep=args.keep or loading != loadings[-1], layers=args.layers))
             print(format_table(rows, COLUMNS), flush=True)
             atomic_write_csv(path, rows, FIELDS)
     return 0

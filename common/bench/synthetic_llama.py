@@ -36,16 +36,21 @@ VOCAB = 49152
 """The embedded tokenizer's vocabulary."""
 
 
-def shape_config(shape: str) -> LlamaConfig:
-    """The configuration of ``shape`` (a key of :data:`SHAPES`) with the embedded tokenizer's vocabulary."""
+def shape_config(shape: str, layers: int | None = None) -> LlamaConfig:
+    """The configuration of ``shape`` (a key of :data:`SHAPES`) with the embedded tokenizer's vocabulary; with
+    ``layers``, its first ``layers`` decoder layers only (every block the same shape, so the same peak memory
+    per block, in a smaller checkpoint)."""
+    sizes = {**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})}
     return LlamaConfig(vocab_size=VOCAB, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                       dtype="float16", architectures=["LlamaForCausalLM"], **SHAPES[shape])
+                       dtype="float16", architectures=["LlamaForCausalLM"], **sizes)
 
 
-def write_checkpoint(shape: str, folder: Path, *, shard_gib: float = 2.0, seed: int = 0) -> Path:
-    """Write the synthetic checkpoint of ``shape`` into ``folder`` (see the module docstring); returns it."""
+def write_checkpoint(shape: str, folder: Path, *, shard_gib: float = 2.0, seed: int = 0,
+                     layers: int | None = None) -> Path:
+    """Write the synthetic checkpoint of ``shape`` (its first ``layers`` layers, if given) into ``folder`` (see
+    the module docstring); returns it."""
     folder.mkdir(parents=True, exist_ok=True)
-    config = shape_config(shape)
+    config = shape_config(shape, layers)
     with init_empty_weights():
         names = {name: tuple(param.shape) for name, param in LlamaForCausalLM(config).named_parameters()}
     generator = torch.Generator().manual_seed(seed)
@@ -90,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder to write the checkpoint into")
     parser.add_argument("--shard-gib", type=float, default=2.0, help="largest shard, GiB")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layers", type=int, help="only the first LAYERS decoder layers of the shape")
     args = parser.parse_args(argv)
-    folder = write_checkpoint(args.shape, args.out, shard_gib=args.shard_gib, seed=args.seed)
+    folder = write_checkpoint(args.shape, args.out, shard_gib=args.shard_gib, seed=args.seed, layers=args.layers)
     print(json.dumps({"folder": str(folder), "bytes": sum(p.stat().st_size for p in folder.glob("*.safetensors"))}))
     return 0
 

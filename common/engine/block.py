@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from contextlib import ExitStack
 from typing import Any
 
 import torch
@@ -209,8 +210,11 @@ class BlockCalibration:
     def _solve_group(self, group: tuple[str, ...], statistics: Mapping[str, CalibrationStatistics],
                      reference_norms: Mapping[str, float]) -> list[LayerRecord]:
         """Solve each linear of ``group`` from its statistics; its fake-quantized weight replaces its weight."""
-        records = ranks.solve_shared({name: self.linears[name] for name in group}, self._solve_cost,
-                                     lambda name: self._solve(name, statistics[name], reference_norms.get(name)))
+        with ExitStack() as sums_in_files:  # each solve brings back the float64 sum it reads, one at a time
+            for stats in {id(stats): stats for stats in statistics.values()}.values():
+                sums_in_files.enter_context(stats.sums_in_files(last_use=True))
+            records = ranks.solve_shared({name: self.linears[name] for name in group}, self._solve_cost,
+                                         lambda name: self._solve(name, statistics[name], reference_norms.get(name)))
         for record in records:
             logger.info("block %d %-24s %s loss=%.4g output_error=%.4e damp=%.3g %.2fs", record.block, record.name,
                         record.method, record.loss, record.output_error, record.percdamp, record.seconds)
@@ -253,10 +257,8 @@ class BlockCalibration:
         linear, settings = self.linears[name], self.settings
         weight = linear.weight.detach()
         config = settings.solver_for(name)
-        with stats.solve_inputs() as (hessian, drift):  # handed over; the float64 sums wait in a file
-            result = settings.spec.solve(weight, hessian, drift, config, name=f"block {self.index}: {name}",
-                                         release_statistics=True)
-        del hessian, drift
+        result = settings.spec.solve(weight, stats.hessian(), stats.drift(), config, name=f"block {self.index}: {name}",
+                                     release_statistics=True)  # H and D handed over
         error = stats.output_error(weight, result.weight, reference_norm)
         with torch.no_grad():
             linear.weight.copy_(result.weight)

@@ -23,8 +23,9 @@ widest linear input):
   - a group's statistics pass: the float64 sums of ``H`` and ``D``, ``2·8n²`` (computed a slice of rows at
     a time), and the weights the pass reads;
   - each solve: ``H`` and ``D`` handed over in float32, the Cholesky factor and its inverse, GPTAQ's ``P``
-    over ``D`` (``4·4n²``), and the linear's weight; the sums wait in a file
-    (:meth:`common.solvers.statistics.CalibrationStatistics.solve_inputs`).
+    over ``D`` (``4·4n²``), and the linear's weight; the sums wait in files, and forming ``H`` and ``D`` and
+    the output error bring back one at a time, ``8n²``
+    (:meth:`common.solvers.statistics.CalibrationStatistics.sums_in_files`).
 
   On the CPU a step holds only the weights it reads (:class:`common.weight_files.ResidentOnly`: for
   down_proj, the MLP's two other weights during its pass and its own during its solve); on a GPU the block

@@ -149,7 +149,10 @@ def memory_table(root: Path, names: Sequence[str]) -> list[str]:
         formula = peak_bytes(calibration_bytes(shape, int(row.get("tokens") or NSAMPLES * SEQLEN), 4,
                                                resident_only=True)) / GIB
         peak = float(row["peak_rss_gib"])
-        lines.append(table_line([row["shape"], row["model_loading"], row["checkpoint_gib"], f"{formula:.2f}",
+        layers = int(row.get("layers") or config["num_hidden_layers"])
+        label = row["shape"] if layers == config["num_hidden_layers"] else \
+            f"{row['shape']} (first {layers} of {config['num_hidden_layers']} layers)"
+        lines.append(table_line([label, row["model_loading"], row["checkpoint_gib"], f"{formula:.2f}",
                                  f"{peak:.2f}", f"{peak - formula:.2f}"]))
     devices = sorted({row.get("device", "") for row in measured})
     return [*lines, "", f"- `{name}.csv`: {', '.join(devices)}"]

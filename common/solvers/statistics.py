@@ -15,14 +15,14 @@ from contextlib import contextmanager
 
 import torch
 
-from common.weight_files import parked
+from common.weight_files import ResidentOnly
 
 _ERROR_ROWS = 256
 """Weight rows per slice in :meth:`CalibrationStatistics.output_error` (four float64 ``256 × n`` temporaries)."""
 _SUM_ROWS = 256
 """Rows of a batch's product computed and added to the float64 sums at once (``256 × n`` values)."""
 SET_ASIDE_BYTES = 64 * 2**20
-"""Sums smaller than this stay in memory during a solve (:meth:`CalibrationStatistics.solve_inputs`)."""
+"""Sums smaller than this stay in memory during a solve (:meth:`CalibrationStatistics.sums_in_files`)."""
 
 
 class CalibrationError(RuntimeError):
@@ -61,33 +61,51 @@ class CalibrationStatistics:
         self.dtype = dtype
         self._xtx = torch.zeros(columns, columns, dtype=torch.float64, device=device)
         self._dxtx = torch.zeros_like(self._xtx) if asymmetric else None
+        self._files: ResidentOnly | None = None
+        self._discarded = False
 
     @property
     def asymmetric(self) -> bool:
         return self._dxtx is not None
 
     @contextmanager
-    def solve_inputs(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        """``(H, D)`` in the statistics' dtype (``D`` ``None`` for GPTQ statistics) for a solve, which may take
-        them over (``release_statistics``).
-
-        When the float64 sums hold at least :data:`SET_ASIDE_BYTES` (``2 · 8n²`` bytes: 1.9 GiB for a 7B model's
-        down_proj), they wait in a file until the ``with`` block ends (:meth:`output_error` reads them again),
-        and each matrix is computed while the other sum is in the file: at most ``8n² + 4n²`` (``H``), then
-        ``8n² + 4n² + 4n²`` (``H``, ``D``'s sum, ``D``), then ``4n² · 2`` during the solve; never more than
-        the two sums the statistics pass held.
+    def sums_in_files(self, *, last_use: bool = False) -> Iterator[None]:
+        """For the ``with`` block, the float64 sums wait in files when they hold at least
+        :data:`SET_ASIDE_BYTES` (``2 · 8n²`` bytes: 1.9 GiB for a 7B model's down_proj), and :meth:`hessian`,
+        :meth:`drift` and :meth:`output_error` bring back one sum at a time: a solve holds ``8n²`` of them at
+        most, its ``H`` and ``D`` (``2 · 4n²``) computed one after the other. :meth:`add` is refused meanwhile.
+        With ``last_use`` the statistics are not read after the block: large sums are not brought back
+        (reading them afterwards fails).
         """
-        sums = [self._xtx, *([self._dxtx] if self._dxtx is not None else [])]
-        if sum(tensor.nbytes for tensor in sums) < SET_ASIDE_BYTES:
-            yield self.hessian(), self.drift()
+        sums = self._sums()
+        if self._files is not None or sum(tensor.nbytes for tensor in sums.values()) < SET_ASIDE_BYTES:
+            yield
             return
-        drift_sum = {"dxtx": self._dxtx} if self._dxtx is not None else {}
-        with parked(drift_sum):
-            hessian = self.hessian()
-        with parked({"xtx": self._xtx}):
-            drift = self.drift()
-            with parked(drift_sum):
-                yield hessian, drift
+        with ResidentOnly(sums, unchanged=True) as files:
+            files.keep(())
+            self._files = files
+            try:
+                yield
+            finally:
+                self._files = None
+                if last_use:
+                    files.discard()
+                    self._discarded = True
+
+    def _sums(self) -> dict[str, torch.Tensor]:
+        return {"xtx": self._xtx, **({"dxtx": self._dxtx} if self._dxtx is not None else {})}
+
+    @contextmanager
+    def _reading(self, name: str) -> Iterator[torch.Tensor]:
+        """The sum ``name`` (``"xtx"`` or ``"dxtx"``), in memory for the ``with`` block (see :meth:`sums_in_files`)."""
+        if self._files is None:
+            yield self._sums()[name]
+            return
+        self._files.keep({name})
+        try:
+            yield self._sums()[name]
+        finally:
+            self._files.keep(())
 
     def add(self, x_quant: torch.Tensor, x_full: torch.Tensor | None = None) -> None:
         """Add a batch: ``x_quant`` [..., n] from the quantized stream, ``x_full`` the matching FP input."""
@@ -95,6 +113,8 @@ class CalibrationStatistics:
             raise ValueError(
                 f"{self.name}: expected inputs with last dimension {self.columns}, got {tuple(x_quant.shape)}"
             )
+        if self._files is not None:
+            raise RuntimeError(f"{self.name}: statistics cannot grow while their sums wait in files")
         xq = x_quant.reshape(-1, self.columns).to(device=self._xtx.device, dtype=self.dtype)
         _add_product(self._xtx, xq, xq)
         if self._dxtx is not None:
@@ -117,14 +137,16 @@ class CalibrationStatistics:
     def hessian(self) -> torch.Tensor:
         """``H = 2/N Σ x̃ x̃ᵀ`` [n, n]."""
         self._check_rows()
-        return _scaled(self._xtx, 2.0 / self.rows, self.dtype)
+        with self._reading("xtx") as xtx:
+            return _scaled(xtx, 2.0 / self.rows, self.dtype)
 
     def drift(self) -> torch.Tensor | None:
         """``D = 2/N Σ (x − x̃) x̃ᵀ`` [n, n], or ``None`` for GPTQ statistics."""
         if self._dxtx is None:
             return None
         self._check_rows()
-        return _scaled(self._dxtx, 2.0 / self.rows, self.dtype)
+        with self._reading("dxtx") as dxtx:
+            return _scaled(dxtx, 2.0 / self.rows, self.dtype)
 
     def output_error(self, weight: torch.Tensor, quantized: torch.Tensor, reference: float | None = None) -> float:
         """Relative output error over the calibration tokens, from the statistics (float64).
@@ -137,24 +159,32 @@ class CalibrationStatistics:
         if self._dxtx is not None and (reference is None or not reference > 0):
             raise ValueError(f"{self.name}: the asymmetric output error needs the reference ‖x Wᵀ‖² > 0, "
                              f"got {reference}")
-        xtx, dxtx = self._xtx, self._dxtx
-        numerator = torch.zeros((), dtype=torch.float64, device=xtx.device)
-        denominator = torch.zeros_like(numerator)
-        for rows in range(0, weight.shape[0], _ERROR_ROWS):  # float64 copies of a slice of rows at a time
-            w = weight[rows:rows + _ERROR_ROWS].detach().to(xtx.device, torch.float64)
-            w_hat = quantized[rows:rows + _ERROR_ROWS].detach().to(xtx.device, torch.float64)
-            if dxtx is None:
-                delta = w_hat - w
-                numerator += ((delta @ xtx) * delta).sum()
-                denominator += ((w @ xtx) * w).sum()
-            else:  # ‖x̃Ŵᵀ‖² − 2⟨x̃Ŵᵀ, xWᵀ⟩ + ‖xWᵀ‖², with xᵀx̃ = x̃ᵀx̃ + (x − x̃)ᵀx̃
-                projected = w_hat @ xtx
-                numerator += (projected * w_hat).sum() - 2 * ((projected + w_hat @ dxtx.T) * w).sum()
-        if dxtx is None:
+        device = self._xtx.device
+
+        def by_rows(term: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+            """``Σ term(w, ŵ)`` over slices of rows (their float64 copies), in float64."""
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            for rows in range(0, weight.shape[0], _ERROR_ROWS):
+                w = weight[rows:rows + _ERROR_ROWS].detach().to(device, torch.float64)
+                total += term(w, quantized[rows:rows + _ERROR_ROWS].detach().to(device, torch.float64))
+            return total
+
+        if self._dxtx is None:
+            with self._reading("xtx") as xtx:
+                numerator = by_rows(lambda w, w_hat: (((w_hat - w) @ xtx) * (w_hat - w)).sum())
+                denominator = by_rows(lambda w, w_hat: ((w @ xtx) * w).sum())
             return float(numerator / denominator)
+        # ‖x̃Ŵᵀ‖² − 2⟨x̃Ŵᵀ, xWᵀ⟩ + ‖xWᵀ‖², with xᵀx̃ = x̃ᵀx̃ + (x − x̃)ᵀx̃: one sum at a time
+        with self._reading("xtx") as xtx:
+            quantized_terms = by_rows(lambda w, w_hat: ((w_hat @ xtx) * (w_hat - 2 * w)).sum())
+        with self._reading("dxtx") as dxtx:
+            drift_term = by_rows(lambda w, w_hat: ((w_hat @ dxtx.T) * w).sum())
+        numerator = quantized_terms - 2 * drift_term
         return float((numerator + reference).clamp(min=0) / reference)
 
     def _check_rows(self) -> None:
+        if self._discarded:
+            raise RuntimeError(f"{self.name}: these statistics had their last use (sums_in_files(last_use=True))")
         if self.rows == 0:
             raise CalibrationError(f"{self.name}: no calibration data reached this layer")
 

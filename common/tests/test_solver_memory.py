@@ -28,18 +28,28 @@ def test_handed_over_statistics_give_the_same_bits_and_are_released(method, act_
     assert handed_d.untyped_storage().nbytes() == (handed_d.nbytes if spec.statistics == ("H",) else 0)
 
 
-def test_sums_wait_in_a_file_while_solving_and_come_back_whole(tmp_path, monkeypatch) -> None:
+def test_sums_wait_in_files_while_solving_and_come_back_whole(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("GPTAQ_CACHE_DIR", str(tmp_path))
     columns = int((SET_ASIDE_BYTES / 16) ** 0.5) + 1  # two float64 sums just above the threshold
     stats = CalibrationStatistics(columns, asymmetric=True)
     generator = torch.Generator().manual_seed(0)
     x_quant = torch.randn(8, columns, generator=generator)
     stats.add(x_quant, x_quant + 0.1 * torch.randn(8, columns, generator=generator))
-    before = stats.hessian(), stats.drift()
-    with stats.solve_inputs() as (hessian, drift):
-        assert stats._xtx.numel() == 0 and stats._dxtx.numel() == 0  # in the file, not in memory
-        assert torch.equal(hessian, before[0]) and torch.equal(drift, before[1])
+    weight = torch.randn(6, columns, generator=generator)
+    before = stats.hessian(), stats.drift(), stats.output_error(weight, weight.round(), 3.0)
+    with stats.sums_in_files():
+        assert stats._xtx.numel() == 0 and stats._dxtx.numel() == 0  # in files, not in memory
+        assert torch.equal(stats.hessian(), before[0]) and torch.equal(stats.drift(), before[1])
+        assert stats.output_error(weight, weight.round(), 3.0) == before[2]
+        assert stats._xtx.numel() == 0 and stats._dxtx.numel() == 0  # each read went back
+        with pytest.raises(RuntimeError, match="cannot grow"):
+            stats.add(x_quant, x_quant)
     assert torch.equal(stats.hessian(), before[0]) and torch.equal(stats.drift(), before[1])
+    with stats.sums_in_files(last_use=True):
+        assert torch.equal(stats.hessian(), before[0])
+    assert list((tmp_path / "snapshots").iterdir()) == []
+    with pytest.raises(RuntimeError, match="last use"):
+        stats.hessian()
 
 
 def test_a_consumed_hessian_is_released_and_factors_the_same() -> None:

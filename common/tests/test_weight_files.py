@@ -94,3 +94,22 @@ def test_resident_only_brings_everything_back_after_an_error_and_can_be_disabled
     with ResidentOnly({"head": weight}, enabled=False, folder=tmp_path) as resident:
         resident.keep(set())
         assert torch.equal(weight, before) and list(tmp_path.iterdir()) == []
+
+
+def test_unchanged_parameters_are_written_once_and_can_be_discarded(tmp_path: Path) -> None:
+    sums = {"a": torch.nn.Parameter(torch.randn(64, 64, dtype=torch.float64), requires_grad=False),
+            "b": torch.nn.Parameter(torch.randn(64, 64, dtype=torch.float64), requires_grad=False)}
+    before = {name: value.detach().clone() for name, value in sums.items()}
+    with ResidentOnly(sums, unchanged=True, folder=tmp_path) as files:
+        files.keep(())
+        written = {path: path.stat().st_mtime_ns for path in tmp_path.iterdir()}
+        assert len(written) == 2 and all(value.numel() == 0 for value in sums.values())
+        for names in ({"a"}, {"b"}, (), {"a", "b"}, ()):
+            files.keep(names)
+            assert {name for name, value in sums.items() if value.numel()} == set(names)
+            assert all(torch.equal(sums[name], before[name]) for name in names)
+        assert {path: path.stat().st_mtime_ns for path in tmp_path.iterdir()} == written  # never written again
+        files.discard()
+    assert all(value.numel() == 0 for value in sums.values()) and list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="unchanged"):
+        ResidentOnly(sums, folder=tmp_path).discard()
