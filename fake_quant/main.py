@@ -36,6 +36,7 @@ from common.llama.blockwise_run import RunCheckpoint, compare_blockwise, evaluat
 from common.llama.experiment import (
     DTYPES,
     PerExample,
+    activation_quantizer_options,
     add_quantizers,
     compare_rotated,
     data_identity,
@@ -67,26 +68,27 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 def build_quantizable_model(config: LlamaRunConfig):
     """Load, rotate and wrap the model: returns ``(model, rotation_info or None)``."""
     model = load_model(config)
-    rotation = None
-    if config.rotate:
-        rotation = rotate_model(model, mode=config.rotate_mode, seed=config.seed, k_bits=config.k_bits,
-                                v_bits=config.v_bits, kv_clip_ratio=config.kv_clip_ratio,
-                                online=config.rotate_online)
+    rotation = rotate_model(model, **rotation_options(config)) if config.rotate else None
     add_quantizers(model, config)
     return model, rotation
 
 
+def rotation_options(config: LlamaRunConfig) -> dict[str, object]:
+    """The keyword arguments of QuaRot (:func:`fake_quant.rotation.rotate_model`, :meth:`QuaRot.build`) from the
+    run's settings."""
+    return {"mode": config.rotate_mode, "seed": config.seed, "k_bits": config.k_bits, "v_bits": config.v_bits,
+            "kv_clip_ratio": config.kv_clip_ratio, "online": config.rotate_online}
+
+
 def blockwise_model(config: LlamaRunConfig) -> tuple[BlockwiseLlama, RotationInfo | None]:
     """The model one block at a time, each block rotated (QuaRot) and given its quantizers as it is read."""
+    options = activation_quantizer_options(config)
     llama = BlockwiseLlama(model_folder(config), DTYPES[config.dtype],
-                           add_quantizers=lambda layer: add_layer_quantizers(
-                               layer, bits=config.a_bits, sym=not config.a_asym, clip_ratio=config.a_clip_ratio,
-                               groupsize=config.a_groupsize))
+                           add_quantizers=lambda layer: add_layer_quantizers(layer, **options))
     if not config.rotate:
         return llama, None
     plan = QuaRot.build(LlamaShape.from_config(llama.config), llama.config._attn_implementation,
-                        mode=config.rotate_mode, seed=config.seed, k_bits=config.k_bits, v_bits=config.v_bits,
-                        kv_clip_ratio=config.kv_clip_ratio, online=config.rotate_online)
+                        **rotation_options(config))
     llama.set_rotation(plan, plan.info.attn_implementation)
     return llama, plan.info
 

@@ -20,8 +20,8 @@ widest linear input):
   - reading: the block, ``s·(2h² + 2hk + 3hi)`` for a Llama block (a source loads one at a time, a model in
     memory parks the others in files on the CPU, :func:`common.weight_files.parked`), and the float64
     temporaries of its rotation;
-  - a group's statistics pass: the float64 sums of ``H`` and ``D``, ``2·8n²`` (computed a slice of rows at
-    a time), and the weights the pass reads;
+  - a group's statistics pass: the float64 sums of ``H`` and ``D``, ``2·8n²`` (a large batch
+    product computed a slice of rows at a time), and the weights the pass reads;
   - each solve: ``H`` and ``D`` handed over in float32, the Cholesky factor and its inverse, GPTAQ's ``P``
     over ``D`` (``4·4n²``), and the linear's weight; the sums wait in files, and forming ``H`` and ``D`` and
     the output error bring back one at a time, ``8n²``

@@ -90,10 +90,15 @@ def check_model_settings(config: LlamaSettings, shape: LlamaShape, model_config:
                               f"max_position_embeddings ({limit})")
 
 
+def activation_quantizer_options(config: LlamaSettings) -> dict[str, object]:
+    """The keyword arguments of :func:`add_activation_quantizers` (and of a layer's) from the run's settings."""
+    return {"bits": config.a_bits, "sym": not config.a_asym, "clip_ratio": config.a_clip_ratio,
+            "groupsize": config.a_groupsize}
+
+
 def add_quantizers(model: LlamaForCausalLM, config: LlamaSettings) -> dict[str, QuantLinear]:
     """Give every decoder linear an activation quantizer (see :func:`add_activation_quantizers`)."""
-    return add_activation_quantizers(model, bits=config.a_bits, sym=not config.a_asym,
-                                     clip_ratio=config.a_clip_ratio, groupsize=config.a_groupsize)
+    return add_activation_quantizers(model, **activation_quantizer_options(config))
 
 
 def load_data(

@@ -21,6 +21,8 @@ _ERROR_ROWS = 256
 """Weight rows per slice in :meth:`CalibrationStatistics.output_error` (four float64 ``256 × n`` temporaries)."""
 _SUM_ROWS = 256
 """Rows of a batch's product computed and added to the float64 sums at once (``256 × n`` values)."""
+SLICED_PRODUCT_BYTES = 64 * 2**20
+"""A batch's product ``X̃ᵀX̃`` at least this large is computed a slice of rows at a time (see ``_add_product``)."""
 SET_ASIDE_BYTES = 64 * 2**20
 """Sums smaller than this stay in memory during a solve (:meth:`CalibrationStatistics.sums_in_files`)."""
 
@@ -190,10 +192,18 @@ class CalibrationStatistics:
 
 
 def _add_product(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
-    """``total += leftᵀ · right`` (float64 [n, n] += the product of ``left``, ``right`` [N, n] in their dtype), a
-    slice of rows at a time: the whole product would be ``4n²`` bytes more (its float64 copy ``8n²``)."""
-    for rows in range(0, total.shape[0], _SUM_ROWS):
-        total[rows:rows + _SUM_ROWS] += left[:, rows:rows + _SUM_ROWS].T @ right
+    """``total += leftᵀ · right`` (float64 [n, n] += the product of ``left``, ``right`` [N, n] in their dtype).
+
+    A product of at least :data:`SLICED_PRODUCT_BYTES` is computed a slice of rows at a time (the whole one
+    would be ``4n²`` bytes more, its float64 copy ``8n²``); a smaller one at once, which is faster and, as the
+    BLAS may block a long token dimension differently for a slice, keeps its bits independent of the slicing.
+    """
+    step = _SUM_ROWS if total.shape[0] * total.shape[1] * left.element_size() >= SLICED_PRODUCT_BYTES else None
+    if step is None:
+        total += left.T @ right
+        return
+    for rows in range(0, total.shape[0], step):
+        total[rows:rows + step] += left[:, rows:rows + step].T @ right
 
 
 def _scaled(total: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:

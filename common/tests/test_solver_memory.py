@@ -8,6 +8,7 @@ import torch
 
 from common.bench.timing import seeded_problem
 from common.methods import METHODS
+from common.solvers import statistics
 from common.solvers.column_loop import SolverConfig, factorize
 from common.solvers.statistics import SET_ASIDE_BYTES, CalibrationStatistics
 
@@ -61,3 +62,18 @@ def test_a_consumed_hessian_is_released_and_factors_the_same() -> None:
     for part in ("upper", "root", "diagonal"):
         assert torch.equal(getattr(kept, part), getattr(given, part)), part
     assert kept.damp == given.damp
+
+
+def test_large_batch_products_are_added_by_row_slices_and_small_ones_whole(monkeypatch) -> None:
+    generator = torch.Generator().manual_seed(1)
+    x_quant = torch.randn(300, 600, generator=generator)
+    x_full = x_quant + 0.1 * torch.randn(300, 600, generator=generator)
+    whole = CalibrationStatistics(600, asymmetric=True)
+    whole.add(x_quant, x_full)
+    assert torch.equal(whole._xtx, (x_quant.T @ x_quant).double())  # one product: its exact bits
+    monkeypatch.setattr(statistics, "SLICED_PRODUCT_BYTES", 1)  # every product sliced (256-row slices)
+    sliced = CalibrationStatistics(600, asymmetric=True)
+    sliced.add(x_quant, x_full)
+    x64, f64 = x_quant.double(), x_full.double()
+    torch.testing.assert_close(sliced._xtx, x64.T @ x64, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(sliced._dxtx, (f64 - x64).T @ x64, rtol=1e-5, atol=1e-4)
