@@ -340,8 +340,8 @@ def factorize(hessian: torch.Tensor, percdamp: float, name: str, *, consume: boo
 
     Memory: two ``n × n`` matrices at a time besides ``hessian``, which ``consume`` gives back once it is copied
     (the caller owns it and does not read it again): ``J H J`` and ``L``, then ``L`` and ``R``, then ``R`` and ``U``.
-    A retry after an inverse with NaN or Inf entries starts from ``R Rᵀ`` (``H_λ`` to rounding), its diagonal
-    reset to ``H``'s.
+    A retry after an inverse with NaN or Inf entries starts from ``H`` again, or, when it was consumed, from
+    ``R Rᵀ`` (``H_λ`` to rounding) with its diagonal reset to ``H``'s.
     """
     mean_diag = torch.diagonal(hessian).mean()
     flipped = hessian.flip(0, 1)  # J H J, a copy: its diagonal is H's reversed
@@ -361,7 +361,9 @@ def factorize(hessian: torch.Tensor, percdamp: float, name: str, *, consume: boo
             if _all_finite(upper):
                 return Factorization(upper, root, damp, diagonal)
             del upper
-            flipped = (root @ root.T).flip(0, 1)  # J H_λ J again (to rounding; its diagonal is reset below)
+            again = root @ root.T if consume else hessian  # H_λ to rounding, or H itself; diagonal reset below
+            flipped = again.flip(0, 1)
+            del again
             del root
         else:
             del lower
