@@ -83,7 +83,7 @@ $(EXPORT_STAMP): envs/export.txt envs/fake_quant.txt envs/common.txt pyproject.t
 
 # Exported checkpoints loaded by GPTQModel and transformers (the tests that are skipped without them).
 test-export: setup-export
-	$(EXPORT_VENV)/bin/python -m pytest -q fake_quant/tests/test_gptqmodel_interop.py
+	$(EXPORT_VENV)/bin/python -m pytest -q fake_quant/tests/test_gptqmodel_interop.py fake_quant/tests/test_compressed_tensors_interop.py
 
 # Weight-only calibration time and memory, this repo against GPTQModel (results/bench_gptqmodel.csv).
 bench-gptqmodel: setup-export
@@ -96,15 +96,17 @@ else
 	MODEL=$(MODEL) PYTHON=$(PY) bash fake_quant/run_llama_$*.sh $(METHOD_ARGS)
 endif
 
-# Weight-only GPTQ/GPTAQ (activations in full precision), each quantized model exported as a gptq checkpoint
-# under $(GPTQ_EXPORT)-<w4|w3>/<method>/ and then evaluated again from those folders by this repo's reader.
-GPTQ_EXPORT := results/gptq/smollm2-135m
+# Weight-only GPTQ/GPTAQ (activations in full precision), each quantized model exported in EXPORT_FORMAT
+# (gptq, gptq_v2 or compressed-tensors) under $(EXPORT_DIR)-<w4|w3>/<method>/ and then evaluated again from
+# those folders by this repo's reader (results/<name>-from-$(EXPORT_FORMAT).csv).
+EXPORT_FORMAT ?= gptq
+EXPORT_DIR := results/$(EXPORT_FORMAT)/smollm2-135m
 reproduce-llama-w4 reproduce-llama-w3: reproduce-llama-%: setup
 ifeq ($(MODEL),embedded)
-	$(PY) -m fake_quant.main --config fake_quant/configs/embedded_$*_weight_only.yaml --export_gptq $(GPTQ_EXPORT)-$* $(METHOD_ARGS)
-	$(PY) -m fake_quant.main --config fake_quant/configs/embedded_$*_weight_only.yaml --load_gptq $(GPTQ_EXPORT)-$* $(METHOD_ARGS)
+	$(PY) -m fake_quant.main --config fake_quant/configs/embedded_$*_weight_only.yaml --export_format $(EXPORT_FORMAT) --export_gptq $(EXPORT_DIR)-$* $(METHOD_ARGS)
+	$(PY) -m fake_quant.main --config fake_quant/configs/embedded_$*_weight_only.yaml --export_format $(EXPORT_FORMAT) --load_gptq $(EXPORT_DIR)-$* $(METHOD_ARGS)
 else
-	MODEL=$(MODEL) PYTHON=$(PY) bash fake_quant/run_llama_weight_only.sh $* $(METHOD_ARGS)
+	EXPORT_FORMAT=$(EXPORT_FORMAT) MODEL=$(MODEL) PYTHON=$(PY) bash fake_quant/run_llama_weight_only.sh $* $(METHOD_ARGS)
 endif
 
 # The embedded W4A4 run plus two offline zero-shot tasks (1000 examples each, lm-eval; common/lm/embedded_tasks.py).

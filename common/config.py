@@ -1,8 +1,8 @@
 """Run configuration: a dataclass of settings, filled from a YAML file and command-line overrides.
 
 Every field of the dataclass becomes a ``--field`` option (``--no-field`` for booleans). Precedence:
-dataclass defaults < YAML file (``--config``) < command line. Unknown YAML keys and values of the wrong
-type are errors naming the key.
+dataclass defaults < YAML file (``--config``) < command line. Unknown YAML keys, a key given twice in one
+mapping and values of the wrong type are errors naming the key.
 """
 
 from __future__ import annotations
@@ -64,6 +64,26 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         raise ConfigError(f"{name} must be of type {getattr(base, '__name__', base)}, got {value!r}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that gives the same key twice (YAML would keep the last one)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            first = seen.setdefault(key, key_node.start_mark.line + 1)
+        except TypeError:  # an unhashable key: the default constructor names it
+            continue
+        if first != key_node.start_mark.line + 1:
+            raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice (first on line {first})",
+                                                    key_node.start_mark)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
 BASE_KEY = "base"
 """A config file's ``base: other.yaml`` (relative to the file) loads that file first; this file's keys win."""
 
@@ -84,7 +104,7 @@ def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
     except OSError as error:
         raise ConfigError(f"--config: cannot read config file {path} ({error.strerror or error})") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)

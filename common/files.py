@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,26 @@ def temporary_dir(folder: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-{os.getpid()}-", dir=folder.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
     return tmp
+
+
+def move_to_history(paths: Sequence[Path], history: Path) -> list[Path]:
+    """Move the existing files or folders of ``paths`` into ``history`` as ``<stem>-<time><suffix>`` (the time
+    of the newest one's last change; ``-<k>`` added if taken); returns where each went. Nothing is deleted."""
+    existing = [path for path in paths if path.exists()]
+    if not existing:
+        return []
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(max(path.stat().st_mtime for path in existing)))
+    history.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for path in existing:
+        target = history / f"{path.stem}-{stamp}{path.suffix}"
+        counter = 1
+        while target.exists():
+            target = history / f"{path.stem}-{stamp}-{counter}{path.suffix}"
+            counter += 1
+        shutil.move(str(path), target)
+        moved.append(target)
+    return moved
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
@@ -196,6 +217,29 @@ def check_output_file(path: str | Path, setting: str) -> Path:
     if path.exists() and not os.access(path, os.R_OK):
         raise ConfigError(f"{setting}: {path} exists but cannot be read")
     return path
+
+
+NAME_DECORATION = 64
+"""Bytes the longest file name made from a run's name adds to it: a temporary's prefix and process id, a
+history time stamp, ``-from-<format>``, ``.checkpoint``."""
+
+
+def check_name_fits(name: str, folder: str | Path, setting: str) -> str:
+    """``name`` leaves room for :data:`NAME_DECORATION` bytes in a file name of ``folder``'s file system (the
+    nearest existing folder above it is asked; 255 if it cannot say); else ``ConfigError`` naming ``setting``."""
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    size = len(name.encode("utf-8"))
+    if size + NAME_DECORATION > limit:
+        raise ConfigError(f"{setting}: the run's name {name[:40]!r}… is {size} bytes; the files named after it in "
+                          f"{existing} allow at most {limit - NAME_DECORATION} (file names of at most {limit} "
+                          f"bytes there)")
+    return name
 
 
 def check_plain_name(name: str, setting: str) -> str:

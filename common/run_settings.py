@@ -6,6 +6,8 @@ a subclass may redeclare a field to change its default (e.g. ``percdamp`` 0.1 fo
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -13,18 +15,19 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from common.cache import CACHE_ENV_VAR, cache_root
-from common.files import check_plain_name, check_writable_dir, sweep_stale_temporaries
+from common.files import check_name_fits, check_plain_name, check_writable_dir, sweep_stale_temporaries
 from common.methods import DEFAULT_METHODS, METHOD_NAMES, METHOD_PARAMETERS, METHODS
-from common.quant.quantizers import GRIDS, check_bits, check_clip_ratio
+from common.quant.quantizers import GRIDS, check_clip_ratio, check_grid_bits
 from common.rules import ConfigError, check_group_size, check_nonnegative, check_one_of, check_positive
 from common.solvers.column_loop import LAZY_UPDATES
 from common.solvers.gptaq import ALPHA
 from common.solvers.qep import QEP_ALPHA
 
 
-def describe(text: str) -> dict[str, Any]:
-    """Field metadata holding the ``--help`` text."""
-    return {"help": text}
+def describe(text: str, *, path: bool = False) -> dict[str, Any]:
+    """Field metadata holding the ``--help`` text; ``path``: the value is a file or folder, and a leading ``~``
+    means the home folder, as in a shell (:meth:`RunSettings.__post_init__` expands it)."""
+    return {"help": text, "path": path}
 
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -72,12 +75,16 @@ class RunSettings:
                                         "true/false for all")
     )
     calib_batch_size: int = field(default=8, metadata=describe("samples per block forward during calibration"))
-    results_dir: str = field(default="results", metadata=describe("folder of the result CSV/JSON"))
+    results_dir: str = field(default="results", metadata=describe("folder of the result CSV/JSON", path=True))
 
     def __post_init__(self) -> None:
+        for setting in dataclasses.fields(self):
+            value = getattr(self, setting.name)
+            if setting.metadata.get("path") and isinstance(value, str):
+                setattr(self, setting.name, os.path.expanduser(value))
         try:
-            check_bits(self.w_bits, "w_bits")
-            check_bits(self.a_bits, "a_bits")
+            check_grid_bits(self.w_bits, not self.w_asym, "w_bits", "w_asym: false")
+            check_grid_bits(self.a_bits, not self.a_asym, "a_bits", "a_asym: false")
             check_clip_ratio(self.a_clip_ratio, "a_clip_ratio")
         except ValueError as error:
             raise ConfigError(str(error)) from None
@@ -129,14 +136,22 @@ class RunSettings:
                                       f"size; {size} does not divide {features} ({name})")
 
     def check_outputs(self) -> None:
-        """Probe every output folder (``ConfigError`` naming the setting) and sweep stale temporaries; with
-        several methods, also the cache folder of the weight snapshot they start from."""
+        """Check that the run's name fits the file names made from it, probe every output folder
+        (``ConfigError`` naming the setting) and sweep stale temporaries; with several methods, also the cache
+        folder of the weight snapshot they start from."""
+        check_name_fits(self.run_name, self.results_dir, "name")
         folders = self.output_folders()
         if len(self.methods) > 1:
             folders[f"{CACHE_ENV_VAR} (the weight snapshot between methods)"] = cache_root() / "snapshots"
         for setting, folder in folders.items():
             check_writable_dir(folder, setting)
             sweep_stale_temporaries(folder)
+
+    @property
+    def run_name(self) -> str:
+        """The stem of the result files: ``name``, or one made from the tree and the setting (trees add the
+        model)."""
+        return self.name or f"{self.TREE}-{self.setting.lower()}"
 
     @property
     def precision(self) -> str:

@@ -3,8 +3,9 @@
 One run rotates the model once, then evaluates the same rotated model in full precision and quantized
 with RTN, GPTQ and GPTAQ (same seed, same calibration windows), and writes ``results/<name>.csv`` (a row
 per metric, a column per method) with a sidecar JSON of settings, timings and per-layer errors.
-Weight-only runs can also write each quantized model as a ``gptq`` checkpoint (``--export_gptq DIR``) and
-evaluate such checkpoints again with this repo's reader (``--load_gptq DIR``).
+Weight-only runs can also write each quantized model as a checkpoint (``--export_gptq DIR``, in
+``--export_format`` gptq, gptq_v2 or compressed-tensors) and evaluate such checkpoints again with this repo's
+reader (``--load_gptq DIR``).
 """
 
 from __future__ import annotations
@@ -22,13 +23,7 @@ from common import distributed
 from common.cli import run_cli
 from common.engine.resume import CheckpointError
 from common.export.checkpoint import CheckpointError as ExportedCheckpointError
-from common.export.gptq_runs import (
-    export_blocks,
-    export_checkpoint,
-    exported_methods,
-    read_exported,
-    read_exported_tensors,
-)
+from common.export.runs import Exporter, exported_methods, read_exported, read_exported_tensors
 from common.export.saved_models import check_saved_models, load_saved_settings, save_quantized_model
 from common.llama.adapter import add_layer_quantizers
 from common.llama.blockwise import BlockwiseLlama, CheckpointTensors
@@ -100,6 +95,13 @@ def preflight_blockwise(config: LlamaRunConfig) -> None:
         CheckpointTensors(config.model)
 
 
+def _exporter(config: LlamaRunConfig, tokenizer) -> Exporter | None:
+    """The writer of ``export_gptq``'s checkpoints, or ``None``."""
+    if not config.export_gptq:
+        return None
+    return Exporter(Path(config.export_gptq), config.export_format, config, DTYPES[config.dtype], tokenizer)
+
+
 def run_blockwise(config: LlamaRunConfig) -> tuple[Path, Path]:
     """:func:`run` one block in memory at a time, resuming from the run's checkpoint folder."""
     started, _ = start_run(config, lambda: preflight_blockwise(config))
@@ -112,16 +114,9 @@ def run_blockwise(config: LlamaRunConfig) -> tuple[Path, Path]:
     identity = run_identity(config, data_identity(config), llama.tensors.identity(), trees=("common", "fake_quant"))
     checkpoint = RunCheckpoint(config.checkpoint_folder, identity, restart=config.restart)
     per_example: PerExample = {}
-    export = None
-    if config.export_gptq:
-        model_config = llama.config.to_dict()
-
-        def export(method: str, shards, count: int) -> None:
-            export_blocks(shards, count, model_config, tokenizer, Path(config.export_gptq), config, method)
-
     rows, layers = compare_blockwise(llama, config, config.methods, calibration=calibration, eval_sets=eval_sets,
                                      device=device, timer=timer, checkpoint=checkpoint, per_example=per_example,
-                                     export=export)
+                                     exporter=_exporter(config, tokenizer))
     rotation_settings = dataclasses.asdict(rotation) if rotation else None
     paths = write_llama_run(started, rows, layers=layers, metadata={"rotation": rotation_settings},
                             per_example={config.setting: per_example})
@@ -135,7 +130,7 @@ def run_blockwise(config: LlamaRunConfig) -> tuple[Path, Path]:
 def evaluate_checkpoints(config: LlamaRunConfig) -> tuple[Path, Path]:
     """Evaluate every checkpoint under ``load_gptq`` (and the full-precision model) and write the result files."""
     folder = Path(config.load_gptq)
-    methods = exported_methods(config, folder)
+    methods = exported_methods(config, folder, config.export_format)
     started, _ = start_run(config, lambda: preflight(config, calibrate=False))
     timer = started.timer
     with timer("data"):
@@ -202,6 +197,7 @@ def run(config: LlamaRunConfig) -> tuple[Path, Path]:
     if saved is not None:
         check_saved_models(saved, methods, model)
     quantize_method = quantizing(model, config, calibration, device)
+    exporter = _exporter(config, tokenizer)
 
     def prepare(method: str):
         if saved is not None:
@@ -216,9 +212,9 @@ def run(config: LlamaRunConfig) -> tuple[Path, Path]:
         if config.save_qmodel_path and writes:
             save_quantized_model(model, Path(config.save_qmodel_path), method, dataclasses.asdict(config),
                                  rotation_settings)
-        if config.export_gptq and writes:
+        if exporter is not None and writes:
             began = time.perf_counter()
-            export_checkpoint(model, tokenizer, Path(config.export_gptq), config, method)
+            exporter.write_model(model, method)
             report.add_part("export", time.perf_counter() - began, 0.0)
         return report
 

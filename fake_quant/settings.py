@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from common.config import ConfigError
-from common.export.gptq_format import BITS as GPTQ_FORMAT_BITS
+from common.export.formats import COMPRESSED_TENSORS, EXPORT_FORMATS, FORMAT_BITS
 from common.llama.settings import LlamaSettings
 from common.methods import METHODS
 from common.quant.quantizers import FULL_PRECISION_BITS
@@ -28,17 +28,23 @@ class LlamaRunConfig(LlamaSettings):
     rotate_mode: str = field(default="hadamard", metadata=describe(f"residual rotation, one of {MODES}"))
     rotate_online: bool = field(default=True, metadata=describe(
         "QuaRot's online Hadamards (o_proj, down_proj inputs); false: only the rotations fused into weights"))
-    save_qmodel_path: str | None = field(default=None, metadata=describe("folder to save quantized models into"))
-    load_qmodel_path: str | None = field(default=None, metadata=describe("folder to evaluate saved models from"))
+    save_qmodel_path: str | None = field(default=None, metadata=describe(
+        "folder to save quantized models into", path=True))
+    load_qmodel_path: str | None = field(default=None, metadata=describe(
+        "folder to evaluate saved models from", path=True))
     export_gptq: str | None = field(default=None, metadata=describe(
-        "folder: a gptq checkpoint <folder>/<method>/ per quantized method (weight-only runs, w_grid: gptq)"))
+        "folder: a checkpoint <folder>/<method>/ in export_format per quantized method (weight-only runs)", path=True))
+    export_format: str = field(default="gptq", metadata=describe(
+        f"one of {EXPORT_FORMATS}: gptq (GPTQModel, transformers), gptq_v2 (zero points stored as they are, "
+        f"for vLLM), compressed-tensors (pack-quantized: vLLM, llm-compressor)"))
     load_gptq: str | None = field(default=None, metadata=describe(
-        "folder of --export_gptq checkpoints to evaluate (this repo's reader); writes results/<name>-from-gptq.csv"))
+        "folder of --export_gptq checkpoints (any export_format) to evaluate with this repo's reader; writes "
+        "results/<name>-from-<export_format>.csv", path=True))
     model_loading: str = field(default="blockwise", metadata=describe(
         f"one of {MODEL_LOADING}: 'blockwise' holds one decoder block in memory at a time and resumes a killed "
         f"run; 'whole' loads the whole model (needed by zero-shot tasks and save/load_qmodel_path)"))
     checkpoint_dir: str | None = field(default=None, metadata=describe(
-        "folder of a blockwise run's checkpoint (default <results_dir>/<name>.checkpoint)"))
+        "folder of a blockwise run's checkpoint (default <results_dir>/<name>.checkpoint)", path=True))
     restart: bool = field(default=False, metadata=describe("discard the run's checkpoint and start over"))
     keep_checkpoint: bool = field(default=False, metadata=describe(
         "keep the checkpoint (the quantized blocks) after the run succeeds"))
@@ -51,6 +57,7 @@ class LlamaRunConfig(LlamaSettings):
         if len(loads) > 1 or (loads and saves):
             raise ConfigError(f"{' and '.join(saves + loads)} exclude each other: a loaded model is already saved; "
                               f"give one of them")
+        check_one_of("export_format", self.export_format, EXPORT_FORMATS)
         if self.export_gptq:
             self.check_exportable()
         check_one_of("model_loading", self.model_loading, MODEL_LOADING)
@@ -67,7 +74,8 @@ class LlamaRunConfig(LlamaSettings):
         return Path(self.results_dir) / f"{self.run_name}.checkpoint"
 
     def check_exportable(self) -> None:
-        """The checkpoint format holds integer weights on a float16 grid and nothing else; ``ConfigError`` otherwise."""
+        """``export_format`` holds integer weights on its grid and nothing else; ``ConfigError`` naming each
+        setting it cannot hold otherwise."""
         problems = []
         if self.a_bits < FULL_PRECISION_BITS:
             problems.append(f"a_bits must be 16 (activations stay in full precision), got {self.a_bits}")
@@ -76,15 +84,33 @@ class LlamaRunConfig(LlamaSettings):
         if self.rotate and self.rotate_online:
             problems.append("rotate_online must be false (the format has no online Hadamard; the rotation fused "
                             "into the weights is kept), or rotate false")
-        if self.w_grid != "gptq":
+        if self.w_bits not in FORMAT_BITS[self.export_format]:
+            problems.append(f"w_bits must be one of {FORMAT_BITS[self.export_format]}, got {self.w_bits}")
+        if self.export_format == COMPRESSED_TENSORS:
+            problems += self._compressed_tensors_problems()
+        elif self.w_grid != "gptq":
             problems.append(f"w_grid must be 'gptq' (float16 scales, zero points 1..2^bits-1, which the "
                             f"checkpoint stores exactly), got {self.w_grid!r}")
-        if self.w_bits not in GPTQ_FORMAT_BITS:
-            problems.append(f"w_bits must be one of {GPTQ_FORMAT_BITS}, got {self.w_bits}")
         if not any(METHODS[name].quantized for name in self.methods):
             problems.append(f"methods must name a quantizing method, got {self.methods}")
         if problems:
-            raise ConfigError("export_gptq writes weight-only gptq checkpoints: " + "; ".join(problems))
+            raise ConfigError(f"export_gptq writes weight-only {self.export_format} checkpoints: "
+                              + "; ".join(problems))
+
+    def _compressed_tensors_problems(self) -> list[str]:
+        """What compressed-tensors cannot hold: scales that are not values of the model's dtype, columns
+        grouped in act_order."""
+        problems = []
+        if self.dtype == "bfloat16":
+            problems.append("dtype must be float32 or float16: compressed-tensors stores the scales in the "
+                            "model's dtype, and no weight grid has bfloat16 scales")
+        elif self.dtype == "float16" and self.w_grid != "gptq":
+            problems.append(f"w_grid must be 'gptq' (float16 scales) for a float16 model: compressed-tensors "
+                            f"stores the scales in the model's dtype, got {self.w_grid!r}")
+        if self.act_order and self.w_groupsize > 0 and not self.static_groups:
+            problems.append("static_groups must be true with act_order and groups: compressed-tensors keeps "
+                            "no column permutation (g_idx), so each group must be a run of consecutive columns")
+        return problems
 
     def output_folders(self) -> dict[str, Path]:
         folders = super().output_folders()
@@ -97,6 +123,6 @@ class LlamaRunConfig(LlamaSettings):
 
     @property
     def run_name(self) -> str:
-        """As :class:`LlamaSettings`, with ``-from-gptq`` when evaluating exported checkpoints (so that the
-        run that exported them keeps its result files)."""
-        return super().run_name + ("-from-gptq" if self.load_gptq else "")
+        """As :class:`LlamaSettings`, with ``-from-<export_format>`` when evaluating exported checkpoints (so
+        that the run that exported them keeps its result files)."""
+        return super().run_name + (f"-from-{self.export_format}" if self.load_gptq else "")

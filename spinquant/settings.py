@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 from common.config import ConfigError
 from common.llama.settings import LlamaSettings
-from common.quant.quantizers import check_bits
+from common.quant.quantizers import check_grid_bits
 from common.run_settings import describe
 from spinquant.train import TrainingSettings
 
@@ -30,7 +30,7 @@ class SpinQuantConfig(LlamaSettings):
 
     rotation_path: str | None = field(default=None, metadata=describe(
         "rotation file (safetensors): used if complete, resumed if not, written if absent; "
-        "default: <cache>/spinquant/<model>-<hash of the rotation settings>.safetensors"))
+        "default: <cache>/spinquant/<model>-<hash of the rotation settings>.safetensors", path=True))
     rotation_steps: int = field(default=100, metadata=describe("Cayley SGD steps (paper: 800)"))
     rotation_lr: float = field(default=1.5, metadata=describe("Cayley SGD step size, cosine-decayed (paper: 1.5)"))
     rotation_momentum: float = field(default=0.0, metadata=describe("Cayley SGD momentum in [0, 1)"))
@@ -46,7 +46,10 @@ class SpinQuantConfig(LlamaSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_bits(self.rotation_w_bits, "rotation_w_bits")
+        try:
+            check_grid_bits(self.rotation_w_bits, not self.rotation_w_asym, "rotation_w_bits", "rotation_w_asym: false")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         if self.rotation_seqlen < 2:
             raise ConfigError(f"rotation_seqlen must be at least 2, got {self.rotation_seqlen}")
         if not 0 <= self.rotation_momentum < 1:

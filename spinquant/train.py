@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
 from common.llama.rotation import LlamaShape, rotated_weights
-from common.quant.quantizers import FULL_PRECISION_BITS, ActivationQuantizer, check_bits, rtn_quantize_weight
+from common.quant.quantizers import FULL_PRECISION_BITS, ActivationQuantizer, check_grid_bits, rtn_quantize_weight
 from common.rules import check_positive
 from spinquant.cayley import CayleySGD
 from spinquant.rotation import SpinRotation, save_rotation
@@ -77,7 +77,7 @@ class TrainingSettings:
             check_positive(name, getattr(self, name))
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        check_bits(self.w_bits, "w_bits")
+        check_grid_bits(self.w_bits, not self.w_asym, "w_bits", "w_asym=False")
 
 
 def batch_indices(n_windows: int, batch_size: int, step: int, seed: int) -> torch.Tensor:

@@ -25,8 +25,9 @@ class VitRunConfig(RunSettings):
     TREE: ClassVar[str] = "vit_quant"
 
     model: str = field(default=EMBEDDED, metadata=describe("timm model name, or 'embedded' (Fashion-MNIST ViT)"))
-    checkpoint: str | None = field(default=None, metadata=describe("local weights file instead of timm's"))
-    data_path: str | None = field(default=None, metadata=describe("Fashion-MNIST IDX folder, or ImageNet root"))
+    checkpoint: str | None = field(default=None, metadata=describe("local weights file instead of timm's", path=True))
+    data_path: str | None = field(default=None, metadata=describe(
+        "Fashion-MNIST IDX folder, or ImageNet root", path=True))
     eval_batch_size: int = field(default=500, metadata=describe("images per evaluation forward"))
     eval_max_images: int | None = field(default=None, metadata=describe("evaluate the first k images only"))
     workers: int = field(default=4, metadata=describe("ImageNet data-loader workers"))

@@ -11,7 +11,7 @@ other (never two torch jobs at once), so each one's peak resident memory is its 
 Measured per (method, implementation): wall seconds of the quantization call (ours: the calibration;
 GPTQModel: ``model.quantize``, which packs as it goes), seconds to write the checkpoint (ours: packing and
 writing; GPTQModel: ``model.save``), peak RSS, and the perplexity of the written checkpoint on the run's 40
-evaluation windows, both read by this repo's reader (:func:`common.export.checkpoint.read_gptq_checkpoint`).
+evaluation windows, both read by this repo's reader (:func:`common.export.checkpoint.read_checkpoint`).
 Prints a table and writes ``results/bench_gptqmodel.csv`` with the ratio GPTQModel / ours.
 """
 
@@ -52,20 +52,19 @@ def _peak_rss_mb() -> float:
 
 
 def _perplexity(folder: Path, config) -> float:
-    from common.export.checkpoint import read_gptq_checkpoint
+    from common.export.checkpoint import read_checkpoint
     from common.llama.experiment import evaluate, load_data
 
-    model, tokenizer = read_gptq_checkpoint(folder)
+    model, tokenizer = read_checkpoint(folder)
     _, eval_sets = load_data(tokenizer, config, calibrate=False)
     return evaluate(model, tokenizer, config, folder.name, eval_sets, torch.device("cpu"))["wiki_embedded_ppl"]
 
 
 def measure_ours(method: str, out: Path) -> dict[str, float]:
-    from common.llama.experiment import add_quantizers, load_data, load_model, load_tokenizer, quantizing
-    from fake_quant.main import export_checkpoint
+    from common.export.runs import Exporter
+    from common.llama.experiment import DTYPES, add_quantizers, load_data, load_model, load_tokenizer, quantizing
 
     config = _settings()
-    config.export_gptq = str(out)
     model, tokenizer = load_model(config), load_tokenizer(config)
     add_quantizers(model, config)
     calibration, _ = load_data(tokenizer, config, calibrate=True)
@@ -73,7 +72,7 @@ def measure_ours(method: str, out: Path) -> dict[str, float]:
     start = time.perf_counter()
     quantize(method)
     quantized = time.perf_counter()
-    folder = export_checkpoint(model, tokenizer, config, method)
+    folder = Exporter(out, "gptq", config, DTYPES[config.dtype], tokenizer).write_model(model, method)
     saved = time.perf_counter()
     peak = _peak_rss_mb()
     del model
@@ -96,6 +95,7 @@ def measure_gptqmodel(method: str, out: Path) -> dict[str, float]:
                                   seed=config.seed)
     quantize_config = QuantizeConfig(
         bits=config.w_bits, group_size=config.w_groupsize, sym=not config.w_asym, desc_act=config.act_order,
+        static_groups=config.static_groups,
         act_group_aware=False, damp_percent=config.percdamp, damp_auto_increment=config.percdamp, mse=0.0,
         device="cpu", offload_to_disk=False, fallback=None, format="gptq",
         gptaq=GPTAQConfig(alpha=config.alpha, device="cpu") if method == "gptaq" else None,

@@ -1,21 +1,20 @@
-"""Write and read Hugging Face folders in the ``gptq`` checkpoint format (see :mod:`common.export.gptq_format`).
+"""Write and read Hugging Face folders of quantized models in the formats of :mod:`common.export.formats`.
 
-A folder holds ``config.json`` (the model's configuration with a ``quantization_config``),
-``quantize_config.json`` (the same settings, for GPTQModel's older readers), the tokenizer and the weights in
-safetensors shards with their index (``model-<k>-of-<n>.safetensors``, one per decoder layer and one for the
-rest, so that a model held one block at a time is written one block at a time): each quantized linear as
-``qweight``/``qzeros``/``scales``/``g_idx`` (and its bias), every other tensor as it was, tied embeddings
-once. A folder with a single ``model.safetensors`` reads too. :func:`read_gptq_checkpoint` is this repo's reader: it
-needs nothing beyond transformers and safetensors and rebuilds the float model the checkpoint encodes.
+A folder holds ``config.json`` (the model's configuration with a ``quantization_config``), for the gptq
+formats ``quantize_config.json`` (the same settings, for GPTQModel's older readers), the tokenizer and the
+weights in safetensors shards with their index (``model-<k>-of-<n>.safetensors``, one per decoder layer and one
+for the rest, so that a model held one block at a time is written one block at a time): each quantized linear
+packed as its format says (and its bias), every other tensor as it was, tied embeddings once. A folder with a
+single ``model.safetensors`` reads too. :func:`read_checkpoint` is this repo's reader: it needs nothing beyond
+transformers and safetensors and rebuilds the float model the checkpoint encodes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -26,63 +25,26 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.initialization import no_init_weights
 
-from common.export.gptq_format import BITS, check_format_bits, pack_linear, unpack_linear
-from common.files import sweep_stale_temporaries, temporary_dir
+from common.export.formats import (
+    COMPRESSED_TENSORS,
+    MARKERS,
+    PART_NAMES,
+    CheckpointError,
+    ExportSettings,
+    StoredSettings,
+    stored_settings,
+)
+from common.files import move_to_history, sweep_stale_temporaries, temporary_dir
 from common.quant.qlinear import QuantLinear
+
+logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-PACKED = ("qweight", "qzeros", "scales", "g_idx")
-"""The tensors of one quantized linear, ``<module>.<name>``."""
-
-
-def _producer() -> str:
-    """``<package>:<version>`` of this repository, the ``meta.quantizer`` entry readers log."""
-    try:
-        return f"gptaq-repro:{metadata.version('gptaq-repro')}"
-    except metadata.PackageNotFoundError:
-        return "gptaq-repro:unknown"
-
-
-class CheckpointError(ValueError):
-    """An exported folder that cannot be read back (missing, corrupted, truncated or inconsistent file)."""
-
-
-@dataclass(frozen=True)
-class GptqSettings:
-    """The ``quantization_config`` of a checkpoint: what its readers need to unpack it.
-
-    Attributes:
-        bits: one of :data:`common.export.gptq_format.BITS`.
-        group_size: input columns per group, -1 for one group per output row.
-        desc_act: the columns were quantized in act_order (``g_idx`` is then a permutation of the groups).
-        sym: symmetric grid (every zero point ``2**(bits-1)``).
-        damp_percent: the Hessian damping used (informational).
-        method: the method that produced the weights (``gptq``, ``gptaq``, ...), kept in ``meta``.
-    """
-
-    bits: int
-    group_size: int
-    desc_act: bool
-    sym: bool
-    damp_percent: float
-    method: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "quant_method": "gptq",
-            "checkpoint_format": "gptq",
-            "bits": self.bits,
-            "group_size": self.group_size,
-            "desc_act": self.desc_act,
-            "sym": self.sym,
-            "static_groups": False,
-            "true_sequential": True,
-            "damp_percent": self.damp_percent,
-            "pack_dtype": "int32",
-            "lm_head": False,
-            "meta": {"quantizer": [_producer()], "method": self.method},
-        }
+HISTORY = "history"
+"""Where an existing folder goes when a checkpoint of the same name is written."""
+UNQUANTIZED = ["lm_head"]
+"""The linears of a decoder no method quantizes (compressed-tensors' ``ignore``)."""
 
 
 def packed_linears(model: nn.Module) -> dict[str, QuantLinear]:
@@ -95,22 +57,24 @@ def packed_linears(model: nn.Module) -> dict[str, QuantLinear]:
                if isinstance(module, QuantLinear) and module.weight_grid is not None}
     for name, linear in linears.items():
         if linear.input_transform is not None:
-            raise ValueError(f"{name} applies an online transform to its input, which a gptq checkpoint cannot "
+            raise ValueError(f"{name} applies an online transform to its input, which no exported checkpoint can "
                              f"hold: rotate without online Hadamards (rotate_online: false) or not at all")
         if linear.act_quantizer.enabled:
-            raise ValueError(f"{name} quantizes its input activations ({linear.act_quantizer.bits} bits), which a "
-                             f"gptq checkpoint cannot hold: export weight-only models (a_bits: 16)")
+            raise ValueError(f"{name} quantizes its input activations ({linear.act_quantizer.bits} bits), which no "
+                             f"exported checkpoint can hold: export weight-only models (a_bits: 16)")
     return linears
 
 
-def packed_state(module: nn.Module, prefix: str = "", skip: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors of ``module`` (names prefixed with ``prefix``): its quantized linears packed,
-    every other tensor as it is (on CPU, contiguous), the names in ``skip`` (unprefixed) left out."""
+def packed_state(module: nn.Module, settings: ExportSettings, prefix: str = "",
+                 skip: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors of ``module`` (names prefixed with ``prefix``): its quantized linears packed in
+    ``settings.format``, every other tensor as it is (on CPU, contiguous), the names in ``skip`` (unprefixed)
+    left out."""
     linears = packed_linears(module)
     state: dict[str, torch.Tensor] = {}
     for name, linear in linears.items():
         codes = linear.weight_grid.codes(linear.weight)
-        for key, tensor in pack_linear(codes.cpu(), linear.weight_grid.to("cpu")).items():
+        for key, tensor in settings.pack(codes.cpu(), linear.weight_grid.to("cpu")).items():
             state[f"{prefix}{name}.{key}"] = tensor
     packed_weights = {f"{name}.weight" for name in linears}
     for key, tensor in module.state_dict().items():
@@ -119,36 +83,39 @@ def packed_state(module: nn.Module, prefix: str = "", skip: frozenset[str] = fro
     return state
 
 
-def model_shards(model: PreTrainedModel) -> Iterator[dict[str, torch.Tensor]]:
-    """A decoder's checkpoint tensors in shards (see :func:`write_gptq_checkpoint`): one per decoder layer, then
-    one with everything else (embedding, final norm, head; a tied head is left out, as transformers saves it)."""
+def model_shards(model: PreTrainedModel, settings: ExportSettings) -> Iterator[dict[str, torch.Tensor]]:
+    """A decoder's checkpoint tensors in shards (see :func:`write_checkpoint`): one per decoder layer, then one
+    with everything else (embedding, final norm, head; a tied head is left out, as transformers saves it)."""
     if not packed_linears(model):
         raise ValueError("the model has no quantized linear with a recorded grid: quantize it first")
     layers = model.get_decoder().layers
     for index, layer in enumerate(layers):
-        yield packed_state(layer, f"model.layers.{index}.")
+        yield packed_state(layer, settings, f"model.layers.{index}.")
     inside = {f"model.layers.{index}.{key}" for index, layer in enumerate(layers) for key in layer.state_dict()}
     tied = _tied_head(model)
     yield {key: tensor.detach().to("cpu").contiguous() for key, tensor in model.state_dict().items()
            if key not in inside and key != tied}
 
 
-def write_gptq_checkpoint(model: PreTrainedModel, folder: str | Path, settings: GptqSettings,
-                          tokenizer: Any = None) -> Path:
-    """Write the checkpoint folder of ``model`` (see :func:`write_gptq_shards`); returns ``folder``."""
+def write_checkpoint(model: PreTrainedModel, folder: str | Path, settings: ExportSettings,
+                     tokenizer: Any = None) -> Path:
+    """Write the checkpoint folder of ``model`` (see :func:`write_shards`); returns ``folder``."""
     layers = len(model.get_decoder().layers)
-    return write_gptq_shards(model_shards(model), layers + 1, model.config.to_dict(), folder, settings, tokenizer)
+    return write_shards(model_shards(model, settings), layers + 1, model.config.to_dict(), folder, settings,
+                        tokenizer)
 
 
-def write_gptq_shards(shards: Iterable[dict[str, torch.Tensor]], count: int, config: Mapping[str, Any],
-                      folder: str | Path, settings: GptqSettings, tokenizer: Any = None) -> Path:
-    """Write a checkpoint folder atomically (it appears complete or not at all, replacing an earlier one):
+def write_shards(shards: Iterable[dict[str, torch.Tensor]], count: int, config: Mapping[str, Any],
+                 folder: str | Path, settings: ExportSettings, tokenizer: Any = None) -> Path:
+    """Write a checkpoint folder atomically (it appears complete or not at all; an earlier folder of that name
+    is moved to ``history/`` beside it):
     ``count`` safetensors shards, written one at a time as ``shards`` yields them (a decoder layer each, then
     the rest: the model is never whole in memory), their index, ``config.json`` (``config`` with the
-    ``quantization_config``), ``quantize_config.json`` and the tokenizer. Returns ``folder``."""
-    check_format_bits(settings.bits, "w_bits")
+    ``quantization_config``), for the gptq formats ``quantize_config.json``, and the tokenizer. Returns
+    ``folder``."""
     folder = Path(folder)
-    config = {**config, "quantization_config": settings.as_dict()}
+    quantization = settings.quantization_config(UNQUANTIZED)
+    config = {**config, "quantization_config": quantization}
     folder.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_temporaries(folder.parent)
     tmp = temporary_dir(folder)
@@ -163,12 +130,10 @@ def write_gptq_shards(shards: Iterable[dict[str, torch.Tensor]], count: int, con
             total += sum(tensor.nbytes for tensor in state.values())
         if written != count:
             raise ValueError(f"expected {count} shards, got {written}")
-        (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                 indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n",
-                                         encoding="utf-8")
-        (tmp / "quantize_config.json").write_text(json.dumps(settings.as_dict(), indent=2, sort_keys=True) + "\n",
-                                                  encoding="utf-8")
+        _write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        _write_json(tmp / "config.json", config)
+        if settings.format != COMPRESSED_TENSORS:
+            _write_json(tmp / "quantize_config.json", quantization)
         if hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(str(tmp))
         _replace_folder(tmp, folder)
@@ -178,15 +143,19 @@ def write_gptq_shards(shards: Iterable[dict[str, torch.Tensor]], count: int, con
     return folder
 
 
-def read_gptq_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any]:
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+
+
+def read_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any]:
     """The float model a checkpoint folder encodes (eval mode, CPU, ``dtype``) and its tokenizer (or ``None``).
 
-    Quantized linears are dequantized as the format defines, ``scales · (q − (qzero + 1))``, in float32
-    before the cast to ``dtype``. Raises :class:`CheckpointError` naming the file for a missing, unreadable,
+    Quantized linears are dequantized as their format defines (``scales · (q − zero)``), in float32 before
+    the cast to ``dtype``. Raises :class:`CheckpointError` naming the file for a missing, unreadable,
     truncated or inconsistent folder.
     """
     folder = Path(folder)
-    tensors = GptqTensors(folder)
+    tensors = ExportedTensors(folder)
     config = AutoConfig.from_pretrained(str(folder))
     del config.quantization_config  # the rebuilt model is a plain float one
     with no_init_weights():  # every parameter is read below: skip the random initialisation
@@ -208,15 +177,15 @@ def read_gptq_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32)
     return model.eval(), tokenizer
 
 
-class GptqTensors:
+class ExportedTensors:
     """The float tensors a checkpoint folder encodes, read one at a time (its quantized linears' weights
-    dequantized on reading): what :func:`read_gptq_checkpoint` and a model read one block at a time
+    dequantized on reading): what :func:`read_checkpoint` and a model read one block at a time
     (:class:`common.llama.blockwise.BlockwiseLlama`) read. Raises :class:`CheckpointError` naming the file
     for a missing, unreadable, truncated or inconsistent folder."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        self.bits = read_quantization_config(self.folder)["bits"]
+        self.settings = read_stored_settings(self.folder)
         index = self.folder / INDEX_FILE
         if index.is_file():
             try:
@@ -228,8 +197,11 @@ class GptqTensors:
             self.files = dict.fromkeys(_keys(self.folder / WEIGHTS_FILE), self.folder / WEIGHTS_FILE)
         for path in sorted(set(self.files.values())):
             _keys(path)  # every shard's header is checked before any tensor is read
-        self.packed = {key.rsplit(".", 1)[0] for key in self.files if key.endswith(".qweight")}
-        self.names = ({key for key in self.files if key.rsplit(".", 1)[0] not in self.packed}
+        self.marker = MARKERS[self.settings.format]
+        self.packed = {key.rsplit(".", 1)[0] for key in self.files if key.endswith(f".{self.marker}")}
+        parts = PART_NAMES[self.settings.format]
+        self.names = ({key for key in self.files
+                       if key.rsplit(".", 1)[0] not in self.packed or key.rsplit(".", 1)[1] not in parts}
                       | {f"{module}.weight" for module in self.packed})
 
     def __contains__(self, name: str) -> bool:
@@ -241,11 +213,11 @@ class GptqTensors:
         for name in names:
             module = name.rsplit(".", 1)[0]
             if module in self.packed and name.endswith(".weight"):
-                parts = {part: self._tensor(f"{module}.{part}") for part in PACKED}
+                parts = {part: self._tensor(f"{module}.{part}") for part in self.settings.part_names()}
                 try:
-                    out[name] = unpack_linear(parts, self.bits).to(dtype)
+                    out[name] = self.settings.unpack(parts).to(dtype)
                 except (ValueError, RuntimeError, IndexError) as error:
-                    raise CheckpointError(f"{self.files[module + '.qweight']}: {module} cannot be unpacked "
+                    raise CheckpointError(f"{self.files[f'{module}.{self.marker}']}: {module} cannot be unpacked "
                                           f"({error})") from None
             else:
                 out[name] = self._tensor(name).to(dtype)
@@ -255,7 +227,7 @@ class GptqTensors:
         path = self.files.get(key)
         if path is None:
             module = key.rsplit(".", 1)[0]
-            raise CheckpointError(f"{self.folder}: {module} has a qweight but no {key.rsplit('.', 1)[1]}"
+            raise CheckpointError(f"{self.folder}: {module} has a {self.marker} but no {key.rsplit('.', 1)[1]}"
                                   if module in self.packed else f"{self.folder} holds no tensor {key}")
         try:
             with safe_open(str(path), "pt") as handle:
@@ -290,20 +262,16 @@ def _tied_head(model: PreTrainedModel) -> str | None:
 
 
 def _replace_folder(tmp: Path, folder: Path) -> None:
-    """Rename ``tmp`` onto ``folder``; an existing ``folder`` is moved aside first and removed after."""
-    old = None
-    if folder.exists():
-        old = temporary_dir(folder)
-        old.rmdir()
-        folder.rename(old)
+    """Rename ``tmp`` onto ``folder``; an existing ``folder`` (an earlier export, or anything else of that name)
+    is first moved to ``<folder's parent>/history/`` — nothing is deleted."""
+    for moved in move_to_history([folder], folder.parent / HISTORY):
+        logger.warning("%s existed: moved to %s", folder, moved)
     tmp.rename(folder)
-    if old is not None:
-        shutil.rmtree(old)
 
 
-def read_quantization_config(folder: str | Path) -> Mapping[str, Any]:
-    """The checked ``quantization_config`` of ``folder/config.json``; :class:`CheckpointError` naming the
-    file if it is missing, unreadable or not a gptq checkpoint this reader can read."""
+def read_stored_settings(folder: str | Path) -> StoredSettings:
+    """The settings of ``folder/config.json``'s ``quantization_config``; :class:`CheckpointError` naming the
+    file if it is missing, unreadable or not a checkpoint of a format this reader can read."""
     folder = Path(folder)
     path = folder / "config.json"
     if not path.is_file():
@@ -312,10 +280,4 @@ def read_quantization_config(folder: str | Path) -> Mapping[str, Any]:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path} is not readable JSON ({error})") from None
-    quantization = config.get("quantization_config") if isinstance(config, dict) else None
-    if not isinstance(quantization, dict) or quantization.get("quant_method") != "gptq":
-        raise CheckpointError(f"{path} has no quantization_config with quant_method 'gptq'")
-    if quantization.get("checkpoint_format", "gptq") != "gptq" or quantization.get("bits") not in BITS:
-        raise CheckpointError(f"{path}: only checkpoint_format 'gptq' with bits in {BITS} can be read, got "
-                              f"{quantization.get('checkpoint_format')!r} with bits {quantization.get('bits')!r}")
-    return quantization
+    return stored_settings(config.get("quantization_config") if isinstance(config, dict) else None, str(path))

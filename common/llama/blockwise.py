@@ -131,7 +131,7 @@ class BlockwiseLlama:
     add_quantizers: Callable[[nn.Module], None] | None = None
     tensors: TensorSource | None = None
     """Where the tensors are read (default: :class:`CheckpointTensors` of ``folder``; an exported checkpoint's
-    :class:`common.export.checkpoint.GptqTensors` dequantizes them)."""
+    :class:`common.export.checkpoint.ExportedTensors` dequantizes them)."""
 
     def __post_init__(self) -> None:
         if self.tensors is None:

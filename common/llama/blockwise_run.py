@@ -29,7 +29,8 @@ from common import distributed
 from common.config import ConfigError
 from common.engine.model import quantize_blocks
 from common.engine.resume import BlockFiles, CalibrationCheckpoint, SavingBlocks, file_bytes
-from common.export.checkpoint import packed_state
+from common.export.checkpoint import ExportSettings, packed_state
+from common.export.runs import Exporter
 from common.files import atomic_write_json, json_text
 from common.llama.adapter import LlamaAdapter
 from common.llama.blockwise import BlockwiseLlama
@@ -147,10 +148,10 @@ def compare_blockwise(
     timer: StageProfile,
     checkpoint: RunCheckpoint,
     per_example: dict[str, dict[str, Any]],
-    export: Export | None = None,
+    exporter: Exporter | None = None,
 ) -> tuple[list[MetricRow], dict[str, list[dict[str, Any]]]]:
     """Quantize (each quantizing method) and evaluate ``llama`` with every method, one block in memory at a
-    time, resuming from ``checkpoint``; ``export``, if given, writes each quantized method's checkpoint.
+    time, resuming from ``checkpoint``; ``exporter``, if given, writes each quantized method's checkpoint.
     Returns the metric rows and the per-layer records per method (as :func:`common.pipeline.compare_methods`);
     ``per_example`` receives each method's per-example data."""
     results: dict[str, dict[str, float]] = {}
@@ -161,7 +162,7 @@ def compare_blockwise(
         kept = checkpoint.metrics(method)
         if kept is None:
             kept = _run_method(llama, adapter, config, method, calibration, eval_sets, device, offload_device,
-                               timer, checkpoint, export)
+                               timer, checkpoint, exporter)
         else:
             logger.info("%s: finished in an earlier run, read from %s", method, checkpoint.method_folder(method))
             for stage, seconds in kept["stages"].items():
@@ -184,25 +185,24 @@ def evaluate_blockwise(llama: BlockwiseLlama, config: LlamaSettings, label: str,
         device=device, desc=f"{label} {dataset}"))
 
 
-def exported_shards(llama: BlockwiseLlama, files: BlockFiles) -> Iterator[dict[str, torch.Tensor]]:
+def exported_shards(llama: BlockwiseLlama, files: BlockFiles,
+                    settings: ExportSettings) -> Iterator[dict[str, torch.Tensor]]:
     """The checkpoint tensors of a quantized blockwise model, one decoder block at a time (its quantized linears
-    packed), then the tensors outside the blocks: the shards :func:`common.export.checkpoint.model_shards`
-    makes of the same model in memory."""
+    packed as ``settings`` says), then the tensors outside the blocks: the shards
+    :func:`common.export.checkpoint.model_shards` makes of the same model in memory."""
     for index in range(len(llama)):
         block = llama.load(index)
         files.load_into(index, block)
-        yield packed_state(block, f"model.layers.{index}.")
+        yield packed_state(block, settings, f"model.layers.{index}.")
     yield {name: tensor.contiguous() for name, tensor in llama.outside_blocks().items()}
 
 
-Export = Callable[[str, Iterator[dict[str, torch.Tensor]], int], None]
-"""``export(method, shards, count)``: write a quantized method's checkpoint from its shards."""
 
 
 def _run_method(llama: BlockwiseLlama, adapter: LlamaAdapter, config: LlamaSettings, method: str,
                 calibration: torch.Tensor | None, eval_sets: Mapping[str, torch.Tensor], device: torch.device,
                 offload_device: torch.device, timer: StageProfile, checkpoint: RunCheckpoint,
-                export: Export | None) -> dict[str, Any]:
+                exporter: Exporter | None) -> dict[str, Any]:
     """Quantize and evaluate one method; returns (and keeps) its metrics, per-example data, records and stage
     times."""
     files = BlockFiles(checkpoint.method_folder(method), adapter)
@@ -220,9 +220,11 @@ def _run_method(llama: BlockwiseLlama, adapter: LlamaAdapter, config: LlamaSetti
             timer.add(f"{stage}: {part}", seconds, flops)
         log_report(report)
         logger.info("checkpoint %s: %.1f MiB on disk", checkpoint.folder, checkpoint.disk_bytes() / 2**20)
-        if export is not None and distributed.is_main():
+        if exporter is not None and distributed.is_main():
             with timer(f"export {method}"):
-                export(method, exported_shards(llama, files), len(llama) + 1)
+                settings = exporter.settings(method)
+                exporter.write_shards(settings, exported_shards(llama, files, settings), len(llama) + 1,
+                                      llama.config.to_dict())
 
     def load_block(index: int):
         block = llama.load(index)

@@ -24,7 +24,8 @@ class LlamaSettings(RunSettings):
     TREE: ClassVar[str] = "llama"
     """Prefix of the default run name (the tree's folder name)."""
 
-    model: str = field(default="embedded", metadata=describe("hub id, local folder, or 'embedded' (SmolLM2-135M)"))
+    model: str = field(default="embedded", metadata=describe(
+        "hub id, local folder, or 'embedded' (SmolLM2-135M)", path=True))
     dtype: str = field(default="float32", metadata=describe(f"model dtype, one of {DTYPES}"))
     offload: bool = field(default=False, metadata=describe("keep layers on CPU while calibrating; one on device"))
     calib_dataset: str = field(default="wiki_embedded", metadata=describe("corpus of the calibration windows"))
@@ -35,7 +36,8 @@ class LlamaSettings(RunSettings):
     eval_max_windows: int | None = field(default=None, metadata=describe("evaluate the first k windows only"))
     eval_batch_size: int = field(default=4, metadata=describe("windows per perplexity forward"))
     tasks: list[str] = field(default_factory=list, metadata=describe("lm-eval zero-shot tasks (comma separated)"))
-    tasks_include_path: str | None = field(default=None, metadata=describe("folder of extra lm-eval task YAMLs"))
+    tasks_include_path: str | None = field(default=None, metadata=describe(
+        "folder of extra lm-eval task YAMLs", path=True))
     tasks_limit: int | None = field(default=None, metadata=describe("lm-eval examples per task (None = all)"))
     tasks_batch_size: int = field(default=8, metadata=describe("lm-eval requests per forward"))
     k_bits: int = field(default=16, metadata=describe("K-cache bits, 1..16 (16 = off)"))

@@ -190,17 +190,23 @@ def hadamard_transform(x: torch.Tensor, *, normalize: bool = True) -> torch.Tens
         scale = 1.0 / math.sqrt(n) if normalize else 1.0
         y = kernel(x.reshape(rows * m, p).contiguous(), scale)
         if m > 1:
-            y = _small_factor(m, x.dtype, x.device) @ y.reshape(rows, m, p)
+            y = _left_factor(_small_factor(m, x.dtype, x.device), y.reshape(rows, m, p))
         return y.reshape(x.shape)
     if n == 1:
         return x.clone()
     left, right = _factor_matrices(n, x.dtype, x.device, normalize)
     a, b = left.shape[0], right.shape[0]
     y = (x.reshape(rows * a, b) @ right.T).reshape(rows, a, b)
+    return _left_factor(left, y).reshape(x.shape)
+
+
+def _left_factor(left: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``left @ y`` for ``left`` [a, a] and ``y`` [rows, a, b]: a batched product, or for a thin ``b`` (a batch of
+    matrix-vector products) one ``[rows·b, a]`` product."""
+    rows, a, b = y.shape
     if b >= _WIDE_ENOUGH:
-        return (left @ y).reshape(x.shape)
-    # H_a on a thin [a, b] slab per row is a batch of matrix-vector products; one [rows·b, a] product instead
-    return (y.transpose(1, 2).reshape(rows * b, a) @ left.T).reshape(rows, b, a).transpose(1, 2).reshape(x.shape)
+        return left @ y
+    return (y.transpose(1, 2).reshape(rows * b, a) @ left.T).reshape(rows, b, a).transpose(1, 2)
 
 
 def random_signs(

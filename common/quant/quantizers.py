@@ -57,6 +57,17 @@ def check_bits(bits: int, name: str = "bits") -> int:
     return bits
 
 
+def check_grid_bits(bits: int, sym: bool, name: str = "bits", sym_setting: str = "sym=True") -> int:
+    """``bits`` if its grid has levels on both sides of zero, else ``ValueError`` naming ``name``: an asymmetric
+    grid of any width in 1..16, a symmetric one from 2 bits (at 1 bit its levels are ``{−s, 0}``, every
+    positive value would become 0). ``sym_setting`` says how the caller chose the symmetric grid."""
+    check_bits(bits, name)
+    if sym and bits < 2:
+        raise ValueError(f"{name} must be at least 2 for a symmetric grid ({sym_setting}): a 1-bit symmetric grid "
+                         f"has the levels {{-s, 0}} and rounds every positive value to 0; got {bits}")
+    return bits
+
+
 def check_groupsize(groupsize: int, columns: int, name: str = "groupsize") -> int:
     """Return ``groupsize`` if it is -1 (one group per row) or a positive divisor of ``columns``."""
     if isinstance(groupsize, bool) or not isinstance(groupsize, int):
@@ -166,7 +177,7 @@ class WeightQuantizer:
     """Per-row grid parameters and rounding for weights on GPTQ's reference grid.
 
     Args:
-        bits: bit width in 1..16.
+        bits: bit width in 1..16 (from 2 with ``sym``: :func:`check_grid_bits`).
         sym: symmetric (signed, zero point fixed at the grid's midpoint) instead of asymmetric.
         mse: search a per-row clipping of the range minimising the ``norm``-error (GPTQ's reference search).
         grid, maxshrink, norm: the MSE search's resolution, deepest shrink and error exponent.
@@ -184,7 +195,7 @@ class WeightQuantizer:
         norm: float = 2.4,
         grid_format: str = "float",
     ) -> None:
-        self.bits = check_bits(bits)
+        self.bits = check_grid_bits(bits, bool(sym))
         self.grid_format = check_grid(grid_format, "grid_format")
         self.sym = bool(sym)
         self.mse = bool(mse)
@@ -380,7 +391,7 @@ class ActivationQuantizer(nn.Module):
         straight_through: bool = False,
     ) -> None:
         super().__init__()
-        self.bits = check_bits(bits)
+        self.bits = check_grid_bits(bits, bool(sym))
         self.sym = bool(sym)
         self.clip_ratio = check_clip_ratio(clip_ratio)
         if isinstance(groupsize, bool) or not isinstance(groupsize, int) or (groupsize <= 0 and groupsize != -1):

@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-import shutil
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from common import distributed
-from common.files import atomic_write_set, csv_text, json_text, sweep_stale_temporaries, write_text
+from common.files import atomic_write_set, csv_text, json_text, move_to_history, sweep_stale_temporaries, write_text
 from common.methods import BASELINE, METHOD_NAMES
 from common.results.intervals import comparisons
 from common.results.provenance import git_commit, package_versions
@@ -84,21 +82,6 @@ class MetricRow:
     setting: str | None = None
 
 
-def _archive(paths: Sequence[Path], history: Path) -> None:
-    existing = [p for p in paths if p.exists()]
-    if not existing:
-        return
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(max(p.stat().st_mtime for p in existing)))
-    history.mkdir(parents=True, exist_ok=True)
-    for path in existing:
-        target = history / f"{path.stem}-{stamp}{path.suffix}"
-        counter = 1
-        while target.exists():
-            target = history / f"{path.stem}-{stamp}-{counter}{path.suffix}"
-            counter += 1
-        shutil.move(str(path), target)
-
-
 def write_run(
     results_dir: str | Path,
     name: str,
@@ -153,7 +136,7 @@ def write_run(
     }
     json_body = json_text(payload)
     sweep_stale_temporaries(results_dir)
-    _archive([csv_path, json_path], results_dir / "history")
+    move_to_history([csv_path, json_path], results_dir / "history")
     atomic_write_set([(csv_path, lambda tmp: write_text(tmp, csv_body)),
                       (json_path, lambda tmp: write_text(tmp, json_body))])
     return csv_path, json_path

@@ -39,8 +39,8 @@ from common.quant.quantizers import (
     FULL_PRECISION_BITS,
     WeightGrid,
     WeightQuantizer,
-    check_bits,
     check_grid,
+    check_grid_bits,
     check_groupsize,
     working_dtype,
 )
@@ -61,7 +61,7 @@ class SolverConfig:
     (:mod:`common.rules`), except a method's own parameters, which its ``solve`` checks.
 
     Attributes:
-        bits: weight bit width, 1..16 (16 returns ``W`` unchanged).
+        bits: weight bit width, 1..16 (16 returns ``W`` unchanged; from 2 with ``sym``).
         sym: symmetric grid (no zero point) instead of asymmetric.
         groupsize: -1 for one grid per output row, else one per ``groupsize`` consecutive input columns.
         act_order: quantize columns in order of decreasing ``H`` diagonal.
@@ -92,7 +92,7 @@ class SolverConfig:
     grid: str = "float"
 
     def __post_init__(self) -> None:
-        check_bits(self.bits)
+        check_grid_bits(self.bits, self.sym)
         check_grid(self.grid)
         check_one_of("lazy_update", self.lazy_update, LAZY_UPDATES)
         check_positive("blocksize", self.blocksize)

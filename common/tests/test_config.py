@@ -23,6 +23,9 @@ def test_base_settings_are_overridden_by_the_file(tmp_path: Path) -> None:
     ({"a.yaml": "base: absent.yaml\n"}, "absent.yaml does not exist"),
     ({"a.yaml": "base: [x]\n"}, "base must name a YAML file"),
     ({"a.yaml": "base: b.yaml\n", "b.yaml": "w_bits: [\n"}, "b.yaml:2:1: not valid YAML"),
+    ({"a.yaml": "w_bits: 4\nseed: 1\nw_bits: 2\n"},
+     r"a\.yaml:3:1: not valid YAML \('w_bits' is given twice \(first on line 1\)\)"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "rotation:\n  a: 1\n  a: 2\n"}, r"b\.yaml:3:3: .*'a' is given twice"),
 ])
 def test_bad_base_is_a_config_error(tmp_path: Path, files: dict[str, str], message: str) -> None:
     for name, text in files.items():

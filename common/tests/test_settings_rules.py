@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
 
 from common.methods import METHOD_PARAMETERS, METHODS
+from common.quant.quantizers import ActivationQuantizer, WeightQuantizer, rtn_quantize_weight
 from common.rules import ConfigError
 from common.run_settings import RunSettings
 from common.solvers.column_loop import SolverConfig
@@ -63,3 +65,49 @@ def test_a_zero_scale_is_accepted():
             if name in {p.name for p in method.parameters}:
                 config = method.solver_config(SolverConfig(bits=4, **{name: 0.0}))
                 assert torch.isfinite(method.solve(weight, hessian, drift, config).weight).all()
+
+
+ONE_BIT_SYMMETRIC = [  # (how the grid is asked for, the call) — each a 1-bit symmetric grid: levels {-s, 0}
+    ("RunSettings weights", lambda: RunSettings(w_bits=1, w_asym=False)),
+    ("RunSettings activations", lambda: RunSettings(a_bits=1, a_asym=False)),
+    ("SolverConfig", lambda: SolverConfig(bits=1, sym=True)),
+    ("rtn_quantize_weight", lambda: rtn_quantize_weight(torch.randn(4, 8), bits=1, sym=True)),
+    ("WeightQuantizer", lambda: WeightQuantizer(1, sym=True)),
+    ("ActivationQuantizer", lambda: ActivationQuantizer(1, sym=True)),
+]
+
+
+@pytest.mark.parametrize("call", [call for _, call in ONE_BIT_SYMMETRIC], ids=[name for name, _ in ONE_BIT_SYMMETRIC])
+def test_a_one_bit_symmetric_grid_is_refused_everywhere(call):
+    with pytest.raises(ValueError, match=r"must be at least 2 for a symmetric grid .* levels \{-s, 0\}"):
+        call()
+
+
+def test_a_one_bit_asymmetric_grid_is_accepted_and_keeps_a_level_off_zero():
+    RunSettings(w_bits=1, a_bits=1)
+    SolverConfig(bits=1)
+    weight = torch.tensor([[-0.2, 0.9, 1.0, -0.1]])  # levels {0, 1.2}: the zero point follows the range
+    assert rtn_quantize_weight(weight, bits=1).tolist() == [[0.0, 1.2000000476837158, 1.2000000476837158, 0.0]]
+
+
+def _path_settings():
+    from fake_quant.settings import LlamaRunConfig
+    from spinquant.settings import SpinQuantConfig
+    from vit_quant.settings import VitRunConfig
+
+    return [(cls, field.name) for cls in (LlamaRunConfig, SpinQuantConfig, VitRunConfig)
+            for field in dataclasses.fields(cls) if field.metadata.get("path")]
+
+
+NEEDS = {  # what a path setting needs beside it to be accepted at all
+    "export_gptq": {"a_bits": 16, "w_grid": "gptq", "rotate": False},
+    "save_qmodel_path": {"model_loading": "whole"},
+    "load_qmodel_path": {"model_loading": "whole"},
+    "checkpoint": {"model": "deit_tiny_patch16_224"},
+}
+
+
+@pytest.mark.parametrize(("cls", "name"), _path_settings(), ids=lambda value: getattr(value, "__name__", value))
+def test_a_leading_tilde_in_a_path_setting_is_the_home_folder(cls, name):
+    config = cls(**{name: "~/gptaq-somewhere", **NEEDS.get(name, {})})
+    assert getattr(config, name) == os.path.expanduser("~/gptaq-somewhere") != "~/gptaq-somewhere"

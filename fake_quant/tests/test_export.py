@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from common.config import ConfigError
-from common.export.checkpoint import CheckpointError, read_gptq_checkpoint
+from common.export.checkpoint import CheckpointError, read_checkpoint
 from common.tests.llama_fixtures import tiny_llama
 from fake_quant import main as fq_main
 from fake_quant.settings import LlamaRunConfig
@@ -59,7 +59,7 @@ def test_export_reproduces_the_fake_quantized_model_exactly(tiny_setup, override
         assert "model.layers.0.mlp.down_proj.weight" not in keys
         assert ("lm_head.weight" in keys) == overrides.get("rotate", False)  # tied stays tied unless rotated
         fake = load_file(str(saved / f"{method}.safetensors"))
-        model, _ = read_gptq_checkpoint(folder)
+        model, _ = read_checkpoint(folder)
         for name, tensor in model.state_dict().items():
             if name in fake:
                 assert torch.equal(tensor, fake[name]), name
@@ -71,7 +71,7 @@ def test_export_reproduces_the_fake_quantized_model_exactly(tiny_setup, override
 def test_tied_embeddings_survive_and_the_unquantized_tensors_are_kept(tiny_setup):
     export = tiny_setup / "gptq"
     fq_main.run(_config(tiny_setup, methods=["gptq"], export_gptq=str(export)))
-    model, tokenizer = read_gptq_checkpoint(export / "gptq")
+    model, tokenizer = read_checkpoint(export / "gptq")
     assert tokenizer is None  # the test tokenizer has nothing to save
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     original = tiny_llama()
@@ -102,27 +102,29 @@ def test_broken_checkpoints_are_clear_errors_naming_the_file(tiny_setup):
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=f"{weights} is not a readable safetensors file"):
-        read_gptq_checkpoint(export / "rtn")
+        read_checkpoint(export / "rtn")
     with pytest.raises(ConfigError, match=f"load_gptq: {weights}"):
-        fq_main.run(_config(tiny_setup, name="broken", load_gptq=str(export)))
+        fq_main.run(_config(tiny_setup, name="broken", methods=["fp", "rtn"], load_gptq=str(export)))
     weights.write_bytes(b"\x00" * 16)
     with pytest.raises(CheckpointError, match="is not a readable safetensors file"):
-        read_gptq_checkpoint(export / "rtn")
+        read_checkpoint(export / "rtn")
     config_file = export / "rtn" / "config.json"
     config_file.write_text("{ not json")
     with pytest.raises(CheckpointError, match=f"{config_file} is not readable JSON"):
-        read_gptq_checkpoint(export / "rtn")
+        read_checkpoint(export / "rtn")
     with pytest.raises(CheckpointError, match="does not exist"):
-        read_gptq_checkpoint(tiny_setup / "nowhere")
+        read_checkpoint(tiny_setup / "nowhere")
 
 
 def test_reading_with_other_settings_is_refused(tiny_setup):
     export = tiny_setup / "gptq"
     fq_main.run(_config(tiny_setup, methods=["rtn"], export_gptq=str(export)))
     with pytest.raises(ConfigError, match=r"quantized with other settings than this run's .*group_size: 16 vs 32"):
-        fq_main.run(_config(tiny_setup, name="other", w_groupsize=32, load_gptq=str(export)))
-    with pytest.raises(ConfigError, match=r"holds no <method>/config\.json"):
+        fq_main.run(_config(tiny_setup, name="other", methods=["fp", "rtn"], w_groupsize=32, load_gptq=str(export)))
+    with pytest.raises(ConfigError, match=r"holds no checkpoint of \['rtn', 'gptq', 'gptaq'\] .*it holds none"):
         fq_main.run(_config(tiny_setup, name="none", load_gptq=str(tiny_setup / "empty")))
+    with pytest.raises(ConfigError, match=r"holds no checkpoint of \['gptq'\] .*it holds \['rtn'\]"):
+        fq_main.run(_config(tiny_setup, name="some", methods=["fp", "rtn", "gptq"], load_gptq=str(export)))
 
 
 @pytest.mark.parametrize("rotate", [False, True], ids=["tied", "rotated"])
@@ -142,3 +144,63 @@ def test_blockwise_export_writes_the_same_files_and_reads_back_the_same(tiny_set
                                                 load_gptq=str(tiny_setup / "gptq-whole"), **settings))[0])
               for loading in ("whole", "blockwise")}
     assert reread["whole"] == reread["blockwise"]
+
+
+@pytest.mark.parametrize(("export_format", "overrides"), [
+    ("gptq_v2", {"w_asym": True, "w_bits": 3}),
+    ("compressed-tensors", {"w_asym": True, "w_grid": "float", "static_groups": True}),
+    ("compressed-tensors", {"w_bits": 5, "w_groupsize": -1, "rotate": True, "rotate_online": False}),
+], ids=["gptq_v2-asym-w3", "compressed_tensors-asym-float_grid-static_groups", "compressed_tensors-sym-w5-rotated"])
+def test_every_format_reproduces_the_fake_quantized_model(tiny_setup, export_format, overrides):
+    export, saved = tiny_setup / export_format, tiny_setup / "fake"
+    csv_path, _ = fq_main.run(_config(tiny_setup, export_gptq=str(export), export_format=export_format,
+                                      save_qmodel_path=str(saved), **overrides))
+    for method in ("rtn", "gptq", "gptaq"):
+        folder = export / method
+        quantization = json.loads((folder / "config.json").read_text())["quantization_config"]
+        weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+        if export_format == "gptq_v2":
+            assert quantization["checkpoint_format"] == "gptq_v2"
+            assert "model.layers.0.mlp.down_proj.qzeros" in weight_map
+        else:
+            assert quantization["quant_method"] == "compressed-tensors" and quantization["ignore"] == ["lm_head"]
+            assert not (folder / "quantize_config.json").exists()
+            name = "model.layers.0.mlp.down_proj.weight_zero_point"
+            assert (name in weight_map) == overrides.get("w_asym", False)
+            with safe_open(str(folder / weight_map["model.layers.0.mlp.down_proj.weight_packed"]), "pt") as handle:
+                bits = overrides.get("w_bits", 4)
+                assert handle.get_tensor("model.layers.0.mlp.down_proj.weight_packed").shape == (64, 128 * bits // 32)
+                assert handle.get_tensor("model.layers.0.mlp.down_proj.weight_scale").dtype == torch.float32
+        fake = load_file(str(saved / f"{method}.safetensors"))
+        model, _ = read_checkpoint(folder)
+        for name, tensor in model.state_dict().items():
+            if name in fake:
+                assert torch.equal(tensor, fake[name]), name
+    with pytest.raises(ConfigError, match=f"is a {export_format} checkpoint, not gptq: give export_format: "
+                                          f"{export_format}"):
+        fq_main.run(_config(tiny_setup, name="reread", load_gptq=str(export), **overrides))
+    reread, _ = fq_main.run(_config(tiny_setup, name="reread", load_gptq=str(export), export_format=export_format,
+                                    **overrides))
+    assert reread.name == f"reread-from-{export_format}.csv"
+    assert _ppl(reread) == _ppl(csv_path)
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    ({"w_groupsize": 16, "act_order": True}, "static_groups must be true with act_order and groups"),
+    ({"dtype": "bfloat16"}, "dtype must be float32 or float16"),
+    ({"dtype": "float16", "w_grid": "float"}, "w_grid must be 'gptq' .*for a float16 model"),
+    ({"w_bits": 9}, r"w_bits must be one of \(1, 2, 3, 4, 5, 6, 7, 8\), got 9"),
+])
+def test_what_compressed_tensors_cannot_hold_is_refused_up_front(tiny_setup, overrides, match):
+    with pytest.raises(ConfigError, match="export_gptq writes weight-only compressed-tensors checkpoints: .*" + match):
+        _config(tiny_setup, export_gptq=str(tiny_setup / "out"), export_format="compressed-tensors", **overrides)
+
+
+def test_an_existing_folder_is_moved_to_history_not_deleted(tiny_setup):
+    export = tiny_setup / "gptq"
+    (export / "rtn").mkdir(parents=True)
+    (export / "rtn" / "mine.txt").write_text("the user's notes")
+    fq_main.run(_config(tiny_setup, methods=["rtn"], export_gptq=str(export)))
+    kept = list((export / "history").glob("rtn-*/mine.txt"))
+    assert [path.read_text() for path in kept] == ["the user's notes"]
+    read_checkpoint(export / "rtn")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.export.checkpoint import read_gptq_checkpoint
+from common.export.checkpoint import read_checkpoint
 from common.lm.corpora import load_corpus
 from fake_quant import main as fq_main
 from fake_quant.settings import LlamaRunConfig
@@ -36,7 +36,7 @@ def _text_ids(tokenizer, tokens: int = 128) -> torch.Tensor:
 @pytest.mark.parametrize("bits", [4, 3])
 def test_gptqmodel_reads_exactly_our_weights(tmp_path, bits, margin):
     folder = _export(tmp_path, bits)
-    ours, tokenizer = read_gptq_checkpoint(folder)
+    ours, tokenizer = read_checkpoint(folder)
     theirs = gptqmodel.GPTQModel.load(str(folder), device="cpu", dtype=torch.float16, backend="torch")
     reference = dict(ours.named_modules())
     checked = 0
@@ -67,7 +67,7 @@ def test_transformers_loads_the_checkpoint_through_gptqmodel(tmp_path, margin):
     from transformers import AutoModelForCausalLM
 
     folder = _export(tmp_path, 4)
-    ours, tokenizer = read_gptq_checkpoint(folder)
+    ours, tokenizer = read_checkpoint(folder)
     model = AutoModelForCausalLM.from_pretrained(str(folder), device_map="cpu", dtype=torch.float16)
     ids = _text_ids(tokenizer)
     with torch.no_grad():
