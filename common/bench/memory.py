@@ -132,13 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     path = args.results_dir / BENCH_MEMORY_CSV
     if args.layers is not None and args.layers < 1:
         parser.error(f"--layers: give a positive number of layers, got {args.layers}")
-    rows = list(csv.DictReader(path.open())) if args.append and path.is_file() else []
+    kept = list(csv.DictReader(path.open())) if args.append and path.is_file() else []
+    measured: list[dict] = []
     for shape in shapes:
         for loading in loadings:
-            rows.append(bench_shape(shape, loading=loading, nsamples=args.nsamples, seqlen=args.seqlen,
-                                    keep=args.keep or loading != loadings[-1], layers=args.layers))
-            print(format_table(rows, COLUMNS), flush=True)
-            atomic_write_csv(path, rows, FIELDS)
+            measured.append(bench_shape(shape, loading=loading, nsamples=args.nsamples, seqlen=args.seqlen,
+                                        keep=args.keep or loading != loadings[-1], layers=args.layers))
+            atomic_write_csv(path, kept + measured, FIELDS)  # kept before anything else can fail
+            print(format_table(measured, COLUMNS), flush=True)
     return 0
 
 
