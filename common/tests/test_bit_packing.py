@@ -8,15 +8,7 @@ import pytest
 import torch
 
 from common.export.bit_packing import pack_rows, packed_length, unpack_rows
-
-
-def _reference_column(words: list[int], length: int, bits: int) -> list[int]:
-    """The ``length`` values of one packed column: value ``i`` is bits ``i·bits .. i·bits + bits − 1`` of the
-    little-endian bit string the column's int32 words form."""
-    def bit(position: int) -> int:
-        return (words[position // 32] & 0xFFFFFFFF) >> (position % 32) & 1
-
-    return [sum(bit(i * bits + b) << b for b in range(bits)) for i in range(length)]
+from common.tests.bit_strings import bit_string_values
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -28,7 +20,7 @@ def test_every_width_and_length_matches_the_bit_string(bits, rows):
     assert packed.dtype == torch.int32 and packed.shape == (math.ceil(rows * bits / 32), 3)
     assert packed_length(rows, bits) == packed.shape[0]
     for column in range(3):
-        assert _reference_column(packed[:, column].tolist(), rows, bits) == values[:, column].tolist()
+        assert bit_string_values(packed[:, column].tolist(), rows, bits) == values[:, column].tolist()
     assert torch.equal(unpack_rows(packed, bits, rows), values)
 
 

@@ -10,15 +10,8 @@ from common.export.compressed_tensors_format import pack_linear, quantization_co
 from common.solvers import gptaq
 from common.solvers.column_loop import SolverConfig
 from common.solvers.references import statistics
+from common.tests.bit_strings import bit_string_values
 from common.tests.solver_layers import layer
-
-
-def _bit_string_values(words: list[int], count: int, bits: int) -> list[int]:
-    """The first ``count`` values of a little-endian bit string of int32 words, ``bits`` bits each."""
-    def bit(position: int) -> int:
-        return (words[position // 32] & 0xFFFFFFFF) >> (position % 32) & 1
-
-    return [sum(bit(i * bits + b) << b for b in range(bits)) for i in range(count)]
 
 
 def _reference_dequantize(packed: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
@@ -29,12 +22,12 @@ def _reference_dequantize(packed: dict[str, torch.Tensor], bits: int) -> torch.T
     group_size = columns // scale.shape[1]
     if "weight_zero_point" in packed:  # packed along the output dimension: one bit string per group column
         words = packed["weight_zero_point"].T.tolist()
-        zeros = [list(row) for row in zip(*[_bit_string_values(column, out, bits) for column in words], strict=True)]
+        zeros = [list(row) for row in zip(*[bit_string_values(column, out, bits) for column in words], strict=True)]
     else:
         zeros = [[2 ** (bits - 1)] * scale.shape[1] for _ in range(out)]
     weight = torch.empty(out, columns, dtype=scale.dtype)
     for r, row_words in enumerate(packed["weight_packed"].tolist()):
-        for c, code in enumerate(_bit_string_values(row_words, columns, bits)):
+        for c, code in enumerate(bit_string_values(row_words, columns, bits)):
             g = c // group_size
             weight[r, c] = torch.tensor(code - zeros[r][g], dtype=scale.dtype) * scale[r, g]
     return weight
