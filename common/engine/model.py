@@ -19,13 +19,13 @@ widest linear input):
 
   - reading: the block, ``s·(2h² + 2hk + 3hi)`` for a Llama block (a source loads one at a time, a model in
     memory parks the others in files on the CPU, :func:`common.weight_files.parked`), and the float64
-    temporaries of its rotation;
+    temporaries of its rotation (a slice of one weight at a time);
   - a group's statistics pass: the float64 sums of ``H`` and ``D``, ``2·8n²`` (a large batch
-    product computed a slice of rows at a time), and the weights the pass reads;
-  - each solve: ``H`` and ``D`` handed over in float32, the Cholesky factor and its inverse, GPTAQ's ``P``
-    over ``D`` (``4·4n²``), and the linear's weight; the sums wait in files, and forming ``H`` and ``D`` and
-    the output error bring back one at a time, ``8n²``
-    (:meth:`common.solvers.statistics.CalibrationStatistics.sums_in_files`).
+    product computed and added a slice of rows at a time; on the CPU large sums live in mapped files and
+    only the slice being added is resident);
+  - each solve: ``D`` handed over in float32, the Cholesky factor and its inverse, GPTAQ's ``P`` over ``D``
+    (``3¼·4n²`` at most), and the linear's weight; forming ``H`` and ``D`` and the output error read one
+    sum at a time, ``8n²`` (:meth:`common.solvers.statistics.CalibrationStatistics.sums_in_files`).
 
   On the CPU a step holds only the weights it reads (:class:`common.weight_files.ResidentOnly`: for
   down_proj, the MLP's two other weights during its pass and its own during its solve); on a GPU the block

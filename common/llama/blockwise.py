@@ -11,7 +11,7 @@ memory.
 
 Resident memory: one block in the run's dtype (``4·h² + 3·h·i`` values for hidden size ``h`` and MLP size
 ``i``, with as many KV heads as heads; fewer KV heads need less), plus the float64 temporaries of its rotation
-(one weight matrix, its float64 copy and its rotated copy at a time: ``3·8·h·i`` bytes for the MLP's), plus
+(a slice of one weight matrix at a time, its float64 copy and its rotated copy: 128 MiB each at most), plus
 the embedding (``v·h`` values, vocabulary ``v``) while the model runs up to its first block, plus norm and
 head while the evaluation computes logits.
 """
@@ -33,6 +33,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM, Pre
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
 
 from common.llama.loading import ModelLoadError
+from common.memory import release_freed_memory
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -165,6 +166,7 @@ class BlockwiseLlama:
         layer.eval()
         if self.rotation is not None:
             self.rotation.rotate_layer(layer, index)
+            release_freed_memory()  # the rotation's float64 slices
         if self.add_quantizers is not None:
             self.add_quantizers(layer)
         return layer

@@ -50,6 +50,12 @@ PAPER_TOKENS = 128 * 2048
 """The paper's calibration: 128 windows of 2048 tokens."""
 
 
+ROTATION_SLICE_BYTES = 32 * 2**20
+"""The float64 slice of a weight rotated at once (``common.llama.rotation._SLICE_BYTES``)."""
+SUM_SLICE_ROWS = 256
+"""Rows of a float64 sum added or read at once (``common.solvers.statistics._SUM_ROWS``)."""
+
+
 def calibration_bytes(shape: ModelShape, tokens: int, value_bytes: int, *, full_precision_stream: bool = True,
                       resident_only: bool = False) -> dict[str, int]:
     """Each term of the resident set while a block is calibrated (bytes), for ``tokens`` calibration tokens
@@ -58,25 +64,28 @@ def calibration_bytes(shape: ModelShape, tokens: int, value_bytes: int, *, full_
     Terms held for the whole block: ``streams`` (both, or the quantized one alone), ``kept inputs`` (each
     group's full-precision input, for ``D``), ``recorded outputs`` (solved linears' outputs replayed by later
     passes). Phases, one at a time (:data:`ONE_AT_A_TIME`), with ``n`` the widest linear input (down_proj's,
-    the MLP size ``i``): ``reading`` (the block, and one weight in float64 with its rotated copy and the
-    online transform's temporaries), ``statistics`` (the float64 sums of ``H`` and ``D``, and the weights the
-    pass reads), ``solve`` (four float32 ``n × n`` matrices: ``H`` and ``D`` handed over, the Cholesky factor
-    and its inverse, then ``P`` over ``D``; the weight, its float32 working copy and the result; the sums wait
-    in a file). With ``resident_only`` (the CPU: :class:`common.weight_files.ResidentOnly`) the statistics of
-    down_proj hold the MLP's two other weights and its solve down_proj's alone; otherwise the whole block
-    stays.
+    the MLP size ``i``): ``reading`` (the block, a float64 slice of one weight with the copies its rotation
+    makes, the residual rotation and the float64 factor ``H_{i/2}`` of the online Hadamard at worst),
+    ``statistics`` (the float64 sums of ``H`` and ``D``, and the weights the pass reads),
+    ``solve`` (``3¼`` float32 ``n × n`` matrices at most: ``D`` handed over, the Cholesky factor and its
+    inverse with a quarter-size product, then ``P`` written over ``D``; the weight, its float32 working copy
+    and the result). With ``resident_only`` (the CPU: :class:`common.weight_files.ResidentOnly`) the
+    statistics of down_proj hold the MLP's two other weights and the sums live in mapped files, of which a
+    slice of rows is resident at a time, and its solve holds down_proj's weight alone; otherwise the whole
+    block and the sums stay.
     """
     h, i, k = shape.hidden, shape.intermediate, shape.kv_width
     n = max(h, i)
     sums = 2 if full_precision_stream else 1
     block = value_bytes * shape.block_values
+    resident_sums = sums * 8 * SUM_SLICE_ROWS * n if resident_only else sums * 8 * n * n
     return {
         "streams": sums * value_bytes * tokens * h,
         "kept inputs": value_bytes * tokens * (3 * h + i) if full_precision_stream else 0,
         "recorded outputs": value_bytes * tokens * (2 * h + 2 * k + 2 * i),
-        "reading": block + 3 * 8 * h * i,
-        "statistics": (2 * value_bytes * h * i if resident_only else block) + sums * 8 * n * n,
-        "solve": (value_bytes * h * i if resident_only else block) + 4 * 4 * n * n + 2 * 4 * h * i,
+        "reading": block + 8 * h * h + 8 * i * i // 4 + 5 * ROTATION_SLICE_BYTES,
+        "statistics": (2 * value_bytes * h * i if resident_only else block) + resident_sums,
+        "solve": (value_bytes * h * i if resident_only else block) + 13 * n * n + 2 * 4 * h * i,
     }
 
 

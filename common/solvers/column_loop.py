@@ -184,7 +184,8 @@ def solve_layer(
     method's start turns ``W`` into its starting point and ``P`` once ``H_λ`` is factored. With
     ``release_statistics`` the caller hands ``H`` and ``D`` over: they are worked on in place and their memory
     is given back as soon as they are read (``H`` once factored, ``D`` once the start is computed), so a solve
-    holds at most four ``n × n`` matrices besides them (the calibration engine's large layers). Static group
+    holds at most ``3¼`` float32 ``n × n`` matrices, ``D`` included, besides ``W`` (the calibration engine's
+    large layers): the factorization's two and a quarter, then ``P`` and ``U`` with ``W``'s working copies. Static group
     grids are computed from the starting point's weights. Computation runs in float64 when ``W`` is
     float64, else in float32, on ``W``'s device.
     """
@@ -200,7 +201,6 @@ def solve_layer(
         return SolveResult(W.clone(), 0.0, 0.0, time.perf_counter() - began)
 
     dtype = working_dtype(W)
-    work = W.detach().to(dtype=dtype, copy=True)
     hessian = H.detach().to(device=W.device, dtype=dtype, copy=not release_statistics)
     drift = D.detach().to(device=W.device, dtype=dtype, copy=not release_statistics) if needs_drift else None
 
@@ -208,24 +208,27 @@ def solve_layer(
         raise CalibrationError(f"{name}: the Hessian is all zeros (no calibration data reached this layer)")
     dead = torch.diagonal(hessian) == 0
     hessian[dead, dead] = 1
-    work[:, dead] = 0
     if drift is not None:
         drift[:, dead] = 0
 
     perm = None
     if config.act_order:
         perm = torch.argsort(torch.diagonal(hessian), descending=True)
-        work = work[:, perm]
-        hessian = hessian[perm][:, perm]
+        hessian = _permuted(hessian, perm)
         if drift is not None:
-            drift = drift[perm][:, perm]
+            drift = _permuted(drift, perm)
     if release_statistics:  # handed over: what the solve reads is in its own copies now (or is them)
         _release(*(given for given, own in ((H, hessian), (D if needs_drift else None, drift))
                    if given is not None and not _shares_memory(given, own)))
 
     factorization = factorize(hessian, config.percdamp, name, consume=True)  # the solve's own H: given back
     del hessian
+    work = W.detach().to(dtype=dtype, copy=True)  # made after the factorization, the solve's largest step
+    work[:, dead] = 0
+    if perm is not None:
+        work = work[:, perm]
     start_point = StartingPoint(work) if start is None else start(work, drift, factorization, config)
+    _release(factorization.root)  # the column loop reads U alone
     if drift is not None and not _shares_memory(drift, start_point.correction):
         _release(drift, D if release_statistics else None)
     del drift
@@ -247,6 +250,8 @@ def solve_layer(
         group_of_column=group_of_column,
         official=config.lazy_update == "official",
     )
+    if not any(_shares_memory(start_point.work, kept) for kept in (start_point.first_column, start_point.first_grid)):
+        _release(start_point.work)  # the solver works on its transposed copy
     quantized, loss = solver.run(config.blocksize)
     grid = _solved_grid(solver, static_params, groupsize, perm, columns, quantizer.maxq)
     del solver, start_point
@@ -263,6 +268,14 @@ def solve_layer(
             f"percdamp={factorization.damp:g}): {hint}"
         )
     return SolveResult(result, loss, factorization.damp, time.perf_counter() - began, grid)
+
+
+def _permuted(matrix: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``matrix[perm][:, perm]`` for a matrix the solve owns (its own copy, or one handed over), which is given
+    back: two ``n × n`` matrices at a time, not three."""
+    rows = matrix[perm]
+    _release(matrix)
+    return rows[:, perm]
 
 
 def _release(*tensors: torch.Tensor | None) -> None:
@@ -288,10 +301,24 @@ def _check_weight(W: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: W contains {bad} NaN or Inf entries; the layer's weights are broken")
 
 
+_SCAN_ROWS = 256
+"""Rows of a matrix reduced at once by :func:`_largest_magnitude` (``aminmax`` of a whole matrix allocates a
+copy of it: ``4n²`` bytes beside the solve's largest matrices)."""
+
+
 def _largest_magnitude(tensor: torch.Tensor) -> float:
-    """``max |x|`` in one pass (NaN if any entry is NaN); ``aminmax`` is vectorized, an ∞-norm is not."""
-    smallest, largest = torch.aminmax(tensor.detach())
-    return max(-float(smallest), float(largest))
+    """``max |x|`` (NaN if any entry is NaN), a slice of :data:`_SCAN_ROWS` rows at a time; ``aminmax`` is
+    vectorized, an ∞-norm is not."""
+    values = tensor.detach()
+    rows = values.reshape(-1, values.shape[-1]) if values.dim() > 1 else values.reshape(1, -1)
+    largest = 0.0
+    for part in rows.split(_SCAN_ROWS):
+        smallest, biggest = torch.aminmax(part)
+        magnitude = max(-float(smallest), float(biggest))
+        if math.isnan(magnitude):
+            return math.nan
+        largest = max(largest, magnitude)
+    return largest
 
 
 def _largest_asymmetry(matrix: torch.Tensor) -> float:
@@ -382,8 +409,8 @@ def _upper_triangular_inverse(r: torch.Tensor) -> torch.Tensor:
     """Inverse of the upper triangular ``r`` [n, n], by halves: ``[[A, B], [0, C]]⁻¹ = [[A⁻¹, −A⁻¹BC⁻¹], [0, C⁻¹]]``.
 
     About ``2n³/3`` flops in matrix products, against ``n³`` for a triangular solve with an identity
-    right-hand side. The halves are written into the result in place: one ``n × n`` matrix and two
-    ``n/2 × n/2`` products besides ``r``.
+    right-hand side. The halves are written into the result in place: one ``n × n`` matrix and one
+    ``n/2 × n/2`` product besides ``r``.
     """
     inverse = torch.zeros_like(r)
     _invert_upper_into(r, inverse)
@@ -401,7 +428,9 @@ def _invert_upper_into(r: torch.Tensor, out: torch.Tensor) -> None:
     a_inv, c_inv = out[:half, :half], out[half:, half:]
     _invert_upper_into(r[:half, :half], a_inv)
     _invert_upper_into(r[half:, half:], c_inv)
-    out[:half, half:] = -(a_inv @ r[:half, half:]) @ c_inv
+    product = a_inv @ r[:half, half:]
+    torch.mm(product, c_inv, out=out[:half, half:])
+    out[:half, half:].neg_()  # −(A⁻¹B)C⁻¹: negating a product is exact
 
 
 @dataclass

@@ -38,27 +38,35 @@ def drift_correction(drift: torch.Tensor, upper: torch.Tensor, alpha: float, *, 
                      ) -> torch.Tensor:
     """GPTAQ's ``P = α · triu(D Uᵀ, 1) · U`` [n, n], strictly upper triangular.
 
-    With ``in_place``, ``P`` is written over ``drift`` (read only before): one ``n × n`` matrix less.
+    With ``in_place``, ``T`` and then ``P`` are written over ``drift``: besides ``D`` and ``U`` the product holds
+    one ``n ×`` :data:`STRUCTURE_BLOCK` slice, not two more ``n × n`` matrices.
 
     Exploits the triangles: ``T = triu(D Uᵀ, 1)`` needs, for the columns ``[a, b)``, only rows ``< b``
     and only ``U``'s columns ``≥ a``; ``P = T U`` needs, for rows ``[a, b)``, only ``T``'s and ``U``'s rows
     ``≥ a`` and, for the columns ``[c, d)``, only ``U``'s rows ``< d``. This costs about ``2n³/3`` flops
-    instead of ``4n³``.
+    instead of ``4n³``. Columns of ``T`` are computed left to right, each from ``D``'s columns at or right of
+    it, so each can replace ``D``'s once computed; rows of ``P`` each from the same rows of ``T``.
     """
     n = upper.shape[0]
     step = STRUCTURE_BLOCK
-    t = torch.zeros_like(drift)
-    for a in range(0, n, step):
+    t = drift if in_place else drift.clone()
+    columns = torch.empty(n, min(step, n), dtype=t.dtype, device=t.device)
+    for a in range(0, n, step):  # T's columns [a, b), over D's
         b = min(a + step, n)
-        torch.mm(drift[:b, a:], upper[a:b, a:].T, out=t[:b, a:b])
+        block = columns[:b, : b - a]
+        torch.mm(t[:b, a:], upper[a:b, a:].T, out=block)
+        t[:b, a:b] = block
+        t[b:, a:b] = 0
     t.triu_(diagonal=1)
-    p = drift.zero_() if in_place else torch.zeros_like(drift)
-    for a in range(0, n, step):
+    rows = torch.empty(min(step, n), n, dtype=t.dtype, device=t.device)
+    for a in range(0, n, step):  # P's rows [a, b), over T's
         b = min(a + step, n)
+        block = rows[: b - a]
         for c in range(a, n, step):
             d = min(c + step, n)
-            torch.mm(t[a:b, a:d], upper[a:d, c:d], out=p[a:b, c:d])
-    return p.mul_(alpha)
+            torch.mm(t[a:b, a:d], upper[a:d, c:d], out=block[:, c:d])
+        t[a:b, a:] = block[:, a:]
+    return t.mul_(alpha)
 
 
 def start(work: torch.Tensor, drift: torch.Tensor, factorization: Factorization,

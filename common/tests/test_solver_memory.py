@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,7 +15,7 @@ from common.bench.timing import seeded_problem
 from common.methods import METHODS
 from common.solvers import statistics
 from common.solvers.column_loop import SolverConfig, factorize
-from common.solvers.statistics import SET_ASIDE_BYTES, CalibrationStatistics
+from common.solvers.statistics import SET_ASIDE_BYTES, CalibrationError, CalibrationStatistics
 
 CALIBRATED = [name for name, method in METHODS.items() if method.calibrated]
 
@@ -32,7 +37,7 @@ def test_handed_over_statistics_give_the_same_bits_and_are_released(method, act_
 def test_sums_wait_in_files_while_solving_and_come_back_whole(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("GPTAQ_CACHE_DIR", str(tmp_path))
     columns = int((SET_ASIDE_BYTES / 16) ** 0.5) + 1  # two float64 sums just above the threshold
-    stats = CalibrationStatistics(columns, asymmetric=True)
+    stats = CalibrationStatistics(columns, asymmetric=True, mapped=False)  # as on a GPU
     generator = torch.Generator().manual_seed(0)
     x_quant = torch.randn(8, columns, generator=generator)
     stats.add(x_quant, x_quant + 0.1 * torch.randn(8, columns, generator=generator))
@@ -77,3 +82,50 @@ def test_large_batch_products_are_added_by_row_slices_and_small_ones_whole(monke
     x64, f64 = x_quant.double(), x_full.double()
     torch.testing.assert_close(sliced._xtx, x64.T @ x64, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(sliced._dxtx, (f64 - x64).T @ x64, rtol=1e-5, atol=1e-4)
+
+
+def _resident_mib() -> float:
+    """This process's resident memory (anonymous and file-backed), MiB."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return (int(fields["RssAnon"].split()[0]) + int(fields["RssFile"].split()[0])) / 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status (Linux)")
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole-product", "sliced-product"])
+def test_large_sums_live_in_a_mapped_file_with_the_same_bits(tmp_path, monkeypatch, sliced) -> None:
+    monkeypatch.setenv("GPTAQ_CACHE_DIR", str(tmp_path))
+    if sliced:
+        monkeypatch.setattr(statistics, "SLICED_PRODUCT_BYTES", 1)
+    columns = int((SET_ASIDE_BYTES / 8) ** 0.5) + 1  # each float64 sum just above the threshold: 64 MiB
+    generator = torch.Generator().manual_seed(2)
+    x_quant = torch.randn(2, 16, columns, generator=generator)
+    x_full = x_quant + 0.1 * torch.randn(2, 16, columns, generator=generator)
+    weight = torch.randn(6, columns, generator=generator)
+    in_memory = CalibrationStatistics(columns, asymmetric=True, mapped=False)
+    mapped = CalibrationStatistics(columns, asymmetric=True)
+    assert mapped.mapped and not in_memory.mapped
+    assert list((tmp_path / "snapshots").iterdir()) == []  # unlinked once mapped
+    before = _resident_mib()
+    for batch in range(2):
+        in_memory.add(x_quant[batch], x_full[batch])
+        mapped.add(x_quant[batch], x_full[batch])
+    assert _resident_mib() - before < 2 * 64 / 4  # the two 64 MiB sums are not held (their pages went back)
+    assert torch.equal(mapped.hessian(), in_memory.hessian()) and torch.equal(mapped.drift(), in_memory.drift())
+    assert mapped.output_error(weight, weight.round(), 3.0) == in_memory.output_error(weight, weight.round(), 3.0)
+    with mapped.sums_in_files(last_use=True):
+        assert torch.equal(mapped.hessian(), in_memory.hessian())
+    assert mapped._xtx.numel() == 0 and mapped._dxtx.numel() == 0  # the mapping is gone with its last use
+    with pytest.raises(RuntimeError, match="last use"):
+        mapped.hessian()
+
+
+def test_a_full_disk_for_mapped_sums_is_a_clear_error_before_any_sum(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("GPTAQ_CACHE_DIR", str(tmp_path))
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    with pytest.raises(CalibrationError, match=r"no room in .*snapshots.*GPTAQ_CACHE_DIR"):
+        CalibrationStatistics(4, asymmetric=True, mapped=True, name="block 3: mlp.down_proj")
+    assert list((tmp_path / "snapshots").iterdir()) == []
