@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from common.solvers import gptaq, gptq, qep, qronos
+from common.solvers import foem, gptaq, gptq, qep, qronos, rescomp
 from common.solvers.column_loop import SolverConfig, SolveResult
 from common.solvers.parameters import MethodParameter
 
@@ -133,6 +133,11 @@ METHODS: Mapping[str, Method] = MappingProxyType({method.name: method for method
     Method("qronos", "Qronos", "Qronos (Zhang et al., 2026): least-squares drift correction, then GPTQ",
            CALIBRATED, statistics=("H", "D"), act_quant_during_calibration=True, solve=qronos.solve,
            color="#8172B3", flops=_qep_flops),
+    Method("foem", "FOEM", "FOEM (Zheng et al., 2026): GPTQ with the first-order term β (w − w₀)", CALIBRATED,
+           statistics=("H",), solve=foem.solve, parameters=(foem.FOEM_BETA,), color="#937860", flops=_gptq_flops),
+    Method("rescomp", "ResComp", "ResComp (Li et al., 2026): GPTAQ plus the compensation-aware term α₂", CALIBRATED,
+           statistics=("H", "D"), act_quant_during_calibration=True, solve=rescomp.solve,
+           parameters=(gptaq.ALPHA, rescomp.RESCOMP_ALPHA), color="#DA8BC3", flops=_gptaq_flops),
 )})
 """Every method, in report order."""
 

@@ -18,7 +18,7 @@ from common import distributed
 from common.engine.adapter import ModelAdapter
 from common.engine.model import quantize_model
 from common.engine.settings import CalibrationReport, CalibrationSettings
-from common.methods import get_method
+from common.methods import METHOD_PARAMETERS, get_method
 from common.profile import StageProfile
 from common.quant.qlinear import clear_weight_grids, set_input_quantization
 from common.results.runs import STDERR_SUFFIX, MetricRow
@@ -39,11 +39,10 @@ def solver_config(settings: RunSettings) -> SolverConfig:
         static_groups=settings.static_groups,
         percdamp=settings.percdamp,
         blocksize=settings.blocksize,
-        alpha=settings.alpha,
         mse=settings.w_clip,
         lazy_update=settings.lazy_update,
-        qep_alpha=settings.qep_alpha,
         grid=settings.w_grid,
+        **{name: getattr(settings, name) for name in METHOD_PARAMETERS},
     )
 
 

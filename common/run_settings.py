@@ -20,8 +20,10 @@ from common.methods import DEFAULT_METHODS, METHOD_NAMES, METHOD_PARAMETERS, MET
 from common.quant.quantizers import GRIDS, check_clip_ratio, check_grid_bits
 from common.rules import ConfigError, check_group_size, check_nonnegative, check_one_of, check_positive
 from common.solvers.column_loop import LAZY_UPDATES
+from common.solvers.foem import FOEM_BETA
 from common.solvers.gptaq import ALPHA
 from common.solvers.qep import QEP_ALPHA
+from common.solvers.rescomp import RESCOMP_ALPHA
 
 
 def describe(text: str, *, path: bool = False) -> dict[str, Any]:
@@ -68,6 +70,8 @@ class RunSettings:
     alpha: float = field(default=ALPHA.default, metadata=describe(ALPHA.meaning))
     lazy_update: str = field(default="exact", metadata=describe(f"GPTAQ lazy update form, one of {LAZY_UPDATES}"))
     qep_alpha: float = field(default=QEP_ALPHA.default, metadata=describe(QEP_ALPHA.meaning))
+    foem_beta: float = field(default=FOEM_BETA.default, metadata=describe(FOEM_BETA.meaning))
+    rescomp_alpha: float = field(default=RESCOMP_ALPHA.default, metadata=describe(RESCOMP_ALPHA.meaning))
     qep_exclude: list[str] = field(default_factory=list, metadata=describe(
         "linears QEP leaves uncorrected, by name within a block (e.g. mlp.down_proj)"))
     act_quant_during_calibration: bool | None = field(

@@ -74,6 +74,8 @@ class SolverConfig:
         lazy_update: ``"exact"`` (blocksize-independent) or ``"official"`` (the official GPTAQ code's form).
         qep_alpha: QEP's scale of the weight correction (declared and checked by
             :data:`common.solvers.qep.QEP_ALPHA`).
+        foem_beta: FOEM's first-order scale (:data:`common.solvers.foem.FOEM_BETA`).
+        rescomp_alpha: ResComp's compensation-aware scale (:data:`common.solvers.rescomp.RESCOMP_ALPHA`).
         grid: one of :data:`common.quant.quantizers.GRIDS` (``"gptq"``: what a ``gptq`` checkpoint stores
             exactly).
     """
@@ -90,6 +92,8 @@ class SolverConfig:
     lazy_update: str = "exact"
     qep_alpha: float = 0.5
     grid: str = "float"
+    foem_beta: float = 0.2
+    rescomp_alpha: float = 0.25
 
     def __post_init__(self) -> None:
         check_grid_bits(self.bits, self.sym)
@@ -135,12 +139,35 @@ class StartingPoint:
             still measured against ``work[:, 0]``), or ``None``.
         first_grid: values [m, k] the first group's grid (or, without groups, the row's grid) is computed
             from instead of the current values, or ``None``.
+        anchored: terms of the update that read ``work``'s own columns (:class:`AnchorTerms`), or ``None``.
     """
 
     work: torch.Tensor
     correction: torch.Tensor | None = None
     first_column: torch.Tensor | None = None
     first_grid: torch.Tensor | None = None
+    anchored: AnchorTerms | None = None
+
+
+@dataclass(frozen=True)
+class AnchorTerms:
+    """Terms of the update that read each column's starting value ``w₀_j`` (``work[:, j]``): FOEM's and ResComp's.
+
+    For column ``j``, before it is quantized, and in its update of the later columns ``k``:
+
+        w_j ← w_j − pull · (w_j − w₀_j)
+        ẽ_j = ((w_j − q_j) − shift · (w_j − w₀_j)) / U[j, j]
+        v_j = keep · w_j − mix · (w_j − w₀_j)
+        W[:, k] −= ẽ_j · U[j, k] − v_j · P[j, k]
+
+    (with ``shift = pull = mix = 0`` and ``keep = 1`` this is the plain update). The proxy loss stays
+    ``Σ_j ‖w_j − q_j‖² / U[j, j]² / 2``.
+    """
+
+    shift: float = 0.0
+    pull: float = 0.0
+    mix: float = 0.0
+    keep: float = 1.0
 
 
 MethodStart = Callable[[torch.Tensor, torch.Tensor, Factorization, SolverConfig], StartingPoint]
@@ -176,12 +203,14 @@ def solve_layer(
     *,
     name: str = "layer",
     start: MethodStart | None = None,
+    reads_drift: bool | None = None,
     release_statistics: bool = False,
 ) -> SolveResult:
     """The column loop with its checks, damping, ``act_order`` and groups, from a method's ``start``.
 
-    Without ``start`` the loop runs GPTQ on ``W`` and ``D`` is not read; with it (``D`` required) the
-    method's start turns ``W`` into its starting point and ``P`` once ``H_λ`` is factored. With
+    Without ``start`` the loop runs GPTQ on ``W`` and ``D`` is not read; with it the method's start turns ``W``
+    into its starting point and ``P`` once ``H_λ`` is factored, from ``D`` (required) unless ``reads_drift`` is
+    false (then the start gets ``None``). With
     ``release_statistics`` the caller hands ``H`` and ``D`` over: they are worked on in place and their memory
     is given back as soon as they are read (``H`` once factored, ``D`` once the start is computed), so a solve
     holds at most ``3¼`` float32 ``n × n`` matrices, ``D`` included, besides ``W`` (the calibration engine's
@@ -192,7 +221,7 @@ def solve_layer(
     began = time.perf_counter()
     _check_weight(W, name)
     columns = W.shape[1]
-    needs_drift = start is not None
+    needs_drift = start is not None if reads_drift is None else reads_drift
     if needs_drift and D is None:
         raise ValueError(f"{name}: this method needs the drift statistic D; got D=None")
     _check_statistics(H, D if needs_drift else None, columns, name)
@@ -251,7 +280,7 @@ def solve_layer(
         official=config.lazy_update == "official",
     )
     if not any(_shares_memory(start_point.work, kept) for kept in (start_point.first_column, start_point.first_grid)):
-        _release(start_point.work)  # the solver works on its transposed copy
+        _release(start_point.work)  # the solver works on its transposed copies
     quantized, loss = solver.run(config.blocksize)
     grid = _solved_grid(solver, static_params, groupsize, perm, columns, quantizer.maxq)
     del solver, start_point
@@ -280,9 +309,10 @@ def _permuted(matrix: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 
 def _release(*tensors: torch.Tensor | None) -> None:
     """Give back the memory of tensors the solver owns (its own copies, or statistics handed over with
-    ``release_statistics``); they are empty afterwards."""
+    ``release_statistics``); they are empty afterwards. A storage that cannot be resized (one whose bytes were
+    lent to numpy, as the clip search's memo does to hash a weight) is left to be freed with its tensor."""
     for tensor in tensors:
-        if tensor is not None:
+        if tensor is not None and tensor.untyped_storage().resizable():
             tensor.untyped_storage().resize_(0)
 
 
@@ -489,6 +519,9 @@ class _BlockSolver:
         official: bool,
     ) -> None:
         self.weight_t = start.work.T.contiguous()
+        self.anchored = start.anchored
+        self.anchor_t = self.weight_t.clone() if start.anchored is not None else None
+        """``w₀ᵀ`` [n, m]: each column's starting value, for :class:`AnchorTerms`."""
         self.first_column = start.first_column
         self.first_grid = start.first_grid
         self.upper = upper
@@ -519,6 +552,7 @@ class _BlockSolver:
         whole block.
         """
         weight_t, upper, correction = self.weight_t, self.upper, self.correction
+        anchor, terms = self.anchor_t, self.anchored
         columns, rows = weight_t.shape
         diagonal = torch.diagonal(upper).tolist()
         quantized = torch.empty_like(weight_t)
@@ -531,11 +565,14 @@ class _BlockSolver:
             values, pairs, coefficients = block.values, block.pairs, block.coefficients
             errors = block.errors
             originals = block.originals if correction is not None else None
+            raw = torch.empty_like(errors) if terms is not None else errors  # (w_j − q_j) / U[j, j]
             for j1 in range(0, width, _INNER_BLOCK):
                 j2 = block.sub_end = min(j1 + _INNER_BLOCK, width)
                 block.sub_start = j1
                 for i in range(j1, j2):
                     column = i1 + i
+                    if terms is not None and terms.pull:  # w_j ← w_j − pull (w_j − w₀_j)
+                        values[i].sub_(values[i] - anchor[column], alpha=terms.pull)
                     if self.groupsize > 0:
                         self._start_group(column, block)
                     w = values[i] if originals is None else originals[i].copy_(values[i])
@@ -544,7 +581,9 @@ class _BlockSolver:
                     q = self.quantizer.quantize_column_(target, self.column_scale, self.column_zero,
                                                         out=quantized[column])
                     # e_j = (w_j − q_j) / U[j, j]
-                    torch.sub(w, q, out=errors[i]).div_(diagonal[column])
+                    torch.sub(w, q, out=raw[i]).div_(diagonal[column])
+                    if terms is not None:
+                        self._anchor_pair(i, column, w, raw, block, diagonal[column])
                     if i + 1 < j2:
                         # rest of the sub-block: W[:, k] −= e_j U[j, k] − w_j P[j, k]
                         values[i + 1 : j2].addmm_(coefficients[i, :, i + 1 : j2].T, pairs[i])
@@ -552,7 +591,7 @@ class _BlockSolver:
                     # rest of the block, from the whole sub-block: W[:, k] −= Σ_j (e_j U[j, k] − w_j P[j, k])
                     values[j2:].addmm_(coefficients[j1:j2, :, j2:].reshape(-1, width - j2).T,
                                        pairs[j1:j2].reshape(-1, rows))
-            loss += errors.square().sum()
+            loss += raw.square().sum()
             if i2 < columns:
                 # later blocks: W[:, k] −= Σ_j e_j U[j, k] ...
                 weight_t[i2:].addmm_(upper[i1:i2, i2:].T, errors, alpha=-1)
@@ -561,6 +600,20 @@ class _BlockSolver:
                     lhs = quantized[i1:i2] if self.official else originals
                     weight_t[i2:].addmm_(correction[i1:i2, i2:].T, lhs)
         return quantized.T, float(loss) / 2
+
+    def _anchor_pair(self, i: int, column: int, w: torch.Tensor, raw: torch.Tensor, block: _Block,
+                     diagonal: float) -> None:
+        """Column ``i`` of ``block`` (``column`` overall) quantized from ``w``: its pair ``(ẽ_j, v_j)`` from
+        ``raw[i] = (w_j − q_j) / U[j, j]`` and the anchor terms (:class:`AnchorTerms`)."""
+        terms, anchor = self.anchored, self.anchor_t[column]
+        drift = w - anchor
+        # ẽ_j = e_j − shift (w_j − w₀_j) / U[j, j]
+        torch.sub(raw[i], drift, alpha=terms.shift / diagonal, out=block.errors[i])
+        if self.correction is not None and (terms.mix or terms.keep != 1):  # v_j = keep w_j − mix (w_j − w₀_j)
+            pair = block.originals[i]  # w_j's row in the pairs
+            if terms.keep != 1:
+                pair.mul_(terms.keep)
+            pair.sub_(drift, alpha=terms.mix)
 
     def _set_grid(self, scale: torch.Tensor, zero: torch.Tensor) -> None:
         """Make ``(scale, zero)`` [m, 1] the grid of the columns that follow."""

@@ -4,7 +4,8 @@ Each function takes the statistics of :mod:`common.solvers.statistics` (Qronos: 
 returns the fake-quantized weight [m, n] in float64. None of them blocks, reorders work for speed or reuses
 memory: inverses are textbook inverses, each column is updated as the formula says. The fast solvers
 (:mod:`common.solvers.gptq`, :mod:`~common.solvers.gptaq`, :mod:`~common.solvers.qep`,
-:mod:`~common.solvers.qronos`) must agree with them to float rounding; the tests check that they do.
+:mod:`~common.solvers.qronos`, :mod:`~common.solvers.foem`, :mod:`~common.solvers.rescomp`) must agree with them
+to float rounding; the tests check that they do.
 
 Notation of :mod:`common.solvers.column_loop`: ``W`` [m, n], ``H``, ``D`` [n, n], ``λ = percdamp ·
 mean(diag H)``, ``U = chol(H_λ⁻¹)`` upper triangular. Grids: one per row, or per ``groupsize`` columns from
@@ -39,6 +40,19 @@ def gptaq(weight: torch.Tensor, hessian: torch.Tensor, drift: torch.Tensor, *, a
     """GPTAQ: GPTQ's update plus ``+ w_j P[j, k]`` with ``P = α · triu(D Uᵀ, 1) · U`` (``w_j`` the column
     before it is quantized)."""
     return _column_by_column(weight, hessian, drift, alpha=alpha, **options)
+
+
+def foem(weight: torch.Tensor, hessian: torch.Tensor, *, beta: float = 0.2, **options) -> torch.Tensor:
+    """FOEM: before column ``j`` is quantized ``w_j ← w_j − β (w_j − w₀_j)``; then ``e_j = ((w_j − q_j) −
+    β (w_j − w₀_j)) / U[j, j]`` and GPTQ's update (``w₀`` the starting weight, after ``act_order``)."""
+    return _column_by_column(weight, hessian, None, beta=beta, **options)
+
+
+def rescomp(weight: torch.Tensor, hessian: torch.Tensor, drift: torch.Tensor, *, alpha: float = 0.25,
+            alpha2: float = 0.25, **options) -> torch.Tensor:
+    """ResComp: GPTAQ's update plus ``+ (w₀_j − w_j) R[j, k]`` with ``R = α₂ · triu((H + D) Uᵀ, 1) · U`` formed as
+    written (``H`` undamped)."""
+    return _column_by_column(weight, hessian, drift, alpha=alpha, alpha2=alpha2, **options)
 
 
 def gptaq_official(weight: torch.Tensor, hessian: torch.Tensor, drift: torch.Tensor, *, bits: int, blocksize: int,
@@ -131,8 +145,9 @@ def qronos(weight: torch.Tensor, x_full: torch.Tensor, x_quant: torch.Tensor, *,
 def _column_by_column(weight: torch.Tensor, hessian: torch.Tensor, drift: torch.Tensor | None, *, bits: int,
                       sym: bool = False, groupsize: int = -1, act_order: bool = False, static_groups: bool = False,
                       percdamp: float = 0.01, alpha: float = 0.25, mse: bool = False,
-                      grid_format: str = "float") -> torch.Tensor:
-    """The column loop of GPTQ (``drift is None``) or GPTAQ, one column at a time, no blocks."""
+                      grid_format: str = "float", beta: float = 0.0, alpha2: float = 0.0) -> torch.Tensor:
+    """The column loop of GPTQ (``drift is None``), GPTAQ, FOEM (``beta``) or ResComp (``alpha2``), one
+    column at a time, no blocks."""
     w = weight.clone().double()
     h = hessian.clone().double()
     d = None if drift is None else drift.clone().double()
@@ -148,15 +163,19 @@ def _column_by_column(weight: torch.Tensor, hessian: torch.Tensor, drift: torch.
         static = [quantizer.params(w[:, g:g + groupsize]) for g in range(0, n, groupsize)]
     perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(n)
     w, h = w[:, perm], h[perm][:, perm]
+    undamped = h
     h = h + percdamp * torch.diagonal(h).mean() * torch.eye(n, dtype=h.dtype)
     u = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
-    p = None
+    p = r = None
     if d is not None:
         d = d[perm][:, perm]
         p = alpha * torch.triu(d @ u.T, diagonal=1) @ u
+        r = alpha2 * torch.triu((undamped + d) @ u.T, diagonal=1) @ u
+    w0 = w.clone()
     q_all = torch.zeros_like(w)
     scale, zero = quantizer.params(w) if groupsize <= 0 else (None, None)
     for j in range(n):
+        w[:, j] -= beta * (w[:, j] - w0[:, j])
         if static is not None:
             scale, zero = static[int(perm[j]) // groupsize]
         elif groupsize > 0 and j % groupsize == 0:
@@ -164,10 +183,10 @@ def _column_by_column(weight: torch.Tensor, hessian: torch.Tensor, drift: torch.
         col = w[:, j].clone()
         q = quantizer.quantize(col[:, None], scale, zero)[:, 0]
         q_all[:, j] = q
-        err = (col - q) / u[j, j]
+        err = ((col - q) - beta * (col - w0[:, j])) / u[j, j]
         w[:, j + 1:] -= torch.outer(err, u[j, j + 1:])
         if p is not None:
-            w[:, j + 1:] += torch.outer(col, p[j, j + 1:])
+            w[:, j + 1:] += torch.outer(col, p[j, j + 1:]) + torch.outer(w0[:, j] - col, r[j, j + 1:])
     return q_all[:, torch.argsort(perm)]
 
 
