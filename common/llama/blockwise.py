@@ -11,7 +11,7 @@ memory.
 
 Resident memory: one block in the run's dtype (``4·h² + 3·h·i`` values for hidden size ``h`` and MLP size
 ``i``, with as many KV heads as heads; fewer KV heads need less), plus the float64 temporaries of its rotation
-(a slice of one weight matrix at a time, its float64 copy and its rotated copy: 128 MiB each at most), plus
+(a slice of one weight matrix at a time, its float64 copy and its rotated copy: 32 MiB each at most), plus
 the embedding (``v·h`` values, vocabulary ``v``) while the model runs up to its first block, plus norm and
 head while the evaluation computes logits.
 """

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.llama.rotation import ROTATION_SLICE_BYTES
+from common.solvers.statistics import SUM_ROWS
+
 GIB = 2**30
 ONE_AT_A_TIME = ("reading", "statistics", "solve")
 """Phases of a block that are never resident together (each term holds the block's weights it needs)."""
@@ -50,12 +53,6 @@ PAPER_TOKENS = 128 * 2048
 """The paper's calibration: 128 windows of 2048 tokens."""
 
 
-ROTATION_SLICE_BYTES = 32 * 2**20
-"""The float64 slice of a weight rotated at once (``common.llama.rotation._SLICE_BYTES``)."""
-SUM_SLICE_ROWS = 256
-"""Rows of a float64 sum added or read at once (``common.solvers.statistics._SUM_ROWS``)."""
-
-
 def calibration_bytes(shape: ModelShape, tokens: int, value_bytes: int, *, full_precision_stream: bool = True,
                       resident_only: bool = False) -> dict[str, int]:
     """Each term of the resident set while a block is calibrated (bytes), for ``tokens`` calibration tokens
@@ -78,7 +75,7 @@ def calibration_bytes(shape: ModelShape, tokens: int, value_bytes: int, *, full_
     n = max(h, i)
     sums = 2 if full_precision_stream else 1
     block = value_bytes * shape.block_values
-    resident_sums = sums * 8 * SUM_SLICE_ROWS * n if resident_only else sums * 8 * n * n
+    resident_sums = sums * 8 * SUM_ROWS * n if resident_only else sums * 8 * n * n
     return {
         "streams": sums * value_bytes * tokens * h,
         "kept inputs": value_bytes * tokens * (3 * h + i) if full_precision_stream else 0,

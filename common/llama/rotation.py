@@ -53,7 +53,7 @@ WRITERS = ("self_attn.o_proj", "mlp.down_proj")
 EMBEDDINGS = ("model.embed_tokens.weight", "lm_head.weight")
 _ROTATION_ROWS = 4096
 """Rows of an embedding matrix rotated at once (float64 copies of 4096 × hidden)."""
-_SLICE_BYTES = 32 * 2**20
+ROTATION_SLICE_BYTES = 32 * 2**20
 """Float64 bytes of the slice of a block's weight rotated at once (its copy and its product each hold this)."""
 
 
@@ -318,7 +318,7 @@ def rotate_embedding_(embedding: torch.Tensor, residual: torch.Tensor) -> None:
 def rotate_layer_weights_(layer: nn.Module, index: int, *, residual: torch.Tensor, head: torch.Tensor) -> None:
     """:func:`rotated_weights` of one prepared decoder layer (number ``index``), in place, in float64: one tensor
     at a time and, in a large one, a slice at a time (:func:`_independent_slices`), so the float64 temporaries
-    are of :data:`_SLICE_BYTES` at most."""
+    are of :data:`ROTATION_SLICE_BYTES` at most."""
     residual, head = residual.double(), head.double()
     head_dim = layer.self_attn.head_dim
     for name, tensor in layer.state_dict().items():
@@ -333,7 +333,7 @@ def _independent_slices(name: str, tensor: torch.Tensor, head_dim: int) -> list[
     """Index tuples of ``tensor`` (a decoder layer's ``name``) that :func:`_rotated_tensor` rotates each on its
     own with the same result: a reader's weight (``W Q``, and ``Mᵀ W_h`` per head of ``head_dim`` rows) by rows,
     a writer's (``Qᵀ W``, and ``W_o[:, h] M`` per head of ``head_dim`` columns) by columns, each slice of at
-    most :data:`_SLICE_BYTES` in float64 (whole heads); anything else whole."""
+    most :data:`ROTATION_SLICE_BYTES` in float64 (whole heads); anything else whole."""
     module, _, kind = name.rpartition(".")
     if kind != "weight" or tensor.dim() != 2:
         return [(slice(None),)]
@@ -341,7 +341,7 @@ def _independent_slices(name: str, tensor: torch.Tensor, head_dim: int) -> list[
     if not reader and module not in WRITERS:
         return [(slice(None),)]
     length, other = (tensor.shape[0], tensor.shape[1]) if reader else (tensor.shape[1], tensor.shape[0])
-    step = max(head_dim, _SLICE_BYTES // (8 * other) // head_dim * head_dim)
+    step = max(head_dim, ROTATION_SLICE_BYTES // (8 * other) // head_dim * head_dim)
     parts = [slice(start, min(start + step, length)) for start in range(0, length, step)]
     return [(part,) if reader else (slice(None), part) for part in parts]
 
@@ -351,7 +351,7 @@ def fuse_online(linear: nn.Linear, transform: OnlineTransform) -> QuantLinear:
     """Fuse ``transform`` into ``linear``'s columns (``W <- T(W)``, a slice of rows at a time: each row is
     transformed on its own) and wrap it to apply ``T`` online."""
     weight = linear.weight
-    step = max(1, _SLICE_BYTES // (8 * weight.shape[1]))
+    step = max(1, ROTATION_SLICE_BYTES // (8 * weight.shape[1]))
     for rows in weight.split(step):
         _set(rows, transform(rows.double()))
     return QuantLinear(linear, input_transform=transform)

@@ -28,6 +28,7 @@ signed ``-2**(bits-1)..2**(bits-1) - 1``; the range is shrunk by ``clip_ratio`` 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -298,7 +299,9 @@ class _SearchMemo:
         """The memo key of weight ``w`` searched with ``settings``, or ``None`` for a weight not on the CPU."""
         if w.device.type != "cpu":
             return None
-        data = w.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        values = w.detach().contiguous()
+        # the bytes read in place through ctypes: lending the storage to numpy would pin its size for good
+        data = (ctypes.c_char * values.nbytes).from_address(values.data_ptr()) if values.nbytes else b""
         return settings, w.dtype, tuple(w.shape), hashlib.blake2b(data, digest_size=32).digest()
 
     def get(self, key: tuple | None) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -309,8 +309,8 @@ def _permuted(matrix: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 
 def _release(*tensors: torch.Tensor | None) -> None:
     """Give back the memory of tensors the solver owns (its own copies, or statistics handed over with
-    ``release_statistics``); they are empty afterwards. A storage that cannot be resized (one whose bytes were
-    lent to numpy, as the clip search's memo does to hash a weight) is left to be freed with its tensor."""
+    ``release_statistics``); they are empty afterwards. A storage that cannot be resized (e.g. one whose bytes
+    were lent to numpy) is left to be freed with its tensor."""
     for tensor in tensors:
         if tensor is not None and tensor.untyped_storage().resizable():
             tensor.untyped_storage().resize_(0)

@@ -24,8 +24,9 @@ from common.weight_files import ResidentOnly
 
 _ERROR_ROWS = 256
 """Weight rows per slice in :meth:`CalibrationStatistics.output_error` (four float64 ``256 × n`` temporaries)."""
-_SUM_ROWS = 256
-"""Rows of a batch's product computed and added to the float64 sums at once (``256 × n`` values)."""
+SUM_ROWS = 256
+"""Rows of a float64 sum added to (a large batch product is computed that many rows at a time) or read at once
+(``256 × n`` values)."""
 SLICED_PRODUCT_BYTES = 64 * 2**20
 """A batch's product ``X̃ᵀX̃`` at least this large is computed a slice of rows at a time (see ``_add_product``)."""
 SET_ASIDE_BYTES = 64 * 2**20
@@ -111,7 +112,6 @@ class CalibrationStatistics:
         With ``last_use`` the statistics are not read after the block: large sums are not brought back
         (reading them afterwards fails).
         """
-        sums = self._sums()
         if self.mapped:  # in files already
             yield
             if last_use:
@@ -119,6 +119,7 @@ class CalibrationStatistics:
                 self._dxtx = None if self._dxtx is None else torch.empty(0, dtype=torch.float64)
                 self._discarded = True
             return
+        sums = self._sums()
         if self._files is not None or sum(tensor.nbytes for tensor in sums.values()) < SET_ASIDE_BYTES:
             yield
             return
@@ -244,7 +245,7 @@ def _add_product(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
     would be ``4n²`` bytes more, its float64 copy ``8n²``); a smaller one at once, which is faster and, as the
     BLAS may block a long token dimension differently for a slice, keeps its bits independent of the slicing.
     """
-    step = _SUM_ROWS if total.shape[0] * total.shape[1] * left.element_size() >= SLICED_PRODUCT_BYTES else None
+    step = SUM_ROWS if total.shape[0] * total.shape[1] * left.element_size() >= SLICED_PRODUCT_BYTES else None
     if step is None:
         total += left.T @ right
         added(total)
@@ -259,9 +260,9 @@ def _scaled(total: torch.Tensor, scale: float, dtype: torch.dtype, read: Callabl
     """``(total · scale)`` in ``dtype`` (``total`` [n, n] float64), a slice of rows at a time: no float64
     temporary of the whole matrix besides the result; ``read`` is called with each slice once read."""
     result = torch.empty(total.shape, dtype=dtype, device=total.device)
-    for rows in range(0, total.shape[0], _SUM_ROWS):
-        result[rows:rows + _SUM_ROWS] = total[rows:rows + _SUM_ROWS] * scale
-        read(total[rows:rows + _SUM_ROWS])
+    for rows in range(0, total.shape[0], SUM_ROWS):
+        result[rows:rows + SUM_ROWS] = total[rows:rows + SUM_ROWS] * scale
+        read(total[rows:rows + SUM_ROWS])
     return result
 
 

@@ -1,7 +1,9 @@
-"""Random layers and solver options shared by the solver tests (GPTQ, GPTAQ, QEP, Qronos); the float64
+"""Random layers and solver options shared by the solver tests (GPTQ, GPTAQ, QEP, Qronos, FOEM, ResComp); the float64
 references they are checked against are :mod:`common.solvers.references`."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -40,3 +42,10 @@ OPTIONS = [
     {"sym": True},
     {"mse": True, "groupsize": 20},
 ]
+
+
+def assert_blocksize_free(solve: Callable[[int], torch.Tensor], blocksizes: Sequence[int] = (1, 7, 40)) -> None:
+    """``solve(blocksize)`` gives the same weight, to 1e-9, for every one of ``blocksizes`` (an exact lazy update)."""
+    results = [solve(blocksize) for blocksize in blocksizes]
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], rtol=0, atol=1e-9)
