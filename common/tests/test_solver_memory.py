@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from common.bench.timing import seeded_problem
+from common.memory import release_freed_memory
 from common.methods import METHODS
 from common.solvers import statistics
 from common.solvers.column_loop import SolverConfig, factorize
@@ -85,7 +86,9 @@ def test_large_batch_products_are_added_by_row_slices_and_small_ones_whole(monke
 
 
 def _resident_mib() -> float:
-    """This process's resident memory (anonymous and file-backed), MiB."""
+    """This process's resident memory (anonymous and file-backed), MiB, once the allocator has handed back what
+    it freed (the batch products' temporaries)."""
+    release_freed_memory()
     fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
     return (int(fields["RssAnon"].split()[0]) + int(fields["RssFile"].split()[0])) / 1024
 
