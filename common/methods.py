@@ -9,7 +9,8 @@ its solver-setting overrides, its colour in the figures and its FLOP model for t
 Adding a method is one entry in :data:`METHODS`, one module of :mod:`common.solvers` with its solve function
 ``solve(W, H, D, config, *, name, release_statistics=False)`` returning a
 :class:`common.solvers.column_loop.SolveResult` (and the
-declarations of its own parameters, :class:`common.solvers.parameters.MethodParameter`), and its tests.
+declarations of its own parameters, :class:`common.solvers.parameters.MethodParameter`, which become settings
+of every tree and entries of ``SolverConfig.parameters``), and its tests.
 """
 
 from __future__ import annotations

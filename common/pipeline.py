@@ -42,7 +42,7 @@ def solver_config(settings: RunSettings) -> SolverConfig:
         mse=settings.w_clip,
         lazy_update=settings.lazy_update,
         grid=settings.w_grid,
-        **{name: getattr(settings, name) for name in METHOD_PARAMETERS},
+        parameters={name: getattr(settings, name) for name in METHOD_PARAMETERS},
     )
 
 
@@ -80,7 +80,7 @@ def calibration_settings(method: str, settings: RunSettings, *, device: torch.de
         batch_size=settings.calib_batch_size,
         device=device,
         offload_device=offload_device,
-        linear_solvers={name: dataclasses.replace(solver, qep_alpha=0.0) for name in settings.qep_exclude},
+        linear_solvers={name: solver.with_parameters(qep_alpha=0.0) for name in settings.qep_exclude},
     )
 
 

@@ -20,10 +20,6 @@ from common.methods import DEFAULT_METHODS, METHOD_NAMES, METHOD_PARAMETERS, MET
 from common.quant.quantizers import GRIDS, check_clip_ratio, check_grid_bits
 from common.rules import ConfigError, check_group_size, check_nonnegative, check_one_of, check_positive
 from common.solvers.column_loop import LAZY_UPDATES
-from common.solvers.foem import FOEM_BETA
-from common.solvers.gptaq import ALPHA
-from common.solvers.qep import QEP_ALPHA
-from common.solvers.rescomp import RESCOMP_ALPHA
 
 
 def describe(text: str, *, path: bool = False) -> dict[str, Any]:
@@ -40,9 +36,21 @@ def check_device(device: str) -> None:
         raise ConfigError(f"device must be one of auto, cpu, cuda, cuda:<index>; got {device!r}")
 
 
+def with_method_parameters(cls: type) -> type:
+    """``cls`` (before ``@dataclass``) with one float field per registered method parameter
+    (:data:`common.methods.METHOD_PARAMETERS`: GPTAQ's ``alpha``, QEP's ``qep_alpha``, ...), its declared default
+    and meaning, after the fields ``cls`` declares: a method's parameter is declared once, in its module."""
+    for parameter in METHOD_PARAMETERS.values():
+        cls.__annotations__[parameter.name] = "float"
+        setattr(cls, parameter.name, field(default=parameter.default, metadata=describe(parameter.meaning)))
+    return cls
+
+
 @dataclass
+@with_method_parameters
 class RunSettings:
-    """Shared fields; see ``--help`` of any tree's entry point for their meaning."""
+    """Shared fields, and one per method parameter (:func:`with_method_parameters`); see ``--help`` of any tree's
+    entry point for their meaning."""
 
     TREE: ClassVar[str] = "run"
     """The tree's name (``fake_quant``, ``spinquant``, ``vit_quant``): the result JSON's ``tree``."""
@@ -67,11 +75,7 @@ class RunSettings:
     act_order: bool = field(default=False, metadata=describe("quantize columns by decreasing Hessian diagonal"))
     static_groups: bool = field(default=False, metadata=describe("group grids from the original weights"))
     blocksize: int = field(default=128, metadata=describe("solver lazy-update block size"))
-    alpha: float = field(default=ALPHA.default, metadata=describe(ALPHA.meaning))
     lazy_update: str = field(default="exact", metadata=describe(f"GPTAQ lazy update form, one of {LAZY_UPDATES}"))
-    qep_alpha: float = field(default=QEP_ALPHA.default, metadata=describe(QEP_ALPHA.meaning))
-    foem_beta: float = field(default=FOEM_BETA.default, metadata=describe(FOEM_BETA.meaning))
-    rescomp_alpha: float = field(default=RESCOMP_ALPHA.default, metadata=describe(RESCOMP_ALPHA.meaning))
     qep_exclude: list[str] = field(default_factory=list, metadata=describe(
         "linears QEP leaves uncorrected, by name within a block (e.g. mlp.down_proj)"))
     act_quant_during_calibration: bool | None = field(

@@ -125,7 +125,7 @@ def _linear(weight: torch.Tensor) -> nn.Linear:
 
 
 def _ours(method) -> Callable:
-    config = method.solver_config(SolverConfig(bits=BITS, blocksize=BLOCKSIZE, percdamp=PERCDAMP, alpha=ALPHA))
+    config = method.solver_config(SolverConfig.of(bits=BITS, blocksize=BLOCKSIZE, percdamp=PERCDAMP, alpha=ALPHA))
 
     def solve(weight: torch.Tensor, hessian: torch.Tensor, drift: torch.Tensor) -> torch.Tensor:
         return method.solve(weight, hessian, drift, config).weight

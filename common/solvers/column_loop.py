@@ -27,11 +27,14 @@ the start of the block. Both make the result depend on ``blocksize``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
 
 import torch
 
@@ -58,7 +61,7 @@ _INNER_BLOCK = 16
 @dataclass(frozen=True)
 class SolverConfig:
     """Settings of one layer solve, shared by every method; each is checked here by its rule
-    (:mod:`common.rules`), except a method's own parameters, which its ``solve`` checks.
+    (:mod:`common.rules`), a method's own parameters by their declarations.
 
     Attributes:
         bits: weight bit width, 1..16 (16 returns ``W`` unchanged; from 2 with ``sym``).
@@ -68,16 +71,13 @@ class SolverConfig:
         static_groups: with groups, compute every group's grid from the starting weight up front.
         percdamp: damping added to ``H``'s diagonal, as a fraction of its mean.
         blocksize: columns per lazy-update block.
-        alpha: GPTAQ's scale of the drift correction ``P`` (declared and checked by
-            :data:`common.solvers.gptaq.ALPHA`).
         mse: per-grid MSE clip search.
         lazy_update: ``"exact"`` (blocksize-independent) or ``"official"`` (the official GPTAQ code's form).
-        qep_alpha: QEP's scale of the weight correction (declared and checked by
-            :data:`common.solvers.qep.QEP_ALPHA`).
-        foem_beta: FOEM's first-order scale (:data:`common.solvers.foem.FOEM_BETA`).
-        rescomp_alpha: ResComp's compensation-aware scale (:data:`common.solvers.rescomp.RESCOMP_ALPHA`).
         grid: one of :data:`common.quant.quantizers.GRIDS` (``"gptq"``: what a ``gptq`` checkpoint stores
             exactly).
+        parameters: the methods' own settings by name, e.g. ``{"alpha": 0.25}`` (GPTAQ's scale), each one of
+            :data:`common.methods.METHOD_PARAMETERS` and checked by its declaration; one left out has its
+            declared default (a method reads it with :meth:`~common.solvers.parameters.MethodParameter.value`).
     """
 
     bits: int
@@ -87,21 +87,37 @@ class SolverConfig:
     static_groups: bool = False
     percdamp: float = 0.01
     blocksize: int = 128
-    alpha: float = 0.25
     mse: bool = False
     lazy_update: str = "exact"
-    qep_alpha: float = 0.5
     grid: str = "float"
-    foem_beta: float = 0.2
-    rescomp_alpha: float = 0.25
+    parameters: Mapping[str, float] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
+        from common.methods import METHOD_PARAMETERS  # the registry imports the solvers, which import this
+
         check_grid_bits(self.bits, self.sym)
         check_grid(self.grid)
         check_one_of("lazy_update", self.lazy_update, LAZY_UPDATES)
         check_positive("blocksize", self.blocksize)
         check_nonnegative("percdamp", self.percdamp, "a fraction of the mean Hessian diagonal")
         check_group_size("groupsize", self.groupsize)
+        for name, value in self.parameters.items():
+            check_one_of("a solver parameter", name, tuple(METHOD_PARAMETERS))
+            METHOD_PARAMETERS[name].check(value)
+        object.__setattr__(self, "parameters", MappingProxyType(dict(self.parameters)))
+
+    @classmethod
+    def of(cls, **settings: Any) -> SolverConfig:
+        """A configuration from keyword settings, each a field (``bits=4``) or a method parameter by name
+        (``alpha=0.5``), e.g. ``SolverConfig.of(bits=4, alpha=0.5)``."""
+        names = {setting.name for setting in dataclasses.fields(cls)}
+        fields = {name: value for name, value in settings.items() if name in names}
+        parameters = {name: value for name, value in settings.items() if name not in names}
+        return cls(**fields, parameters={**fields.pop("parameters", {}), **parameters})
+
+    def with_parameters(self, **values: float) -> SolverConfig:
+        """This configuration with the method parameters ``values`` set (e.g. ``qep_alpha=0.0``)."""
+        return dataclasses.replace(self, parameters={**self.parameters, **values})
 
 
 @dataclass(frozen=True)
@@ -290,7 +306,7 @@ def solve_layer(
         quantized = quantized[:, torch.argsort(perm)]
     result = quantized.to(W.dtype)
     if not _all_finite(result):
-        scales = f"alpha={config.alpha:g}, qep_alpha={config.qep_alpha:g}, " if needs_drift else ""
+        scales = "".join(f"{name}={value:g}, " for name, value in config.parameters.items())
         hint = "lower the drift-correction scale or raise percdamp" if needs_drift else "raise percdamp"
         raise CalibrationError(
             f"{name}: the solve produced NaN or Inf weights from finite inputs ({scales}"

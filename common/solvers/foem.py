@@ -59,14 +59,13 @@ FOEM_BETA = MethodParameter("foem_beta", 0.2, "FOEM's first-order scale β; 0 = 
 def start(work: torch.Tensor, drift: torch.Tensor | None, factorization: Factorization,
           config: SolverConfig) -> StartingPoint:
     """FOEM's start: the weight itself, every column pulled toward and its error shifted by its starting value
-    (``config.foem_beta``); no ``P``."""
-    beta = config.foem_beta
+    (``foem_beta``); no ``P``."""
+    beta = FOEM_BETA.value(config)
     return StartingPoint(work, anchored=AnchorTerms(shift=beta, pull=beta) if beta else None)
 
 
 def solve(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor | None, config: SolverConfig, *,
           name: str = "layer", release_statistics: bool = False) -> SolveResult:
     """FOEM on one layer: ``W`` [m, n], ``H`` [n, n] (``D`` is not read)."""
-    FOEM_BETA.check(config.foem_beta)
     return solve_layer(W, H, None, config, name=name, start=start, reads_drift=False,
                        release_statistics=release_statistics)

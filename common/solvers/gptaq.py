@@ -71,16 +71,16 @@ def drift_correction(drift: torch.Tensor, upper: torch.Tensor, alpha: float, *, 
 
 def start(work: torch.Tensor, drift: torch.Tensor, factorization: Factorization,
           config: SolverConfig) -> StartingPoint:
-    """GPTAQ's start: the weight itself, and ``P`` from ``D`` and ``U`` (``config.alpha``), written over ``D``
+    """GPTAQ's start: the weight itself, and ``P`` from ``D`` and ``U`` (its ``alpha``), written over ``D``
     (the column loop's own copy)."""
-    return StartingPoint(work, correction=drift_correction(drift, factorization.upper, config.alpha, in_place=True))
+    correction = drift_correction(drift, factorization.upper, ALPHA.value(config), in_place=True)
+    return StartingPoint(work, correction=correction)
 
 
 def solve(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor | None, config: SolverConfig, *,
           name: str = "layer", release_statistics: bool = False) -> SolveResult:
     """GPTAQ on one layer: ``W`` [m, n], ``H`` and ``D`` [n, n] (required; handed over with
     ``release_statistics``, see :func:`common.solvers.column_loop.solve_layer`)."""
-    ALPHA.check(config.alpha)
     return solve_layer(W, H, D, config, name=name, start=start, release_statistics=release_statistics)
 
 
@@ -103,5 +103,6 @@ def quantize_weight(
     """Fake-quantize ``W`` [m, n] with GPTAQ (``D`` given) or GPTQ (``D is None``): keyword settings of
     :class:`~common.solvers.column_loop.SolverConfig`; returns the weight in ``W``'s shape, dtype and device."""
     config = SolverConfig(bits=bits, sym=sym, groupsize=groupsize, act_order=act_order, static_groups=static_groups,
-                          percdamp=percdamp, blocksize=blocksize, alpha=alpha, mse=mse, lazy_update=lazy_update)
+                          percdamp=percdamp, blocksize=blocksize, mse=mse, lazy_update=lazy_update,
+                          parameters={ALPHA.name: alpha})
     return (gptq.solve(W, H, None, config) if D is None else solve(W, H, D, config)).weight

@@ -46,12 +46,11 @@ def drift_corrected(work: torch.Tensor, drift: torch.Tensor, factorization: Fact
 
 def start(work: torch.Tensor, drift: torch.Tensor, factorization: Factorization,
           config: SolverConfig) -> StartingPoint:
-    """QEP's start: GPTQ from ``W* = W + α_qep · W D (H + λI)⁻¹`` (``config.qep_alpha``)."""
-    return StartingPoint(drift_corrected(work, drift, factorization, config.qep_alpha))
+    """QEP's start: GPTQ from ``W* = W + α_qep · W D (H + λI)⁻¹`` (its ``qep_alpha``)."""
+    return StartingPoint(drift_corrected(work, drift, factorization, QEP_ALPHA.value(config)))
 
 
 def solve(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor | None, config: SolverConfig, *,
           name: str = "layer", release_statistics: bool = False) -> SolveResult:
-    """QEP on one layer (``config.qep_alpha`` scales the correction); ``D`` is required."""
-    QEP_ALPHA.check(config.qep_alpha)
+    """QEP on one layer (``qep_alpha`` scales the correction); ``D`` is required."""
     return solve_layer(W, H, D, config, name=name, start=start, release_statistics=release_statistics)

@@ -59,8 +59,8 @@ RESCOMP_ALPHA = MethodParameter("rescomp_alpha", 0.25,
 def start(work: torch.Tensor, drift: torch.Tensor, factorization: Factorization,
           config: SolverConfig) -> StartingPoint:
     """ResComp's start: GPTAQ's (``P`` written over ``D``), each column's pair shifted by its starting value
-    (``config.rescomp_alpha``)."""
-    alpha, alpha2 = config.alpha, config.rescomp_alpha
+    (``rescomp_alpha``)."""
+    alpha, alpha2 = ALPHA.value(config), RESCOMP_ALPHA.value(config)
     if alpha2 == 0:  # GPTAQ
         anchored = None
     elif alpha > 0:
@@ -75,6 +75,4 @@ def start(work: torch.Tensor, drift: torch.Tensor, factorization: Factorization,
 def solve(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor | None, config: SolverConfig, *,
           name: str = "layer", release_statistics: bool = False) -> SolveResult:
     """ResComp on one layer: ``W`` [m, n], ``H`` and ``D`` [n, n] (required)."""
-    ALPHA.check(config.alpha)
-    RESCOMP_ALPHA.check(config.rescomp_alpha)
     return solve_layer(W, H, D, config, name=name, start=start, release_statistics=release_statistics)

@@ -63,7 +63,7 @@ def quantized_state(family: str, method: str, options: dict, stats_dtype: torch.
                     ) -> dict[str, torch.Tensor]:
     """Quantize the tiny model of ``family`` with ``method`` (batches of 3 samples) and return its state dict."""
     model, adapter, batches = tiny_family(family)
-    settings = CalibrationSettings(method=method, solver=SolverConfig(bits=4, blocksize=8, **options), batch_size=3,
+    settings = CalibrationSettings(method=method, solver=SolverConfig.of(bits=4, blocksize=8, **options), batch_size=3,
                                    stats_dtype=stats_dtype)
     quantize_model(model, adapter, settings, batches, progress=False)
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}

@@ -165,7 +165,7 @@ def test_gptaq_without_drift_correction_is_gptq():
     model_aq = copy.deepcopy(model_q)
     quantize_model(model_q, ToyAdapter(), _settings("gptq", act_quant_during_calibration=True), data,
                    progress=False)
-    solver = SolverConfig(bits=3, blocksize=8, alpha=0.0)
+    solver = SolverConfig.of(bits=3, blocksize=8, alpha=0.0)
     settings = CalibrationSettings(method="gptaq", solver=solver, stats_dtype=torch.float64,
                                    act_quant_during_calibration=True)
     quantize_model(model_aq, ToyAdapter(), settings, data, progress=False)
@@ -179,7 +179,7 @@ def test_qep_with_every_linear_excluded_is_gptq():
     model_qep = copy.deepcopy(model_q)
     quantize_model(model_q, ToyAdapter(), _settings("gptq", act_quant_during_calibration=True), data,
                    progress=False)
-    excluded = {name: SolverConfig(bits=3, blocksize=8, qep_alpha=0.0) for name in ("fc1", "gate", "fc2")}
+    excluded = {name: SolverConfig.of(bits=3, blocksize=8, qep_alpha=0.0) for name in ("fc1", "gate", "fc2")}
     quantize_model(model_qep, ToyAdapter(), _settings("qep", linear_solvers=excluded), data, progress=False)
     for got, want in zip(_weights(model_qep), _weights(model_q), strict=True):
         assert torch.equal(got, want)

@@ -40,7 +40,7 @@ def _reference_dequantize(packed: dict[str, torch.Tensor], bits: int) -> torch.T
 def test_packed_solve_dequantizes_to_the_solver_weight(bits, sym, options):
     weight, x_full, x_quant = layer(m=40, n=48)  # neither a multiple of 32: padded words
     hessian, drift = statistics(x_full, x_quant)
-    result = gptaq.solve(weight.float(), hessian.float(), drift.float(), SolverConfig(bits=bits, sym=sym, **options))
+    result = gptaq.solve(weight.float(), hessian.float(), drift.float(), SolverConfig.of(bits=bits, sym=sym, **options))
     packed = pack_linear(result.grid.codes(result.weight), result.grid, sym, torch.float32)
     groups = 3 if options.get("groupsize") else 1
     assert packed["weight_packed"].dtype == torch.int32 and packed["weight_packed"].shape == (40, -(-48 * bits // 32))

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.numerics  # float results against references: CI reruns
 
 
 def _solve(weight, hessian, **options):
-    return foem.solve(weight, hessian, None, SolverConfig(**{"bits": 3, **options})).weight
+    return foem.solve(weight, hessian, None, SolverConfig.of(**{"bits": 3, **options})).weight
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.2])

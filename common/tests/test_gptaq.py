@@ -225,7 +225,7 @@ class TestRecordedGrid:
         weight, x_full, x_quant = layer()
         hessian, drift = statistics(x_full, x_quant)
         expected = references.gptaq(weight, hessian, drift, bits=3, grid_format="gptq", **options)
-        got = gptaq.solve(weight, hessian, drift, SolverConfig(bits=3, blocksize=16, grid="gptq", **options)).weight
+        got = gptaq.solve(weight, hessian, drift, SolverConfig.of(bits=3, blocksize=16, grid="gptq", **options)).weight
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
 
     @pytest.mark.parametrize("options", OPTIONS)
@@ -234,7 +234,7 @@ class TestRecordedGrid:
     def test_codes_reproduce_the_weight_exactly(self, options, method, grid):
         weight, x_full, x_quant = layer(seed=3)
         hessian, drift = statistics(x_full, x_quant)
-        config = SolverConfig(bits=3, blocksize=16, grid=grid, **options)
+        config = SolverConfig.of(bits=3, blocksize=16, grid=grid, **options)
         result = METHODS[method].solve(weight.float(), hessian.float(), drift.float(), config, name="layer")
         codes = result.grid.codes(result.weight)
         assert codes.dtype == torch.int32 and 0 <= int(codes.min()) and int(codes.max()) <= 7
@@ -354,7 +354,7 @@ class TestErrors:
         elif case == "huge alpha":
             alpha = 1e30
         with pytest.raises(error, match=match):
-            gptaq.solve(weight, hessian, drift, SolverConfig(bits=4, alpha=alpha), name="fc9")
+            gptaq.solve(weight, hessian, drift, SolverConfig.of(bits=4, alpha=alpha), name="fc9")
 
     @pytest.mark.parametrize("n", [5, 512, 513, 1100])
     def test_tiled_asymmetry_equals_the_whole_matrix_difference(self, n):

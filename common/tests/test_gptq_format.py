@@ -64,7 +64,7 @@ def test_four_bit_layout_is_eight_nibbles_per_word():
 def test_packed_solve_dequantizes_to_the_solver_weight(bits, sym, options):
     weight, x_full, x_quant = layer(m=32, n=64)
     hessian, drift = statistics(x_full, x_quant)
-    config = SolverConfig(bits=bits, sym=sym, grid="gptq", **options)
+    config = SolverConfig.of(bits=bits, sym=sym, grid="gptq", **options)
     result = gptaq.solve(weight.float(), hessian.float(), drift.float(), config)
     for checkpoint_format, zero_offset in ZERO_OFFSETS.items():
         packed = pack_linear(result.grid.codes(result.weight), result.grid, zero_offset)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.numerics  # float results against references: CI reruns
 
 
 def _solve(weight, hessian, drift, **options):
-    return qep.solve(weight, hessian, drift, SolverConfig(**{"bits": 3, **options})).weight
+    return qep.solve(weight, hessian, drift, SolverConfig.of(**{"bits": 3, **options})).weight
 
 
 @pytest.mark.parametrize("qep_alpha", [0.5, 1.0])
@@ -74,7 +74,7 @@ def test_reduces_the_output_error_under_structured_drift(qep_alpha, margin):
         weight, x_full, x_quant = structured_drift_layer(seed)
         hessian, drift = statistics(x_full, x_quant)
         gptq = quantize_weight(weight, hessian, bits=4)
-        corrected = qep.solve(weight, hessian, drift, SolverConfig(bits=4, qep_alpha=qep_alpha)).weight
+        corrected = qep.solve(weight, hessian, drift, SolverConfig.of(bits=4, qep_alpha=qep_alpha)).weight
         ratios.append(output_error(corrected, weight, x_full, x_quant) / output_error(gptq, weight, x_full, x_quant))
     margin(f"QEP / GPTQ output error, worst of 5 layers, qep_alpha {qep_alpha}", max(ratios), below=0.9)
 
@@ -85,6 +85,6 @@ def test_needs_the_drift_and_refuses_a_non_finite_or_negative_scale():
     with pytest.raises(ValueError, match="fc1: this method needs the drift statistic D"):
         qep.solve(weight, hessian, None, SolverConfig(bits=4), name="fc1")
     with pytest.raises(ValueError, match="qep_alpha must be a finite number"):
-        qep.solve(weight, hessian, drift, SolverConfig(bits=4, qep_alpha=float("nan")))
+        qep.solve(weight, hessian, drift, SolverConfig.of(bits=4, qep_alpha=float("nan")))
     with pytest.raises(ValueError, match=r"qep_alpha must be >= 0 \(QEP's correction scale"):
-        qep.solve(weight, hessian, drift, SolverConfig(bits=4, qep_alpha=-1.0))
+        qep.solve(weight, hessian, drift, SolverConfig.of(bits=4, qep_alpha=-1.0))

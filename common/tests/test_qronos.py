@@ -16,7 +16,7 @@ pytestmark = pytest.mark.numerics  # float results against references: CI reruns
 
 def _fast(weight, x_full, x_quant, **options):
     hessian, drift = statistics(x_full, x_quant)
-    return qronos.solve(weight, hessian, drift, SolverConfig(**{"bits": 3, "blocksize": 8, **options})).weight
+    return qronos.solve(weight, hessian, drift, SolverConfig.of(**{"bits": 3, "blocksize": 8, **options})).weight
 
 
 @pytest.mark.parametrize("options", OPTIONS)
@@ -27,7 +27,7 @@ def test_fast_form_equals_the_literal_definition(options):
     torch.testing.assert_close(fast, expected, rtol=0, atol=1e-9)
     hessian, drift = statistics(x_full, x_quant)
     gptq = quantize_weight(weight, hessian, bits=3, blocksize=8, **options)
-    full_qep = qep.solve(weight, hessian, drift, SolverConfig(bits=3, blocksize=8, qep_alpha=1.0, **options)).weight
+    full_qep = qep.solve(weight, hessian, drift, SolverConfig.of(bits=3, blocksize=8, qep_alpha=1.0, **options)).weight
     assert not torch.equal(fast, gptq) and not torch.equal(fast, full_qep)  # the comparison is not vacuous
 
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.numerics  # float results against references: CI reruns
 
 
 def _solve(weight, hessian, drift, **options):
-    return rescomp.solve(weight, hessian, drift, SolverConfig(**{"bits": 3, **options})).weight
+    return rescomp.solve(weight, hessian, drift, SolverConfig.of(**{"bits": 3, **options})).weight
 
 
 @pytest.mark.parametrize(("alpha", "alpha2"), [(0.25, 0.25), (0.5, 0.1), (0.0, 0.25)])

@@ -36,24 +36,28 @@ def test_a_solver_setting_is_refused_alike_by_the_settings_and_the_api(run_field
 
 @pytest.mark.parametrize("parameter", list(METHOD_PARAMETERS))
 @pytest.mark.parametrize("value", [-0.5, float("nan"), float("inf")])
-def test_a_method_parameter_is_refused_alike_by_the_settings_and_by_every_method_that_reads_it(parameter, value):
+def test_a_method_parameter_is_refused_alike_by_the_settings_and_the_solver_config(parameter, value):
     with pytest.raises(ConfigError, match=f"{parameter} must be"):
         RunSettings(**{parameter: value})
-    weight, x_full, x_quant = layer(m=8, n=16, tokens=64)
-    hessian, drift = statistics(x_full, x_quant)
-    readers = [method for method in METHODS.values() if parameter in {p.name for p in method.parameters}]
-    assert readers
-    for method in readers:
-        config = method.solver_config(SolverConfig(bits=4, **{parameter: value}))
-        with pytest.raises(ConfigError, match=f"{parameter} must be"):
-            method.solve(weight.float(), hessian.float(), drift.float(), config, name="layer")
+    with pytest.raises(ConfigError, match=f"{parameter} must be"):
+        SolverConfig(bits=4, parameters={parameter: value})
+    with pytest.raises(ConfigError, match=f"{parameter} must be"):
+        SolverConfig.of(bits=4, **{parameter: value})
+    with pytest.raises(ConfigError, match=f"{parameter} must be"):
+        SolverConfig(bits=4).with_parameters(**{parameter: value})
 
 
-def test_every_method_parameter_has_its_declared_default_in_both_settings():
-    run_defaults = {field.name: field.default for field in dataclasses.fields(RunSettings)}
-    solver_defaults = {field.name: field.default for field in dataclasses.fields(SolverConfig)}
+def test_an_unknown_solver_parameter_is_refused_naming_the_known_ones():
+    with pytest.raises(ConfigError, match=r"a solver parameter must be one of \('alpha'.*got 'alhpa'"):
+        SolverConfig.of(bits=4, alhpa=0.5)
+
+
+def test_every_method_parameter_is_a_run_setting_with_its_declared_default_and_meaning():
+    fields = {field.name: field for field in dataclasses.fields(RunSettings)}
     for name, parameter in METHOD_PARAMETERS.items():
-        assert run_defaults[name] == parameter.default == solver_defaults[name]
+        assert fields[name].default == parameter.default
+        assert fields[name].metadata["help"] == parameter.meaning
+        assert parameter.value(SolverConfig(bits=4)) == parameter.default
 
 
 def test_a_zero_scale_is_accepted():
@@ -63,7 +67,7 @@ def test_a_zero_scale_is_accepted():
         RunSettings(**{name: 0.0})
         for method in METHODS.values():
             if name in {p.name for p in method.parameters}:
-                config = method.solver_config(SolverConfig(bits=4, **{name: 0.0}))
+                config = method.solver_config(SolverConfig(bits=4, parameters={name: 0.0}))
                 assert torch.isfinite(method.solve(weight, hessian, drift, config).weight).all()
 
 

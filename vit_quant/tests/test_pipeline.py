@@ -121,7 +121,7 @@ def test_alpha_zero_gptaq_equals_gptq_through_the_whole_model():
     weights = []
     for method, alpha in (("gptq", 0.25), ("gptaq", 0.0)):
         model = copy.deepcopy(base)
-        settings = CalibrationSettings(method=method, solver=SolverConfig(bits=4, alpha=alpha),
+        settings = CalibrationSettings(method=method, solver=SolverConfig.of(bits=4, alpha=alpha),
                                        act_quant_during_calibration=True)
         quantize_model(model, adapter, settings, [images], progress=False)
         weights.append([m.weight for m in model.modules() if isinstance(m, QuantLinear)])
