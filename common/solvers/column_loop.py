@@ -490,10 +490,13 @@ class _Block:
         values: [b, m] the block's columns as updated so far: the current sub-block's carry every update
             from the columns quantized before them; later sub-blocks of the block still lack the current
             sub-block's.
-        pairs: [b, 2, m] for each quantized column ``j``: ``e_j = (w_j − q_j) / U[j, j]`` and ``w_j``, its value
-            just before quantization (kept for GPTAQ's ``P`` term; zeros when ``P = 0``).
-        coefficients: [b, 2, b] ``[−U[j, k]; P[j, k]]`` for ``j, k`` in the block, so that the update of
-            column ``k`` by column ``j`` is ``coefficients[j, :, k] · pairs[j]`` (``−e_j U[j, k] + w_j P[j, k]``).
+        pairs: [b, K, m] for each quantized column ``j``: ``e_j = (w_j − q_j) / U[j, j]``, ``w_j`` (its value
+            just before quantization; zeros when ``P = 0`` and no anchor terms) and, with anchor terms
+            (``K = 3``), ``w₀_j``, its starting value.
+        coefficients: [b, K, b] such that the update of column ``k`` by column ``j`` inside the block is
+            ``coefficients[j, :, k] · pairs[j]``: ``[−U[j, k]; P[j, k]]`` (``−e_j U[j, k] + w_j P[j, k]``), and
+            with anchor terms the coefficients of ``e_j``, ``w_j`` and ``w₀_j`` in ``−ẽ_j U[j, k] + v_j P[j, k]``
+            (:meth:`_BlockSolver._in_block_coefficients`).
         sub_start, sub_end: the sub-block of :data:`_INNER_BLOCK` columns being quantized (block-local).
     """
 
@@ -573,63 +576,63 @@ class _BlockSolver:
         diagonal = torch.diagonal(upper).tolist()
         quantized = torch.empty_like(weight_t)
         loss = torch.zeros((), dtype=weight_t.dtype, device=weight_t.device)
+        keeps_originals = correction is not None or terms is not None
         for i1 in range(0, columns, blocksize):
             i2 = min(i1 + blocksize, columns)
             width = i2 - i1
-            block = _Block(i1, i2, weight_t[i1:i2].clone(), weight_t.new_zeros(width, 2, rows),
+            block = _Block(i1, i2, weight_t[i1:i2].clone(), weight_t.new_zeros(width, 2 if terms is None else 3, rows),
                            self._in_block_coefficients(i1, i2))
             values, pairs, coefficients = block.values, block.pairs, block.coefficients
-            errors = block.errors
-            originals = block.originals if correction is not None else None
-            raw = torch.empty_like(errors) if terms is not None else errors  # (w_j − q_j) / U[j, j]
+            errors, originals = block.errors, block.originals
+            if terms is not None:
+                pairs[:, 2] = anchor[i1:i2]
             for j1 in range(0, width, _INNER_BLOCK):
                 j2 = block.sub_end = min(j1 + _INNER_BLOCK, width)
                 block.sub_start = j1
                 for i in range(j1, j2):
                     column = i1 + i
                     if terms is not None and terms.pull:  # w_j ← w_j − pull (w_j − w₀_j)
-                        values[i].sub_(values[i] - anchor[column], alpha=terms.pull)
+                        values[i].lerp_(pairs[i, 2], terms.pull)
                     if self.groupsize > 0:
                         self._start_group(column, block)
-                    w = values[i] if originals is None else originals[i].copy_(values[i])
+                    w = originals[i].copy_(values[i]) if keeps_originals else values[i]
                     target = self.first_column if column == 0 and self.first_column is not None else w
                     # q_j = Q(w_j), written into its row of the result
                     q = self.quantizer.quantize_column_(target, self.column_scale, self.column_zero,
                                                         out=quantized[column])
                     # e_j = (w_j − q_j) / U[j, j]
-                    torch.sub(w, q, out=raw[i]).div_(diagonal[column])
-                    if terms is not None:
-                        self._anchor_pair(i, column, w, raw, block, diagonal[column])
+                    torch.sub(w, q, out=errors[i]).div_(diagonal[column])
                     if i + 1 < j2:
-                        # rest of the sub-block: W[:, k] −= e_j U[j, k] − w_j P[j, k]
+                        # rest of the sub-block: W[:, k] −= e_j U[j, k] − w_j P[j, k] (with anchor terms:
+                        # −= ẽ_j U[j, k] − v_j P[j, k], linear in e_j, w_j, w₀_j)
                         values[i + 1 : j2].addmm_(coefficients[i, :, i + 1 : j2].T, pairs[i])
                 if j2 < width:
                     # rest of the block, from the whole sub-block: W[:, k] −= Σ_j (e_j U[j, k] − w_j P[j, k])
                     values[j2:].addmm_(coefficients[j1:j2, :, j2:].reshape(-1, width - j2).T,
                                        pairs[j1:j2].reshape(-1, rows))
-            loss += raw.square().sum()
+            loss += errors.square().sum()
             if i2 < columns:
+                shifted, mixed = self._cross_block_pairs(block, width)
                 # later blocks: W[:, k] −= Σ_j e_j U[j, k] ...
-                weight_t[i2:].addmm_(upper[i1:i2, i2:].T, errors, alpha=-1)
+                weight_t[i2:].addmm_(upper[i1:i2, i2:].T, shifted, alpha=-1)
                 if correction is not None:
                     # ... and += Σ_j w_j P[j, k] (the official code's form: q_j instead of w_j)
-                    lhs = quantized[i1:i2] if self.official else originals
+                    lhs = quantized[i1:i2] if self.official else mixed
                     weight_t[i2:].addmm_(correction[i1:i2, i2:].T, lhs)
         return quantized.T, float(loss) / 2
 
-    def _anchor_pair(self, i: int, column: int, w: torch.Tensor, raw: torch.Tensor, block: _Block,
-                     diagonal: float) -> None:
-        """Column ``i`` of ``block`` (``column`` overall) quantized from ``w``: its pair ``(ẽ_j, v_j)`` from
-        ``raw[i] = (w_j − q_j) / U[j, j]`` and the anchor terms (:class:`AnchorTerms`)."""
-        terms, anchor = self.anchored, self.anchor_t[column]
-        drift = w - anchor
-        # ẽ_j = e_j − shift (w_j − w₀_j) / U[j, j]
-        torch.sub(raw[i], drift, alpha=terms.shift / diagonal, out=block.errors[i])
-        if self.correction is not None and (terms.mix or terms.keep != 1):  # v_j = keep w_j − mix (w_j − w₀_j)
-            pair = block.originals[i]  # w_j's row in the pairs
-            if terms.keep != 1:
-                pair.mul_(terms.keep)
-            pair.sub_(drift, alpha=terms.mix)
+    def _cross_block_pairs(self, block: _Block, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ẽ_j, v_j)`` [count, m] each, of the block's first ``count`` quantized columns: what their update of
+        the later blocks multiplies (``(e_j, w_j)`` without anchor terms; see :class:`AnchorTerms`)."""
+        errors, originals = block.errors[:count], block.originals[:count]
+        terms = self.anchored
+        if terms is None:
+            return errors, originals
+        moved = originals - block.pairs[:count, 2]  # w_j − w₀_j
+        scale = terms.shift / torch.diagonal(self.upper)[block.start : block.start + count]
+        shifted = errors - scale[:, None] * moved  # ẽ_j = e_j − shift (w_j − w₀_j) / U[j, j]
+        mixed = originals * terms.keep - moved * terms.mix  # v_j = keep w_j − mix (w_j − w₀_j)
+        return shifted, mixed
 
     def _set_grid(self, scale: torch.Tensor, zero: torch.Tensor) -> None:
         """Make ``(scale, zero)`` [m, 1] the grid of the columns that follow."""
@@ -637,14 +640,24 @@ class _BlockSolver:
         self.column_scale, self.column_zero = scale.reshape(-1), zero.reshape(-1)
 
     def _in_block_coefficients(self, i1: int, i2: int) -> torch.Tensor:
-        """``[−U[j]; P[j]]`` [b, 2, b] for the block's columns (see :attr:`_Block.coefficients`).
+        """The coefficients [b, K, b] of the block's in-block updates (see :attr:`_Block.coefficients`).
 
-        GPTQ uses the same rank-2 products with a zero second row (no dearer than rank 1: the pass over the
-        values dominates), so GPTAQ with ``P = 0`` computes bitwise the same numbers as GPTQ.
+        Without anchor terms ``[−U[j]; P[j]]``; GPTQ uses the same rank-2 products with a zero second row (no
+        dearer than rank 1: the pass over the values dominates), so GPTAQ with ``P = 0`` computes bitwise the
+        same numbers as GPTQ. With anchor terms (``c_j = shift / U[j, j]``), ``−ẽ_j U[j, k] + v_j P[j, k]`` is
+
+            −e_j U[j, k] + w_j (c_j U[j, k] + (keep − mix) P[j, k]) + w₀_j (mix P[j, k] − c_j U[j, k]),
+
+        so a column's update stays one product, with no per-column work for the terms.
         """
         u_block = self.upper[i1:i2, i1:i2]
         p_block = torch.zeros_like(u_block) if self.correction is None else self.correction[i1:i2, i1:i2]
-        return torch.stack((-u_block, p_block), dim=1)
+        terms = self.anchored
+        if terms is None:
+            return torch.stack((-u_block, p_block), dim=1)
+        scaled_u = u_block * (terms.shift / torch.diagonal(u_block))[:, None]  # c_j U[j, k]
+        return torch.stack((-u_block, scaled_u + (terms.keep - terms.mix) * p_block,
+                            terms.mix * p_block - scaled_u), dim=1)
 
     def _start_group(self, column: int, block: _Block) -> None:
         """Set the grid for ``column`` when a group starts there (or for every column, static groups).
@@ -682,9 +695,10 @@ class _BlockSolver:
             parts.append(block.values[j2:stop] + block.coefficients[j1:i, :, j2:stop].reshape(-1, stop - j2).T
                          @ pending)
         if end > i2:
-            beyond = self.weight_t[i2:end] - self.upper[i1:first, i2:end].T @ block.errors[:i]
+            shifted, mixed = self._cross_block_pairs(block, i)
+            beyond = self.weight_t[i2:end] - self.upper[i1:first, i2:end].T @ shifted
             if self.correction is not None:
-                beyond = beyond + self.correction[i1:first, i2:end].T @ block.originals[:i]
+                beyond = beyond + self.correction[i1:first, i2:end].T @ mixed
             parts.append(beyond)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
