@@ -17,7 +17,7 @@ the differing settings, as in the main tables.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from common.methods import GPTAQ, GPTAQ_OFFICIAL, GPTQ
 from common.results.reading import MISSING, ReportError, Run, differing_keys, load_runs
 from common.results.runs import is_auxiliary
-from common.results.style import cell_text, decimals_for, number_text, save_png, short, table_line
+from common.results.style import cell_text, decimals_for, number_text, png_writer, short, table_line
 
 ABLATIONS_DIR = "ablations"
 ALPHA_FIGURE = "report_ablation_alpha.png"
@@ -47,7 +47,8 @@ def _alpha(run: Run) -> float:
     try:
         return float(run.settings["alpha"])
     except (KeyError, ValueError):
-        raise ReportError(f"ablation run `{run.name}` has no numeric alpha setting") from None
+        raise ReportError(f"{run.name}.csv (an ablation run): its alpha setting must be a number, got "
+                          f"{run.settings.get('alpha', 'none')!r}") from None
 
 
 def alpha_sweeps(runs: Sequence[Run]) -> dict[tuple[str, str, str, bool], list[AlphaPoint]]:
@@ -106,11 +107,11 @@ def _lazy_update_lines(runs: Sequence[Run]) -> list[str]:
     return [table_line(header), table_line(["---"] * 3 + ["---:"] * 4 + ["---"]), *sorted(rows), ""]
 
 
-def plot_alpha(sweeps: dict[tuple[str, str, str, bool], list[AlphaPoint]], path: Path) -> bool:
-    """GPTAQ's metric against ``α`` (GPTQ dashed), a panel per (model, setting, metric); False if nothing to plot."""
+def plot_alpha(sweeps: dict[tuple[str, str, str, bool], list[AlphaPoint]]) -> Figure | None:
+    """GPTAQ's metric against ``α`` (GPTQ dashed), a panel per (model, setting, metric); None if nothing to plot."""
     panels = {key: points for key, points in sweeps.items() if len({p.alpha for p in points}) > 1}
     if not panels:
-        return False
+        return None
     fig = Figure(figsize=(6.5, 3.6 * len(panels)), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
@@ -125,12 +126,12 @@ def plot_alpha(sweeps: dict[tuple[str, str, str, bool], list[AlphaPoint]], path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("GPTAQ: sensitivity to α")
-    save_png(fig, path)
-    return True
+    return fig
 
 
-def ablation_markdown(folder: Path, figure_dir: Path) -> tuple[list[str], list[Path]]:
-    """The ablation sections' Markdown lines from the runs in ``folder``, and the figures written to ``figure_dir``."""
+def ablation_markdown(folder: Path) -> tuple[list[str], dict[str, Callable[[str], None]]]:
+    """The ablation sections' Markdown lines from the runs in ``folder``, and their figures: ``{file name:
+    write(path)}``, to be written beside the report."""
     runs = load_runs(folder)
     sweeps = alpha_sweeps(runs)
     lines = ["## Ablations", "", f"From {len(runs)} run(s) in `{folder.name}/` (`make report-ablations`).", "",
@@ -141,10 +142,11 @@ def ablation_markdown(folder: Path, figure_dir: Path) -> tuple[list[str], list[P
         lines += ["No ablation run computed GPTAQ.", ""]
     for key, points in sweeps.items():
         lines += _alpha_table(key, points)
-    figures = []
-    if plot_alpha(sweeps, figure_dir / ALPHA_FIGURE):
+    figures = {}
+    figure = plot_alpha(sweeps)
+    if figure is not None:
         lines += [f"![GPTAQ against α]({ALPHA_FIGURE})", ""]
-        figures.append(figure_dir / ALPHA_FIGURE)
+        figures[ALPHA_FIGURE] = png_writer(figure)
     lines += ["### GPTAQ: exact vs official lazy update", "",
               "The exact form gives the column-by-column result for any block size; the official code's "
               "cross-block update multiplies P by the already quantized block "

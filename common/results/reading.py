@@ -140,7 +140,45 @@ def read_json(path: Path) -> dict[str, Any] | None:
         raise ReportError(f"{path}:{error.lineno}: invalid JSON: {error.msg}") from None
     if not isinstance(payload, dict):
         raise ReportError(f"{path}:1: expected a JSON object, got {type(payload).__name__}")
+    _check_sidecar(path, payload)
     return payload
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _nested_mappings(value: Any, depth: int) -> bool:
+    """Whether ``value`` is a mapping whose values are mappings, ``depth`` levels down."""
+    if not isinstance(value, dict):
+        return False
+    return depth == 1 or all(_nested_mappings(inner, depth - 1) for inner in value.values())
+
+
+SIDECAR_SHAPES: dict[str, tuple[str, Any]] = {
+    "tree": ("a string", lambda v: isinstance(v, str)),
+    "name": ("a string", lambda v: isinstance(v, str)),
+    "settings": ("an object of settings", lambda v: isinstance(v, dict)),
+    "versions": ("an object of package versions", lambda v: isinstance(v, dict)),
+    "data_sha256": ("an object of data hashes", lambda v: isinstance(v, dict)),
+    "seconds": ("an object of stage names to numbers of seconds",
+                lambda v: isinstance(v, dict) and all(_is_number(x) for x in v.values())),
+    "per_example": ("an object setting → method → metric → per-example values", lambda v: _nested_mappings(v, 3)),
+}
+"""What the report reads from a sidecar JSON, key by key: what each must be (a key may be absent)."""
+
+
+def _check_sidecar(path: Path, payload: dict[str, Any]) -> None:
+    """``ReportError`` naming the file and key when a key the report reads has another shape (a hand edit)."""
+    for key, (shape, valid) in SIDECAR_SHAPES.items():
+        if key in payload and payload[key] is not None and not valid(payload[key]):
+            raise ReportError(f"{path}: {key!r} must be {shape}, got {short_json(payload[key])}")
+
+
+def short_json(value: Any, limit: int = 80) -> str:
+    """``value`` as JSON, cut to ``limit`` characters."""
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def tree_of(name: str, meta: dict[str, Any] | None) -> str:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from common.files import atomic_write_text
+from common.config import ConfigError
+from common.files import atomic_write_set, check_output_file, write_text
 from common.methods import BASELINE, DEFAULT_METHODS, METHOD_NAMES, METHODS
 from common.results.ablations import ABLATIONS_DIR, ablation_markdown
 from common.results.intervals import PairedInterval, comparisons, reproduces
@@ -53,7 +54,7 @@ from common.results.style import (
     cell_text,
     decimals_for,
     number_text,
-    save_png,
+    png_writer,
     short,
     table_line,
 )
@@ -378,15 +379,12 @@ def _plot_panel(ax: Axes, metric: str, rows: Sequence[TableRow], baseline: str) 
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
-def plot_tree(table: TreeTable, path: Path) -> bool:
+def plot_tree(table: TreeTable) -> Figure | None:
     """Every method against the table's baseline per model/setting, a panel per main metric (see
-    :func:`_plot_panel`).
-
-    Returns False (and writes nothing) when the tree has no main metric to plot.
-    """
+    :func:`_plot_panel`); None when the tree has no main metric to plot."""
     metrics = sorted({row.record.metric for row in table.rows if is_main_metric(row.record.metric)})
     if not metrics:
-        return False
+        return None
     panels = {metric: [row for row in table.rows if row.record.metric == metric] for metric in metrics}
     widest = max(len(rows) for rows in panels.values())
     fig = Figure(figsize=(max(6.0, 1.6 * widest + 2.0), 3.8 * len(metrics)), layout="constrained")
@@ -395,8 +393,7 @@ def plot_tree(table: TreeTable, path: Path) -> bool:
     for ax, metric in zip(axes, metrics, strict=True):
         _plot_panel(ax, metric, panels[metric], table.baseline)
     fig.suptitle(f"{table.tree}: each method against {METHODS[table.baseline].label}")
-    save_png(fig, path)
-    return True
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -412,26 +409,38 @@ def build_tables(runs: Sequence[Run], baseline: str = BASELINE) -> list[TreeTabl
 
 def write_report(results_dir: str | Path, output: str | Path | None = None,
                  baseline: str = BASELINE) -> tuple[Path, list[Path]]:
-    """Write the report (default ``<results_dir>/REPORT.md``) and its figures; returns their paths."""
+    """Write the report (default ``<results_dir>/REPORT.md``) and its figures beside it, as one set (all of them
+    or, on any error, none); returns their paths. Every problem is a :class:`ReportError` naming the file or
+    option, raised before anything is written."""
     if baseline not in METHODS or not METHODS[baseline].quantized:
         raise ReportError(f"baseline must be a quantized method, one of "
                           f"{tuple(m for m in METHOD_NAMES if METHODS[m].quantized)}, got {baseline!r}")
     results_dir = Path(results_dir)
     output = Path(output) if output is not None else results_dir / "REPORT.md"
+    try:
+        check_output_file(output, "--output")
+    except ConfigError as error:
+        raise ReportError(str(error)) from None
     tables = build_tables(load_runs(results_dir), baseline)
-    figures: dict[str, str] = {}
+    figures: dict[str, Callable[[str], None]] = {}  # file name beside the report: write(path)
+    tree_figures: dict[str, str] = {}
     for table in tables:
-        name = f"report_{table.tree}.png"
-        if table.runs and plot_tree(table, output.parent / name):
-            figures[table.tree] = name
-    text = report_markdown(tables, figures)
-    paths = [output.parent / name for name in figures.values()]
+        figure = plot_tree(table) if table.runs else None
+        if figure is not None:
+            tree_figures[table.tree] = f"report_{table.tree}.png"
+            figures[tree_figures[table.tree]] = png_writer(figure)
+    text = report_markdown(tables, tree_figures)
     ablations = results_dir / ABLATIONS_DIR
     if ablations.is_dir() and any(ablations.glob("*.csv")):
-        lines, ablation_figures = ablation_markdown(ablations, output.parent)
+        lines, ablation_figures = ablation_markdown(ablations)
         text += "\n" + "\n".join(lines).rstrip("\n") + "\n"
-        paths += ablation_figures
-    atomic_write_text(output, text)
+        figures.update(ablation_figures)
+    paths = [output.parent / name for name in figures]
+    try:
+        atomic_write_set([*zip(paths, figures.values(), strict=True), (output, lambda tmp: write_text(tmp, text))])
+    except OSError as error:
+        raise ReportError(f"--output: cannot write the report and its figures in {output.parent} "
+                          f"({error.strerror or error}); nothing was written") from None
     return output, paths
 
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
-from pathlib import Path
+from collections.abc import Callable, Iterable
 
 from matplotlib.figure import Figure
 
-from common.files import atomic_write
 from common.results.reading import MISSING
 
 HASH = re.compile(r"([0-9a-f]{32,64})(\+dirty)?")
@@ -42,6 +40,7 @@ def table_line(cells: Iterable[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def save_png(fig: Figure, path: Path) -> Path:
-    """Save ``fig`` as a PNG (no timestamp or software tag, so the bytes repeat), atomically."""
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, metadata={"Software": None}))
+def png_writer(fig: Figure) -> Callable[[str], None]:
+    """``write(path)`` saving ``fig`` as a PNG (no timestamp or software tag, so the bytes repeat): one file of a
+    set written with :func:`common.files.atomic_write_set`."""
+    return lambda path: fig.savefig(path, format="png", dpi=120, metadata={"Software": None})

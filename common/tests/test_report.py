@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
+from common.results import report as report_module
 from common.results.report import ReportError, main, write_report
 from common.results.runs import MetricRow, write_run
+from common.results.style import png_writer as real_png_writer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COMMIT = "7aa080d" + "0" * 33
@@ -297,12 +299,71 @@ def test_ablation_runs_differing_in_more_than_alpha_are_flagged(tmp_path: Path) 
     assert "No ablation run computed both forms" in report
 
 
-def test_ablation_run_without_alpha_names_the_run(tmp_path: Path) -> None:
+def test_ablation_run_without_alpha_names_the_file_and_writes_nothing(tmp_path: Path) -> None:
     write_result(tmp_path, "fake_quant-main", [("wiki_embedded_ppl", False, {"gptq": 30.0})])
     (tmp_path / "ablations").mkdir()
     write_result(tmp_path / "ablations", "ablation-x", [("wiki_embedded_ppl", False, {"gptaq": 29.0})])
-    with pytest.raises(ReportError, match="ablation run `ablation-x` has no numeric alpha setting"):
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(ReportError, match=r"ablation-x\.csv \(an ablation run\): its alpha setting must be a number"):
         write_report(tmp_path)
+    assert sorted(tmp_path.rglob("*")) == before  # not the main tree's figure either
+
+
+EDITED_SIDECARS = [  # (key, hand-edited value, what the message says it must be)
+    ("seconds", {"total": "n/a"}, "'seconds' must be an object of stage names to numbers of seconds"),
+    ("seconds", {"data": True}, "'seconds' must be an object of stage names to numbers of seconds"),
+    ("seconds", [1.0, 2.0], "'seconds' must be an object"),
+    ("settings", "w_bits=4", "'settings' must be an object of settings"),
+    ("versions", ["torch 2.5"], "'versions' must be an object of package versions"),
+    ("data_sha256", "abc", "'data_sha256' must be an object of data hashes"),
+    ("per_example", {"W4A4": {"gptq": [1.0, 2.0]}}, "'per_example' must be an object setting → method → metric"),
+    ("per_example", {"W4A4": "none"}, "'per_example' must be an object"),
+    ("tree", 3, "'tree' must be a string"),
+    ("name", ["fake_quant-a"], "'name' must be a string"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), EDITED_SIDECARS, ids=lambda v: str(v)[:20])
+def test_a_hand_edited_sidecar_is_an_error_naming_file_and_key(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                               key: str, value: Any, message: str) -> None:
+    write_result(tmp_path, "fake_quant-a", [("wiki_embedded_ppl", False, {"gptq": 12.0, "gptaq": 11.0})])
+    path = tmp_path / "fake_quant-a.json"
+    meta = json.loads(path.read_text())
+    meta[key] = value
+    path.write_text(json.dumps(meta))
+    before = sorted(tmp_path.iterdir())
+    assert main(["--results-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: ") and message in err and err.count("\n") == 1
+    assert sorted(tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("output", ["a_folder", "a_file/sub/REPORT.md"])
+def test_an_output_that_cannot_be_written_is_refused_before_anything_is_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], output: str) -> None:
+    write_result(tmp_path, "fake_quant-a", [("wiki_embedded_ppl", False, {"gptq": 12.0, "gptaq": 11.0})])
+    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "a_file").write_text("")
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["--results-dir", str(tmp_path), "--output", str(tmp_path / output)]) == 2
+    assert capsys.readouterr().err.startswith("error: --output: ")
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_failing_write_leaves_neither_report_nor_figures(tmp_path: Path, monkeypatch) -> None:
+    """The report and its figures are one set: a figure that cannot be written leaves none of them."""
+    write_result(tmp_path, "fake_quant-a", [("wiki_embedded_ppl", False, {"gptq": 12.0, "gptaq": 11.0})])
+    write_result(tmp_path, "vit_quant-b", [("top1", True, {"gptq": 70.0, "gptaq": 71.0})])
+    before = sorted(tmp_path.iterdir())
+
+    def failing(fig):
+        return lambda path: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+
+    monkeypatch.setattr(report_module, "png_writer", lambda fig: failing(fig) if "vit" in fig.get_suptitle()
+                        else real_png_writer(fig))
+    with pytest.raises(ReportError, match=r"--output: cannot write .* \(No space left on device\); nothing was"):
+        write_report(tmp_path)
+    assert sorted(tmp_path.iterdir()) == before
 
 
 def test_standard_errors_show_beside_their_values_not_as_rows(tmp_path: Path) -> None:
