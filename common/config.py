@@ -166,7 +166,28 @@ def make_config(cls: type[T], overrides: dict[str, Any] | None = None, yaml_path
         guesses = "; ".join(f"{name!r}: did you mean {close[0]!r}?" for name, close in hints.items() if close)
         raise ConfigError(f"unknown setting(s) {unknown}" + (f" ({guesses})" if guesses else "")
                           + f"; allowed: {sorted(known)}")
-    return cls(**{name: _coerce(name, value, hints[name]) for name, value in values.items()})
+    config = cls(**{name: _coerce(name, value, hints[name]) for name, value in values.items()})
+    object.__setattr__(config, _GIVEN, frozenset(values))
+    return config
+
+
+_GIVEN = "_given_settings"
+
+
+def given_settings(config: Any) -> frozenset[str]:
+    """The names of the settings the user wrote (in the YAML file or on the command line) for ``config``; for a
+    configuration made in Python, those whose value is not the field's default."""
+    given = getattr(config, _GIVEN, None)
+    if given is not None:
+        return given
+    return frozenset(field.name for field in dataclasses.fields(config)
+                     if getattr(config, field.name) != _default_value(field))
+
+
+def _default_value(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
 
 
 def parse_config(cls: type[T], argv: list[str] | None, description: str) -> T:

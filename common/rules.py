@@ -9,6 +9,7 @@ wrote, so both accept and refuse the same values with the same message.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -48,3 +49,39 @@ def check_nonnegative(name: str, value: float, meaning: str) -> None:
     check_finite(name, value)
     if value < 0:
         raise ConfigError(f"{name} must be >= 0 ({meaning}), got {value}")
+
+
+VALUE_KINDS = ("name", "device", "model", "existing", "output", "task", "linear")
+"""Free-form string settings, by what they must name: a plain file name, a device, a model, an existing file
+or folder, a folder or file to write, an lm-eval task, a quantized linear of the model."""
+
+
+@dataclass(frozen=True)
+class Accepts:
+    """The values a setting accepts, declared beside it (``describe(..., low=1, high=16)``); the tree's
+    settings enforce them when they are made or in the run's preflight, and a test tries a value outside
+    them for every setting of every tree.
+
+    Attributes:
+        low, high: inclusive bounds of a number.
+        above, below: exclusive bounds of a number.
+        choices: the allowed strings (of the value, or of each item of a list).
+        kind: for a free-form string, one of :data:`VALUE_KINDS`.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    above: float | None = None
+    below: float | None = None
+    choices: tuple[str, ...] | None = None
+    kind: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind is not None:
+            check_one_of("kind", self.kind, VALUE_KINDS)
+
+    @property
+    def declared(self) -> bool:
+        """Whether it says anything about the values (a bound, the choices or a kind)."""
+        return any(value is not None for value in (self.low, self.high, self.above, self.below, self.choices,
+                                                    self.kind))

@@ -18,14 +18,16 @@ from common.cache import CACHE_ENV_VAR, cache_root
 from common.files import check_name_fits, check_plain_name, check_writable_dir, sweep_stale_temporaries
 from common.methods import DEFAULT_METHODS, METHOD_NAMES, METHOD_PARAMETERS, METHODS
 from common.quant.quantizers import GRIDS, check_clip_ratio, check_grid_bits
-from common.rules import ConfigError, check_group_size, check_nonnegative, check_one_of, check_positive
+from common.rules import Accepts, ConfigError, check_group_size, check_nonnegative, check_one_of, check_positive
 from common.solvers.column_loop import LAZY_UPDATES
 
 
-def describe(text: str, *, path: bool = False) -> dict[str, Any]:
-    """Field metadata holding the ``--help`` text; ``path``: the value is a file or folder, and a leading ``~``
-    means the home folder, as in a shell (:meth:`RunSettings.__post_init__` expands it)."""
-    return {"help": text, "path": path}
+def describe(text: str, *, path: bool = False, **accepts: Any) -> dict[str, Any]:
+    """Field metadata holding the ``--help`` text and the values the setting accepts (keywords of
+    :class:`~common.rules.Accepts`: ``low``, ``high``, ``above``, ``below``, ``choices``, ``kind``); ``path``: the
+    value is a file or folder, and a leading ``~`` means the home folder, as in a shell
+    (:meth:`RunSettings.__post_init__` expands it)."""
+    return {"help": text, "path": path, "accepts": Accepts(**accepts)}
 
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -42,7 +44,7 @@ def with_method_parameters(cls: type) -> type:
     and meaning, after the fields ``cls`` declares: a method's parameter is declared once, in its module."""
     for parameter in METHOD_PARAMETERS.values():
         cls.__annotations__[parameter.name] = "float"
-        setattr(cls, parameter.name, field(default=parameter.default, metadata=describe(parameter.meaning)))
+        setattr(cls, parameter.name, field(default=parameter.default, metadata=describe(parameter.meaning, low=0)))
     return cls
 
 
@@ -55,35 +57,39 @@ class RunSettings:
     TREE: ClassVar[str] = "run"
     """The tree's name (``fake_quant``, ``spinquant``, ``vit_quant``): the result JSON's ``tree``."""
 
-    name: str | None = field(default=None, metadata=describe("results/<name>.csv; default: derived from settings"))
-    device: str = field(default="auto", metadata=describe("auto, cpu, cuda or cuda:i"))
-    seed: int = field(default=0, metadata=describe("seed of every random choice (rotation, calibration draw)"))
-    nsamples: int = field(default=128, metadata=describe("number of calibration samples"))
+    name: str | None = field(default=None, metadata=describe(
+        "results/<name>.csv; default: derived from settings", kind="name"))
+    device: str = field(default="auto", metadata=describe("auto, cpu, cuda or cuda:i", kind="device"))
+    seed: int = field(default=0, metadata=describe("seed of every random choice (rotation, calibration draw)", low=0))
+    nsamples: int = field(default=128, metadata=describe("number of calibration samples", low=1))
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS),
-                               metadata=describe(f"columns to compute, from {METHOD_NAMES}"))
-    w_bits: int = field(default=4, metadata=describe("weight bits, 1..16"))
+                               metadata=describe(f"columns to compute, from {METHOD_NAMES}", choices=METHOD_NAMES))
+    w_bits: int = field(default=4, metadata=describe("weight bits, 1..16", low=1, high=16))
     w_asym: bool = field(default=True, metadata=describe("asymmetric weight grid"))
-    w_groupsize: int = field(default=-1, metadata=describe("-1 = per output channel, else columns per group"))
+    w_groupsize: int = field(default=-1, metadata=describe("-1 = per output channel, else columns per group", low=-1))
     w_clip: bool = field(default=True, metadata=describe("MSE clip search for the weight grid"))
     w_grid: str = field(default="float", metadata=describe(
-        f"weight grid, one of {GRIDS} (gptq: float16 scales, zero points 1..2^bits-1, as checkpoints store them)"))
-    a_bits: int = field(default=4, metadata=describe("activation bits, 1..16 (16 = off)"))
+        f"weight grid, one of {GRIDS} (gptq: float16 scales, zero points 1..2^bits-1, as checkpoints store them)",
+        choices=GRIDS))
+    a_bits: int = field(default=4, metadata=describe("activation bits, 1..16 (16 = off)", low=1, high=16))
     a_asym: bool = field(default=True, metadata=describe("asymmetric activation grid"))
-    a_clip_ratio: float = field(default=0.9, metadata=describe("activation range shrink, (0, 1]"))
-    a_groupsize: int = field(default=-1, metadata=describe("-1 = per token, else channels per group"))
-    percdamp: float = field(default=0.01, metadata=describe("Hessian damping, fraction of its mean diagonal"))
+    a_clip_ratio: float = field(default=0.9, metadata=describe("activation range shrink, (0, 1]", above=0, high=1))
+    a_groupsize: int = field(default=-1, metadata=describe("-1 = per token, else channels per group", low=-1))
+    percdamp: float = field(default=0.01, metadata=describe("Hessian damping, fraction of its mean diagonal", low=0))
     act_order: bool = field(default=False, metadata=describe("quantize columns by decreasing Hessian diagonal"))
     static_groups: bool = field(default=False, metadata=describe("group grids from the original weights"))
-    blocksize: int = field(default=128, metadata=describe("solver lazy-update block size"))
-    lazy_update: str = field(default="exact", metadata=describe(f"GPTAQ lazy update form, one of {LAZY_UPDATES}"))
+    blocksize: int = field(default=128, metadata=describe("solver lazy-update block size", low=1))
+    lazy_update: str = field(default="exact", metadata=describe(
+        f"GPTAQ lazy update form, one of {LAZY_UPDATES}", choices=LAZY_UPDATES))
     qep_exclude: list[str] = field(default_factory=list, metadata=describe(
-        "linears QEP leaves uncorrected, by name within a block (e.g. mlp.down_proj)"))
+        "linears QEP leaves uncorrected, by name within a block (e.g. mlp.down_proj)", kind="linear"))
     act_quant_during_calibration: bool | None = field(
         default=None, metadata=describe("None = each method's protocol (asymmetric ones on, GPTQ off); "
                                         "true/false for all")
     )
-    calib_batch_size: int = field(default=8, metadata=describe("samples per block forward during calibration"))
-    results_dir: str = field(default="results", metadata=describe("folder of the result CSV/JSON", path=True))
+    calib_batch_size: int = field(default=8, metadata=describe("samples per block forward during calibration", low=1))
+    results_dir: str = field(default="results", metadata=describe(
+        "folder of the result CSV/JSON", path=True, kind="output"))
 
     def __post_init__(self) -> None:
         for setting in dataclasses.fields(self):

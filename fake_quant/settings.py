@@ -25,26 +25,28 @@ class LlamaRunConfig(LlamaSettings):
     TREE: ClassVar[str] = "fake_quant"
 
     rotate: bool = field(default=True, metadata=describe("apply QuaRot's rotation"))
-    rotate_mode: str = field(default="hadamard", metadata=describe(f"residual rotation, one of {MODES}"))
+    rotate_mode: str = field(default="hadamard", metadata=describe(f"residual rotation, one of {MODES}", choices=MODES))
     rotate_online: bool = field(default=True, metadata=describe(
         "QuaRot's online Hadamards (o_proj, down_proj inputs); false: only the rotations fused into weights"))
     save_qmodel_path: str | None = field(default=None, metadata=describe(
-        "folder to save quantized models into", path=True))
+        "folder to save quantized models into", path=True, kind="output"))
     load_qmodel_path: str | None = field(default=None, metadata=describe(
-        "folder to evaluate saved models from", path=True))
+        "folder to evaluate saved models from", path=True, kind="existing"))
     export_gptq: str | None = field(default=None, metadata=describe(
-        "folder: a checkpoint <folder>/<method>/ in export_format per quantized method (weight-only runs)", path=True))
+        "folder: a checkpoint <folder>/<method>/ in export_format per quantized method (weight-only runs)", path=True,
+        kind="output"))
     export_format: str = field(default="gptq", metadata=describe(
         f"one of {EXPORT_FORMATS}: gptq (GPTQModel, transformers), gptq_v2 (zero points stored as they are, "
-        f"for vLLM), compressed-tensors (pack-quantized: vLLM, llm-compressor)"))
+        f"for vLLM), compressed-tensors (pack-quantized: vLLM, llm-compressor)", choices=EXPORT_FORMATS))
     load_gptq: str | None = field(default=None, metadata=describe(
         "folder of --export_gptq checkpoints (any export_format) to evaluate with this repo's reader; writes "
-        "results/<name>-from-<export_format>.csv", path=True))
+        "results/<name>-from-<export_format>.csv", path=True, kind="existing"))
     model_loading: str = field(default="blockwise", metadata=describe(
         f"one of {MODEL_LOADING}: 'blockwise' holds one decoder block in memory at a time and resumes a killed "
-        f"run; 'whole' loads the whole model (needed by zero-shot tasks and save/load_qmodel_path)"))
+        f"run; 'whole' loads the whole model (needed by zero-shot tasks and save/load_qmodel_path)",
+        choices=MODEL_LOADING))
     checkpoint_dir: str | None = field(default=None, metadata=describe(
-        "folder of a blockwise run's checkpoint (default <results_dir>/<name>.checkpoint)", path=True))
+        "folder of a blockwise run's checkpoint (default <results_dir>/<name>.checkpoint)", path=True, kind="output"))
     restart: bool = field(default=False, metadata=describe("discard the run's checkpoint and start over"))
     keep_checkpoint: bool = field(default=False, metadata=describe(
         "keep the checkpoint (the quantized blocks) after the run succeeds"))

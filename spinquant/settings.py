@@ -30,17 +30,19 @@ class SpinQuantConfig(LlamaSettings):
 
     rotation_path: str | None = field(default=None, metadata=describe(
         "rotation file (safetensors): used if complete, resumed if not, written if absent; "
-        "default: <cache>/spinquant/<model>-<hash of the rotation settings>.safetensors", path=True))
-    rotation_steps: int = field(default=100, metadata=describe("Cayley SGD steps (paper: 800)"))
-    rotation_lr: float = field(default=1.5, metadata=describe("Cayley SGD step size, cosine-decayed (paper: 1.5)"))
-    rotation_momentum: float = field(default=0.0, metadata=describe("Cayley SGD momentum in [0, 1)"))
-    rotation_nsamples: int = field(default=128, metadata=describe("training windows of calib_dataset"))
-    rotation_seqlen: int = field(default=256, metadata=describe("tokens per training window (paper: 2048)"))
-    rotation_batch_size: int = field(default=2, metadata=describe("training windows per step"))
-    rotation_micro_batch_size: int = field(default=2, metadata=describe("windows per forward (memory only)"))
-    rotation_w_bits: int = field(default=16, metadata=describe("RTN weight bits while training (16 = off)"))
+        "default: <cache>/spinquant/<model>-<hash of the rotation settings>.safetensors", path=True, kind="output"))
+    rotation_steps: int = field(default=100, metadata=describe("Cayley SGD steps (paper: 800)", low=1))
+    rotation_lr: float = field(default=1.5, metadata=describe(
+        "Cayley SGD step size, cosine-decayed (paper: 1.5)", above=0))
+    rotation_momentum: float = field(default=0.0, metadata=describe("Cayley SGD momentum in [0, 1)", low=0, below=1))
+    rotation_nsamples: int = field(default=128, metadata=describe("training windows of calib_dataset", low=1))
+    rotation_seqlen: int = field(default=256, metadata=describe("tokens per training window (paper: 2048)", low=2))
+    rotation_batch_size: int = field(default=2, metadata=describe("training windows per step", low=1))
+    rotation_micro_batch_size: int = field(default=2, metadata=describe("windows per forward (memory only)", low=1))
+    rotation_w_bits: int = field(default=16, metadata=describe(
+        "RTN weight bits while training (16 = off)", low=1, high=16))
     rotation_w_asym: bool = field(default=True, metadata=describe("asymmetric RTN grid while training"))
-    rotation_checkpoint_every: int = field(default=25, metadata=describe("steps between rotation checkpoints"))
+    rotation_checkpoint_every: int = field(default=25, metadata=describe("steps between rotation checkpoints", low=1))
     quarot_baseline: bool = field(default=True, metadata=describe(
         "also evaluate the untrained random-Hadamard rotation (QuaRot-style) with the same methods"))
 

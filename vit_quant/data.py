@@ -122,11 +122,17 @@ def find_idx_file(folder: str | Path, stem: str) -> Path:
 
 
 def check_fashion_mnist(data_path: str | Path | None = None) -> Path:
-    """The Fashion-MNIST folder, after checking that its four files are there (nothing is read yet)."""
+    """The Fashion-MNIST folder, after checking that its four files are there (nothing is read yet); the error
+    names ``data_path`` when the folder came from it."""
     folder = Path(data_path) if data_path is not None else DEFAULT_FASHION_MNIST_DIR
-    for stems in _SPLIT_FILES.values():
-        for stem in stems:
-            find_idx_file(folder, stem)
+    try:
+        for stems in _SPLIT_FILES.values():
+            for stem in stems:
+                find_idx_file(folder, stem)
+    except DatasetNotFoundError as error:
+        if data_path is None:
+            raise
+        raise DatasetNotFoundError(f"data_path: {error}") from None
     return folder
 
 

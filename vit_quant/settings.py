@@ -24,17 +24,19 @@ class VitRunConfig(RunSettings):
 
     TREE: ClassVar[str] = "vit_quant"
 
-    model: str = field(default=EMBEDDED, metadata=describe("timm model name, or 'embedded' (Fashion-MNIST ViT)"))
-    checkpoint: str | None = field(default=None, metadata=describe("local weights file instead of timm's", path=True))
+    model: str = field(default=EMBEDDED, metadata=describe(
+        "timm model name, or 'embedded' (Fashion-MNIST ViT)", kind="model"))
+    checkpoint: str | None = field(default=None, metadata=describe(
+        "local weights file instead of timm's", path=True, kind="existing"))
     data_path: str | None = field(default=None, metadata=describe(
-        "Fashion-MNIST IDX folder, or ImageNet root", path=True))
-    eval_batch_size: int = field(default=500, metadata=describe("images per evaluation forward"))
-    eval_max_images: int | None = field(default=None, metadata=describe("evaluate the first k images only"))
-    workers: int = field(default=4, metadata=describe("ImageNet data-loader workers"))
-    a_clip_ratio: float = field(default=1.0, metadata=describe("activation range shrink, (0, 1]"))
-    percdamp: float = field(default=0.1, metadata=describe("Hessian damping, fraction of its mean diagonal"))
+        "Fashion-MNIST IDX folder, or ImageNet root", path=True, kind="existing"))
+    eval_batch_size: int = field(default=500, metadata=describe("images per evaluation forward", low=1))
+    eval_max_images: int | None = field(default=None, metadata=describe("evaluate the first k images only", low=1))
+    workers: int = field(default=4, metadata=describe("ImageNet data-loader workers", low=0))
+    a_clip_ratio: float = field(default=1.0, metadata=describe("activation range shrink, (0, 1]", above=0, high=1))
+    percdamp: float = field(default=0.1, metadata=describe("Hessian damping, fraction of its mean diagonal", low=0))
     act_order: bool = field(default=True, metadata=describe("quantize columns by decreasing Hessian diagonal"))
-    calib_batch_size: int = field(default=32, metadata=describe("images per block forward during calibration"))
+    calib_batch_size: int = field(default=32, metadata=describe("images per block forward during calibration", low=1))
 
     def __post_init__(self) -> None:
         super().__post_init__()

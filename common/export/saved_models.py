@@ -7,6 +7,7 @@ shared by tied weights stored once) and ``DIR/settings.json`` (the run's setting
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_model
 
-from common.config import ConfigError
+from common.config import ConfigError, given_settings
 from common.files import atomic_write, atomic_write_json
 from common.methods import METHODS
 
@@ -34,12 +35,20 @@ def save_quantized_model(model: torch.nn.Module, folder: Path, method: str, sett
     atomic_write_json(folder / SETTINGS_FILE, {"settings": dict(settings), "rotation": rotation})
 
 
+RUN_MECHANICS = ("load_qmodel_path", "save_qmodel_path", "model_loading", "checkpoint_dir", "restart",
+                 "keep_checkpoint")
+"""Settings of how this run works, not of the saved models: free to differ from the saved run's."""
+
+
 def load_saved_settings(config: Settings, evaluation: Sequence[str]) -> tuple[Settings, list[str]]:
     """The saved run's settings with this run's ``evaluation`` settings (names of ``config``'s fields), and
-    the methods to evaluate (the reference, and each quantizing method with a saved file).
+    the methods to evaluate: those this run names, or else every method the saved run named.
 
-    ``config`` is the run's settings (a dataclass with ``load_qmodel_path`` and ``save_qmodel_path``);
-    ``ConfigError`` naming ``load_qmodel_path`` when the folder holds no settings file this version wrote.
+    ``config`` is the run's settings (a dataclass with ``load_qmodel_path`` and ``save_qmodel_path``). A
+    ``ConfigError`` naming the setting, before any work, when the folder holds no settings file this version
+    wrote, when a setting the user gave (other than an evaluation setting or :data:`RUN_MECHANICS`) differs
+    from the saved one (the saved models cannot be evaluated as another setting), or when a method to
+    evaluate has no saved file.
     """
     folder = Path(config.load_qmodel_path)
     settings_file = folder / SETTINGS_FILE
@@ -50,11 +59,25 @@ def load_saved_settings(config: Settings, evaluation: Sequence[str]) -> tuple[Se
         overrides = {name: getattr(config, name) for name in evaluation}
         merged = type(config)(**{**saved, **overrides, "save_qmodel_path": None,
                                  "load_qmodel_path": config.load_qmodel_path})
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise ConfigError(f"load_qmodel_path: {settings_file} is not a settings file this version wrote "
                           f"({type(error).__name__}: {error})") from None
-    methods = [m for m in merged.methods if not METHODS[m].quantized or (folder / f"{m}.safetensors").is_file()]
-    return merged, methods
+    given = given_settings(config)
+    fixed = sorted(name for name in given - set(evaluation) - set(RUN_MECHANICS) - {"methods"}
+                   if getattr(config, name) != getattr(merged, name))
+    if fixed:
+        differences = ", ".join(f"{name}: {getattr(config, name)!r} (saved: {getattr(merged, name)!r})"
+                                for name in fixed)
+        raise ConfigError(f"{', '.join(fixed)}: the models in load_qmodel_path {folder} were quantized with other "
+                          f"settings ({differences}); a saved model is evaluated as it was saved: leave these "
+                          f"settings out, or quantize again")
+    methods = list(config.methods) if "methods" in given else list(merged.methods)
+    missing = [m for m in methods if METHODS[m].quantized and not (folder / f"{m}.safetensors").is_file()]
+    if missing:
+        present = sorted(path.stem for path in folder.glob("*.safetensors"))
+        raise ConfigError(f"methods: load_qmodel_path {folder} holds no saved model of {missing} (no "
+                          f"<method>.safetensors; it holds {present or 'none'}): give methods it holds")
+    return dataclasses.replace(merged, methods=methods), methods
 
 
 def check_saved_models(folder: Path, methods: Sequence[str], model: torch.nn.Module) -> None:

@@ -25,24 +25,26 @@ class LlamaSettings(RunSettings):
     """Prefix of the default run name (the tree's folder name)."""
 
     model: str = field(default="embedded", metadata=describe(
-        "hub id, local folder, or 'embedded' (SmolLM2-135M)", path=True))
-    dtype: str = field(default="float32", metadata=describe(f"model dtype, one of {DTYPES}"))
+        "hub id, local folder, or 'embedded' (SmolLM2-135M)", path=True, kind="model"))
+    dtype: str = field(default="float32", metadata=describe(f"model dtype, one of {DTYPES}", choices=DTYPES))
     offload: bool = field(default=False, metadata=describe("keep layers on CPU while calibrating; one on device"))
-    calib_dataset: str = field(default="wiki_embedded", metadata=describe("corpus of the calibration windows"))
-    nsamples: int = field(default=32, metadata=describe("number of calibration windows"))
-    seqlen: int = field(default=512, metadata=describe("tokens per calibration and evaluation window"))
+    calib_dataset: str = field(default="wiki_embedded", metadata=describe(
+        "corpus of the calibration windows", choices=tuple(sorted(CORPORA))))
+    nsamples: int = field(default=32, metadata=describe("number of calibration windows", low=1))
+    seqlen: int = field(default=512, metadata=describe("tokens per calibration and evaluation window", low=2))
     eval_datasets: list[str] = field(default_factory=lambda: ["wiki_embedded"],
-                                     metadata=describe("corpora for perplexity"))
-    eval_max_windows: int | None = field(default=None, metadata=describe("evaluate the first k windows only"))
-    eval_batch_size: int = field(default=4, metadata=describe("windows per perplexity forward"))
-    tasks: list[str] = field(default_factory=list, metadata=describe("lm-eval zero-shot tasks (comma separated)"))
+                                     metadata=describe("corpora for perplexity", choices=tuple(sorted(CORPORA))))
+    eval_max_windows: int | None = field(default=None, metadata=describe("evaluate the first k windows only", low=1))
+    eval_batch_size: int = field(default=4, metadata=describe("windows per perplexity forward", low=1))
+    tasks: list[str] = field(default_factory=list, metadata=describe(
+        "lm-eval zero-shot tasks (comma separated)", kind="task"))
     tasks_include_path: str | None = field(default=None, metadata=describe(
-        "folder of extra lm-eval task YAMLs", path=True))
-    tasks_limit: int | None = field(default=None, metadata=describe("lm-eval examples per task (None = all)"))
-    tasks_batch_size: int = field(default=8, metadata=describe("lm-eval requests per forward"))
-    k_bits: int = field(default=16, metadata=describe("K-cache bits, 1..16 (16 = off)"))
-    v_bits: int = field(default=16, metadata=describe("V-cache bits, 1..16 (16 = off)"))
-    kv_clip_ratio: float = field(default=1.0, metadata=describe("KV range shrink, (0, 1]"))
+        "folder of extra lm-eval task YAMLs", path=True, kind="existing"))
+    tasks_limit: int | None = field(default=None, metadata=describe("lm-eval examples per task (None = all)", low=1))
+    tasks_batch_size: int = field(default=8, metadata=describe("lm-eval requests per forward", low=1))
+    k_bits: int = field(default=16, metadata=describe("K-cache bits, 1..16 (16 = off)", low=1, high=16))
+    v_bits: int = field(default=16, metadata=describe("V-cache bits, 1..16 (16 = off)", low=1, high=16))
+    kv_clip_ratio: float = field(default=1.0, metadata=describe("KV range shrink, (0, 1]", above=0, high=1))
 
     def __post_init__(self) -> None:
         super().__post_init__()

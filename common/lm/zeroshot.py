@@ -190,7 +190,7 @@ def load_tasks(
     known = set(manager.all_subtasks) | set(manager.all_groups)
     unknown = [name for name in tasks if name not in known]
     if unknown:
-        raise ValueError(f"unknown lm-eval task(s) or group(s): {', '.join(unknown)} (offline embedded tasks: "
+        raise ValueError(f"tasks: unknown lm-eval task(s) or group(s): {', '.join(unknown)} (offline embedded tasks: "
                          f"{', '.join(EMBEDDED_TASKS)})")
     with _quiet(progress):
         return manager, [_load_zero_shot(manager, name) for name in tasks]

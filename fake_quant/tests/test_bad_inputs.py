@@ -170,10 +170,29 @@ def _broken_settings(folder: Path) -> list[str]:
     return ["--load_qmodel_path", str(saved)]
 
 
+def _load_saved(folder: Path) -> list[str]:
+    return ["--load_qmodel_path", str(_saved_models(folder))]
+
+
+def _load_saved_with_config(text: str):
+    def setup(folder: Path) -> list[str]:
+        return [*_config_file(text)(folder), *_load_saved(folder)]
+
+    return setup
+
+
 BEFORE_EVALUATION = [
     BadInput("truncated saved model", [], "rtn.safetensors is not a readable safetensors file", _truncated),
     BadInput("another model's weights", [], "rtn.safetensors does not hold this model's weights", _foreign),
     BadInput("saved settings of another version", [], "settings.json is not a settings file", _broken_settings),
+    BadInput("saved W4 models evaluated as W2", ["--w_bits", "2"],
+             "w_bits: the models in load_qmodel_path", _load_saved),
+    BadInput("a config file the saved models were not quantized with", [],
+             "seed: the models in load_qmodel_path", _load_saved_with_config("seed: 3\n")),
+    BadInput("two settings the saved models differ in", ["--w_bits", "3", "--no-w_asym"],
+             "w_asym, w_bits: the models in load_qmodel_path", _load_saved),
+    BadInput("a method the folder holds no saved model of", ["--methods", "fp,gptq"],
+             "methods: load_qmodel_path", _load_saved),
 ]
 
 
@@ -200,7 +219,7 @@ def test_refused_before_evaluating(case: BadInput, tiny_setup, capsys, monkeypat
     monkeypatch.setattr(experiment, "window_nlls", lambda *a, **k: pytest.fail("evaluation started"))
     monkeypatch.setattr(experiment, "quantize", lambda *a, **k: pytest.fail("calibration started"))
     capsys.readouterr()
-    line = expect_refusal(fq_main.main, ["--results_dir", str(folder / "results"), *BASE, *extra], capsys)
+    line = expect_refusal(fq_main.main, ["--results_dir", str(folder / "results"), *BASE, *case.argv, *extra], capsys)
     assert case.names in line
     assert not (folder / "results").exists()
 
@@ -216,6 +235,17 @@ def test_unwritable_save_folder_is_refused_first(watched_llama, unwritable_dir, 
     argv = ["--results_dir", str(folder / "results"), *BASE, "--save_qmodel_path", str(unwritable_dir / "q")]
     line = expect_refusal(fq_main.main, argv, capsys)
     assert "save_qmodel_path: cannot write to folder" in line and events == []
+
+
+def test_saved_models_take_their_own_settings_and_the_methods_named(tiny_setup, capsys) -> None:
+    """Settings equal to the saved ones and evaluation settings may be given; ``methods`` picks saved models."""
+    folder = tiny_setup
+    extra = _load_saved(folder)
+    argv = ["--results_dir", str(folder / "results"), *BASE, *extra, "--w_bits", "4", "--methods", "rtn",
+            "--name", "again"]
+    assert fq_main.main(argv) == 0
+    header = (folder / "results" / "again.csv").read_text().splitlines()[0]
+    assert "rtn" in header and ",fp," not in header
 
 
 def test_cases_are_distinct() -> None:

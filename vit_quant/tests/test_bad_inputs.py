@@ -53,10 +53,10 @@ CASES = [
     BadInput("negative workers", ["--workers", "-1"], "workers must be 0", _fashion()),
     BadInput("checkpoint for the embedded model", ["--checkpoint", "w.pth"], "checkpoint is for timm models",
              _fashion()),
-    BadInput("Fashion-MNIST folder missing", ["--data_path", "/nonexistent/fmnist"], "Fashion-MNIST folder "
+    BadInput("Fashion-MNIST folder missing", ["--data_path", "/nonexistent/fmnist"], "data_path: Fashion-MNIST folder "
              "/nonexistent/fmnist does not exist"),
-    BadInput("Fashion-MNIST file missing", [], "t10k-labels-idx1-ubyte[.gz] is missing", _fashion("t10k-labels-idx1-"
-                                                                                                   "ubyte")),
+    BadInput("Fashion-MNIST file missing", [], "data_path: Fashion-MNIST file",
+             _fashion("t10k-labels-idx1-ubyte")),
     BadInput("timm model without data", ["--model", "deit_tiny_patch16_224"], "data_path must point to an ImageNet "
              "root"),
     BadInput("ImageNet without val", [], "ImageNet folder", _imagenet_without_val),
