@@ -19,6 +19,7 @@ import hashlib
 import heapq
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -62,12 +63,27 @@ def progress_bars() -> bool:
     return is_main()
 
 
+def _environment_number(name: str, default: str, kind: type, low: float, what: str) -> int | float:
+    """The environment variable ``name`` (``default`` when unset) as ``kind``, at least ``low``; else
+    ``ValueError`` naming the variable."""
+    text = os.environ.get(name, default)
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value < low:
+        raise ValueError(f"{name} must be {what}, got {text!r}")
+    return value
+
+
 def requested_world_size() -> int:
     """``WORLD_SIZE`` from the launcher (1 without one)."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        raise ValueError(f"WORLD_SIZE must be an integer (set by torchrun), got {os.environ['WORLD_SIZE']!r}") from None
+    return _environment_number("WORLD_SIZE", "1", int, 1, "a positive integer (set by torchrun)")
+
+
+def _local_rank() -> int:
+    """``LOCAL_RANK`` from the launcher (0 without one)."""
+    return _environment_number("LOCAL_RANK", "0", int, 0, "a non-negative integer (set by torchrun)")
 
 
 def initialize(device_setting: str) -> bool:
@@ -80,8 +96,9 @@ def initialize(device_setting: str) -> bool:
         return active()
     cuda = device_setting.startswith("cuda") or (device_setting == "auto" and torch.cuda.is_available())
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV_VAR, "1800")))
+        torch.cuda.set_device(_local_rank())
+    seconds = _environment_number(TIMEOUT_ENV_VAR, "1800", float, 1, "a number of seconds, at least 1")
+    timeout = timedelta(seconds=seconds)
     dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout)
     if not is_main():
         logging.getLogger().setLevel(logging.WARNING)
@@ -101,7 +118,7 @@ def finalize(*, wait_for_peers: bool = False) -> None:
 def local_device(device: torch.device) -> torch.device:
     """This rank's device: ``cuda:<LOCAL_RANK>`` for a CUDA run, else ``device`` unchanged."""
     if active() and device.type == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", _local_rank())
     return device
 
 

@@ -136,6 +136,10 @@ METHODS: Mapping[str, Method] = MappingProxyType({method.name: method for method
            color="#8172B3", flops=_qep_flops),
     Method("foem", "FOEM", "FOEM (Zheng et al., 2026): GPTQ with the first-order term β (w − w₀)", CALIBRATED,
            statistics=("H",), solve=foem.solve, parameters=(foem.FOEM_BETA,), color="#937860", flops=_gptq_flops),
+    Method("foem_official", "FOEM (official)", "FOEM with its authors' code's lazy update (no pull at block "
+           "starts, group grids from block-start values)", CALIBRATED, statistics=("H",), solve=foem.solve,
+           solver_overrides=MappingProxyType({"lazy_update": "official"}), parameters=(foem.FOEM_BETA,),
+           color="#CCB974", flops=_gptq_flops),
     Method("rescomp", "ResComp", "ResComp (Li et al., 2026): GPTAQ plus the compensation-aware term α₂", CALIBRATED,
            statistics=("H", "D"), act_quant_during_calibration=True, solve=rescomp.solve,
            parameters=(gptaq.ALPHA, rescomp.RESCOMP_ALPHA), color="#DA8BC3", flops=_gptaq_flops),

@@ -27,7 +27,13 @@ from common.export.runs import Exporter, exported_methods, read_exported, read_e
 from common.export.saved_models import check_saved_models, load_saved_settings, save_quantized_model
 from common.llama.adapter import add_layer_quantizers
 from common.llama.blockwise import BlockwiseLlama, CheckpointTensors
-from common.llama.blockwise_run import RunCheckpoint, compare_blockwise, evaluate_blockwise, run_identity
+from common.llama.blockwise_run import (
+    RunCheckpoint,
+    check_checkpoint_folder,
+    compare_blockwise,
+    evaluate_blockwise,
+    run_identity,
+)
 from common.llama.experiment import (
     DTYPES,
     PerExample,
@@ -89,10 +95,12 @@ def blockwise_model(config: LlamaRunConfig) -> tuple[BlockwiseLlama, RotationInf
 
 
 def preflight_blockwise(config: LlamaRunConfig) -> None:
-    """:func:`preflight`, and a local model folder must hold a safetensors checkpoint (read one block at a time)."""
+    """:func:`preflight`, a local model folder must hold a safetensors checkpoint (read one block at a time), and
+    the checkpoint folder must be the run's own (:func:`check_checkpoint_folder`)."""
     preflight(config, calibrate=config.calibrates)
     if Path(config.model).is_dir():
         CheckpointTensors(config.model)
+    check_checkpoint_folder(config.checkpoint_folder)
 
 
 def _exporter(config: LlamaRunConfig, tokenizer) -> Exporter | None:

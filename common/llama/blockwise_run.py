@@ -77,12 +77,14 @@ class RunCheckpoint:
         identity: :func:`run_identity` of this run.
         restart: discard what the folder holds instead of resuming from it.
 
-    Raises ``ConfigError`` (before any work) when the folder belongs to a different run, naming what differs.
+    Raises ``ConfigError`` (before any work) when the folder belongs to a different run, naming what differs,
+    or holds files no run wrote (it would delete them once the run succeeds, or with ``restart``).
     """
 
     def __init__(self, folder: Path, identity: Mapping[str, Any], *, restart: bool = False) -> None:
         self.folder = Path(folder)
         kept = self.folder / IDENTITY
+        check_checkpoint_folder(self.folder)
         if restart and self.folder.exists() and distributed.is_main():
             shutil.rmtree(self.folder)
         distributed.barrier()
@@ -118,6 +120,14 @@ class RunCheckpoint:
         distributed.barrier()
         if distributed.is_main():
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def check_checkpoint_folder(folder: Path) -> None:
+    """``folder`` is new, empty or a run's checkpoint; else ``ConfigError`` naming ``checkpoint_dir``: a run deletes
+    its checkpoint folder once it succeeds (and with ``restart``), so it must not hold anything else."""
+    if folder.is_dir() and not (folder / IDENTITY).is_file() and any(folder.iterdir()):
+        raise ConfigError(f"checkpoint_dir: {folder} holds files this tool did not write (no {IDENTITY}): a run's "
+                          f"checkpoint folder is deleted once the run succeeds; give a new or empty folder")
 
 
 def _differences(kept: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:

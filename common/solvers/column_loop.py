@@ -22,7 +22,8 @@ cross-block GPTAQ term uses the pre-quantization values ``w_j``, as the in-block
 group parameters are computed from the group's current (error-updated) values. ``lazy_update="official"``
 reproduces the official GPTAQ code instead: its cross-block term multiplies ``P`` by the already quantized
 block, and (like GPTQ's reference code) it computes a group's parameters from the values the group had at
-the start of the block. Both make the result depend on ``blocksize``.
+the start of the block; FOEM's authors' code (GPTQModel) also skips its pull on each block's first column.
+These make the result depend on ``blocksize``.
 """
 
 from __future__ import annotations
@@ -591,8 +592,8 @@ class _BlockSolver:
                 block.sub_start = j1
                 for i in range(j1, j2):
                     column = i1 + i
-                    if terms is not None and terms.pull:  # w_j ← w_j − pull (w_j − w₀_j)
-                        values[i].lerp_(pairs[i, 2], terms.pull)
+                    if terms is not None and terms.pull and not (self.official and i == 0):
+                        values[i].lerp_(pairs[i, 2], terms.pull)  # w_j ← w_j − pull (w_j − w₀_j)
                     if self.groupsize > 0:
                         self._start_group(column, block)
                     w = originals[i].copy_(values[i]) if keeps_originals else values[i]

@@ -30,7 +30,9 @@ repository is the paper's first version) departs from this definition: the pull 
 the previous column's in-block update, but not to the first column of each lazy-update block (the
 cross-block pull never runs), so its results depend on ``blocksize``; with GPTAQ's correction (``α > 0``) its
 cross-block ``P`` term multiplies ``q_j + β (w_j − w₀_j)`` instead of ``w_j``; and its default damping is
-0.05. GPTQModel's documentation gives ``β ∈ [0.1, 0.25]`` and the default 0.2. FOEM reads ``H`` alone: no
+0.05. GPTQModel's documentation gives ``β ∈ [0.1, 0.25]`` and the default 0.2. The registry's ``foem_official``
+runs that code's form (``lazy_update="official"``: no pull on a block's first column, group grids from the
+block's starting values; :func:`common.solvers.references.foem_official`). FOEM reads ``H`` alone: no
 full-precision stream.
 
 This is not a descent step for the layer objective: GPTQ's point is already stationary on the columns not

@@ -85,6 +85,38 @@ def gptaq_official(weight: torch.Tensor, hessian: torch.Tensor, drift: torch.Ten
     return q_all
 
 
+def foem_official(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, blocksize: int, beta: float = 0.2,
+                  percdamp: float = 0.01, groupsize: int = -1) -> torch.Tensor:
+    """FOEM's authors' code (GPTQModel's ``FOEMConfig`` with ``alpha = 0``), block by block: FOEM's shifted error
+    inside and across blocks, the pull ``w_j ← w_j − β (w_j − w₀_j)`` on every column but each block's first,
+    groups' grids from the values at the block's start."""
+    w = weight.clone().double()
+    n = w.shape[1]
+    h = hessian.double() + percdamp * torch.diagonal(hessian).mean() * torch.eye(n, dtype=torch.float64)
+    u = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+    w0 = w.clone()
+    quantizer = WeightQuantizer(bits)
+    scale, zero = quantizer.params(w)
+    q_all = torch.zeros_like(w)
+    for i1 in range(0, n, blocksize):
+        i2 = min(i1 + blocksize, n)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            if groupsize > 0 and (i1 + i) % groupsize == 0:
+                scale, zero = quantizer.params(w[:, i1 + i:i1 + i + groupsize])
+            if i > 0:
+                w1[:, i] -= beta * (w1[:, i] - w0[:, i1 + i])
+            col = w1[:, i].clone()
+            q = quantizer.quantize(col[:, None], scale, zero)[:, 0]
+            q_all[:, i1 + i] = q
+            err = ((col - q) - beta * (col - w0[:, i1 + i])) / u[i1 + i, i1 + i]
+            w1[:, i:] -= torch.outer(err, u[i1 + i, i1:i2][i:])
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    return q_all
+
+
 def qep(weight: torch.Tensor, hessian: torch.Tensor, drift: torch.Tensor, *, qep_alpha: float = 0.5,
         percdamp: float = 0.01, **options) -> torch.Tensor:
     """QEP: ``W* = W + α_qep · W D (H + λI)⁻¹``, then GPTQ on ``W*`` (``options`` as :func:`gptq`'s)."""

@@ -124,3 +124,27 @@ def test_balanced_assignment_is_deterministic(monkeypatch):
     owners = distributed.assign_by_cost({"q": 4.0, "k": 1.0, "v": 1.0, "o": 2.0})
     assert owners == {"q": 0, "o": 1, "k": 1, "v": 1}  # 4 against 2 + 1 + 1
     assert distributed.assign_by_cost({"a": 1.0}) == {"a": 0}
+
+
+TORCHRUN_ENVIRONMENTS = [  # (variables, what the message must name)
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE must be a positive integer (set by torchrun), got 'two'"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE must be a positive integer"),
+    ({"WORLD_SIZE": "2", "GPTAQ_DIST_TIMEOUT_S": "soon"}, "GPTAQ_DIST_TIMEOUT_S must be a number of seconds"),
+    ({"WORLD_SIZE": "2", "GPTAQ_DIST_TIMEOUT_S": "inf"}, "GPTAQ_DIST_TIMEOUT_S must be a number of seconds"),
+    ({"WORLD_SIZE": "2", "GPTAQ_DIST_TIMEOUT_S": "0"}, "GPTAQ_DIST_TIMEOUT_S must be a number of seconds"),
+]
+
+
+@pytest.mark.parametrize(("variables", "message"), TORCHRUN_ENVIRONMENTS, ids=lambda v: str(v)[:40])
+def test_a_bad_torchrun_environment_is_an_error_naming_the_variable(variables, message, monkeypatch, capsys):
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    assert fq_main.main(["--methods", "fp", "--device", "cpu"]) == 2
+    assert message in capsys.readouterr().err
+    assert not distributed.active()
+
+
+def test_a_bad_local_rank_is_an_error_naming_it(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "-1")
+    with pytest.raises(ValueError, match="LOCAL_RANK must be a non-negative integer"):
+        distributed._local_rank()

@@ -77,3 +77,28 @@ def test_a_bad_beta_is_refused_naming_the_setting(beta):
     hessian, _ = statistics(x_quant, x_quant)
     with pytest.raises(ConfigError, match="foem_beta"):
         _solve(weight, hessian, foem_beta=beta)
+
+
+@pytest.mark.parametrize("groupsize", [-1, 8, 20])
+def test_official_form_matches_the_authors_code(groupsize):
+    """``foem_official``: no pull at block starts, group grids from block-start values (GPTQModel's loop)."""
+    weight, _, x_quant = layer(seed=9)
+    hessian, _ = statistics(x_quant, x_quant)
+    method = METHODS["foem_official"]
+    for blocksize in (7, 16):
+        expected = references.foem_official(weight, hessian, bits=3, blocksize=blocksize, groupsize=groupsize)
+        config = method.solver_config(SolverConfig(bits=3, blocksize=blocksize, groupsize=groupsize))
+        got = method.solve(weight, hessian, None, config).weight
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
+
+
+def test_official_form_depends_on_blocksize_and_agrees_with_the_definition_in_one_block_of_one():
+    """Its pull skips each block's first column: with blocks of 1 it never pulls (GPTQ with FOEM's shifted
+    error), with one block it pulls every column but the first (the definition)."""
+    weight, _, x_quant = layer(seed=10)
+    hessian, _ = statistics(x_quant, x_quant)
+    method = METHODS["foem_official"]
+    official = [method.solve(weight, hessian, None, method.solver_config(SolverConfig(bits=3, blocksize=b))).weight
+                for b in (4, 1000)]
+    assert not torch.equal(official[0], official[1])
+    torch.testing.assert_close(official[1], _solve(weight, hessian, blocksize=1000), rtol=0, atol=1e-9)

@@ -53,6 +53,16 @@ def _model_without_weights(folder: Path) -> list[str]:
     return ["--model", str(folder / "model")]
 
 
+def _users_folder(flag: str):
+    """A folder of the user's (one file in it) given as ``flag``."""
+    def setup(folder: Path) -> list[str]:
+        (folder / "mine").mkdir()
+        (folder / "mine" / "notes.txt").write_text("the user's")
+        return [flag, str(folder / "mine")]
+
+    return setup
+
+
 BEFORE_LOAD = [
     BadInput("model folder without safetensors", ["--model_loading", "blockwise"], "holds no safetensors checkpoint",
              _model_without_weights),
@@ -137,6 +147,10 @@ BEFORE_LOAD = [
     BadInput("config boolean for a count", [], "eval_batch_size must be of type int",
              _config_file("eval_batch_size: true\n")),
     BadInput("unknown flag", ["--w_bitz", "4"], "--w_bitz"),
+    BadInput("checkpoint folder of the user's", ["--model_loading", "blockwise"],
+             "checkpoint_dir: ", _users_folder("--checkpoint_dir")),
+    BadInput("checkpoint folder of the user's, restarted", ["--model_loading", "blockwise", "--restart"],
+             "holds files this tool did not write", _users_folder("--checkpoint_dir")),
 ]
 
 
@@ -210,6 +224,8 @@ def test_refused_before_the_model_loads(case: BadInput, watched_llama, capsys) -
     assert case.names in line
     assert events == [], "the model was loaded before the bad input was refused"
     assert not (folder / "results").exists()
+    if (folder / "mine").exists():
+        assert [p.name for p in (folder / "mine").iterdir()] == ["notes.txt"]
 
 
 @pytest.mark.parametrize("case", BEFORE_EVALUATION, ids=lambda c: c.case)
