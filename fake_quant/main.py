@@ -24,7 +24,12 @@ from common.cli import run_cli
 from common.engine.resume import CheckpointError
 from common.export.checkpoint import CheckpointError as ExportedCheckpointError
 from common.export.runs import Exporter, exported_methods, read_exported, read_exported_tensors
-from common.export.saved_models import check_saved_models, load_saved_settings, save_quantized_model
+from common.export.saved_models import (
+    check_saved_models,
+    load_saved_settings,
+    prepare_save_folder,
+    save_quantized_model,
+)
 from common.llama.adapter import add_layer_quantizers
 from common.llama.blockwise import BlockwiseLlama, CheckpointTensors
 from common.llama.blockwise_run import (
@@ -206,6 +211,8 @@ def run(config: LlamaRunConfig) -> tuple[Path, Path]:
         check_saved_models(saved, methods, model)
     quantize_method = quantizing(model, config, calibration, device)
     exporter = _exporter(config, tokenizer)
+    if config.save_qmodel_path and distributed.is_main():
+        prepare_save_folder(Path(config.save_qmodel_path))
 
     def prepare(method: str):
         if saved is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,11 +19,25 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_model
 
 from common.config import ConfigError, given_settings
-from common.files import atomic_write, atomic_write_json
+from common.files import atomic_write, atomic_write_json, move_to_history
 from common.methods import METHODS
+
+logger = logging.getLogger(__name__)
 
 SETTINGS_FILE = "settings.json"
 Settings = TypeVar("Settings")
+
+
+HISTORY = "history"
+
+
+def prepare_save_folder(folder: Path) -> None:
+    """Before a run saves into ``folder``: a non-empty ``folder`` (an earlier run's saved models, or anything
+    else) is moved to ``history/`` beside it, so the folder holds this run's models alone and nothing is
+    overwritten or deleted."""
+    if folder.is_dir() and any(folder.iterdir()):
+        for moved in move_to_history([folder], folder.parent / HISTORY):
+            logger.warning("save_qmodel_path %s was not empty: moved to %s", folder, moved)
 
 
 def save_quantized_model(model: torch.nn.Module, folder: Path, method: str, settings: Mapping[str, Any],

@@ -264,6 +264,21 @@ def test_saved_models_take_their_own_settings_and_the_methods_named(tiny_setup, 
     assert "rtn" in header and ",fp," not in header
 
 
+def test_a_save_folder_of_the_users_moves_to_history_and_is_not_overwritten(tiny_setup) -> None:
+    folder = tiny_setup
+    saved = folder / "saved"
+    saved.mkdir()
+    (saved / "rtn.safetensors").write_text("the user's own file")
+    config = fq_main.LlamaRunConfig(name="save", calib_dataset="tiny_text", eval_datasets=["tiny_text"], seqlen=32,
+                                    nsamples=4, eval_max_windows=1, device="cpu", methods=["rtn"],
+                                    results_dir=str(folder / "results"), model_loading="whole",
+                                    save_qmodel_path=str(saved))
+    fq_main.run(config)
+    assert sorted(p.name for p in saved.iterdir()) == ["rtn.safetensors", "settings.json"]
+    (kept,) = (folder / "history").iterdir()
+    assert (kept / "rtn.safetensors").read_text() == "the user's own file"
+
+
 def test_cases_are_distinct() -> None:
     names = [case.case for case in BEFORE_LOAD + BEFORE_EVALUATION]
     assert len(names) == len(set(names))
