@@ -11,7 +11,7 @@ from common.solvers import references, rescomp
 from common.solvers.column_loop import SolverConfig, factorize
 from common.solvers.gptaq import drift_correction, quantize_weight
 from common.solvers.references import statistics
-from common.tests.solver_layers import OPTIONS, assert_blocksize_free, layer
+from common.tests.solver_layers import OPTIONS, assert_blocksize_free, layer, output_error, structured_drift_layer
 
 pytestmark = pytest.mark.numerics  # float results against references: CI reruns them on other kernels
 
@@ -76,3 +76,18 @@ def test_a_bad_alpha2_is_refused_naming_the_setting(alpha2):
     hessian, drift = statistics(x_full, x_quant)
     with pytest.raises(ConfigError, match="rescomp_alpha"):
         _solve(weight, hessian, drift, rescomp_alpha=alpha2)
+
+
+@pytest.mark.parametrize(("bits", "bound"), [(4, 0.95), (3, 0.97)])
+def test_it_reduces_the_asymmetric_objective_below_gptqs_under_structured_drift(bits, bound, margin):
+    """ResComp's objective is GPTAQ's, ``‖X̃Ŵᵀ − XWᵀ‖²``: on layers whose input drifts by a function of the input
+    it ends well below GPTQ (measured worst of 5 layers: 0.877 at 4 bits, 0.916 at 3 bits), and on these layers
+    about 1-5 % above GPTAQ (its extra term anchors to the starting weight, which this objective does not ask)."""
+    ratios = []
+    for seed in range(5):
+        weight, x_full, x_quant = structured_drift_layer(seed)
+        hessian, drift = statistics(x_full, x_quant)
+        gptq = quantize_weight(weight, hessian, bits=bits)
+        got = rescomp.solve(weight, hessian, drift, SolverConfig(bits=bits)).weight
+        ratios.append(output_error(got, weight, x_full, x_quant) / output_error(gptq, weight, x_full, x_quant))
+    margin(f"ResComp / GPTQ output error, worst of 5 layers, {bits} bits", max(ratios), below=bound)
