@@ -17,6 +17,13 @@ from common.profile import format_profile
 from common.solvers.statistics import CalibrationError
 
 
+def _os_error_text(error: OSError) -> str:
+    """``No space left on device: /path`` (or the error's own message when it has no ``strerror``)."""
+    if error.strerror:
+        return error.strerror + (f": {error.filename}" if error.filename else "")
+    return str(error)
+
+
 def run_cli(
     settings_class: type,
     run: Callable[[object], tuple[Path, Path]],
@@ -27,7 +34,8 @@ def run_cli(
     """Parse settings, run, print the result table; bad input becomes one ``error: ...`` line and exit 2.
 
     ``ValueError`` (config and argument errors), ``FileNotFoundError`` (missing data) and
-    :class:`CalibrationError` are always treated as bad input, plus ``expected_errors``.
+    :class:`CalibrationError` are always treated as bad input, plus ``expected_errors``. Any other ``OSError``
+    (a full disk while writing) is one ``error:`` line too, with exit status 1.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank joins the process group (:mod:`common.distributed`)
     and checks that all ranks have the same settings before any work; a rank that fails leaves its message
@@ -45,6 +53,11 @@ def run_cli(
         prefix = f"rank {distributed.rank()}: " if distributed.active() else ""
         print(f"error: {prefix}{error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the machine failed under the run (a full disk, a folder removed meanwhile)
+        distributed.report_failure(error)
+        print(f"error: {_os_error_text(error)}; the run stopped (a blockwise run keeps its finished methods in its "
+              f"checkpoint and resumes from it when rerun)", file=sys.stderr)
+        return 1
     except BaseException as error:
         distributed.report_failure(error)
         raise

@@ -1,10 +1,11 @@
 """Weight-only calibration, this repo against GPTQModel at equal settings, side by side on one machine.
 
 Run ``.venv-export/bin/python -m common.bench.gptqmodel`` (``make bench-gptqmodel``); it needs the
-export environment (``envs/export.txt``: GPTQModel beside this repo). For GPTQ and GPTAQ, each
+export environment (``envs/export.txt``: GPTQModel beside this repo). For GPTQ, GPTAQ and FOEM in its
+authors' form (ours: ``foem_official``; GPTQModel: ``FOEMConfig(alpha=0, beta)``, its authors' code), each
 implementation quantizes the embedded SmolLM2-135M with the settings of
 ``fake_quant/configs/embedded_w4_weight_only.yaml`` (bits, group size, symmetric grid, act_order, damping,
-GPTAQ's alpha; no MSE clip search) on the very same calibration windows (32 × 512 tokens of the embedded
+GPTAQ's alpha, FOEM's beta; no MSE clip search) on the very same calibration windows (32 × 512 tokens of the embedded
 Wikipedia text, seed 0), in float32 on the CPU. Each measurement is a fresh child process, run one after the
 other (never two torch jobs at once), so each one's peak resident memory is its own.
 
@@ -36,7 +37,7 @@ from common.results.provenance import BENCH_GPTQMODEL_CSV, REPO_ROOT
 
 CONFIG = REPO_ROOT / "fake_quant" / "configs" / "embedded_w4_weight_only.yaml"
 IMPLEMENTATIONS = ("gptqmodel", "ours")
-METHODS = ("gptq", "gptaq")
+METHODS = ("gptq", "gptaq", "foem_official")
 FIELDS = ["method", "implementation", "quantize_seconds", "save_seconds", "peak_rss_mb", "wiki_embedded_ppl",
           "quantize_over_ours", "device", "threads", "versions"]
 
@@ -81,7 +82,8 @@ def measure_ours(method: str, out: Path) -> dict[str, float]:
 
 
 def measure_gptqmodel(method: str, out: Path) -> dict[str, float]:
-    from gptqmodel import GPTAQConfig, GPTQModel, QuantizeConfig
+    from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel.quantization.config import FOEMConfig, GPTAQConfig
     from transformers import AutoTokenizer
 
     from common.llama.loading import embedded_cache_folder, load_llama
@@ -99,6 +101,7 @@ def measure_gptqmodel(method: str, out: Path) -> dict[str, float]:
         act_group_aware=False, damp_percent=config.percdamp, damp_auto_increment=config.percdamp, mse=0.0,
         device="cpu", offload_to_disk=False, fallback=None, format="gptq",
         gptaq=GPTAQConfig(alpha=config.alpha, device="cpu") if method == "gptaq" else None,
+        foem=FOEMConfig(alpha=0.0, beta=config.foem_beta, device="cpu") if method == "foem_official" else None,
     )
     model = GPTQModel.load(str(folder), quantize_config=quantize_config, dtype=torch.float32)
     start = time.perf_counter()
@@ -132,7 +135,7 @@ def _child(implementation: str, method: str) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", nargs=2, metavar=("IMPLEMENTATION", "METHOD"), help=argparse.SUPPRESS)
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from gptq,gptaq")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
     parser.add_argument("--results_dir", default="results")
     args = parser.parse_args(argv)
     if args.child:

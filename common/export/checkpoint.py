@@ -125,7 +125,10 @@ def write_shards(shards: Iterable[dict[str, torch.Tensor]], count: int, config: 
         written = 0
         for written, state in enumerate(shards, start=1):
             name = f"model-{written:05d}-of-{count:05d}.safetensors"
-            save_file(state, str(tmp / name), metadata={"format": "pt"})
+            try:
+                save_file(state, str(tmp / name), metadata={"format": "pt"})
+            except SafetensorError as error:  # the library's I/O failure (a full disk): an OSError, with the folder
+                raise OSError(f"cannot write the checkpoint {folder} ({error})") from None
             weight_map.update(dict.fromkeys(state, name))
             total += sum(tensor.nbytes for tensor in state.values())
         if written != count:

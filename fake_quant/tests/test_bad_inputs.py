@@ -7,6 +7,7 @@ checked) before anything is evaluated or calibrated. Nothing is left in the resu
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import pytest
@@ -326,3 +327,14 @@ def test_help_shows_every_default(tree: str, capsys) -> None:
     text = capsys.readouterr().out
     assert "_MISSING_TYPE" not in text and "object at 0x" not in text
     assert "(default: ['fp', 'rtn', 'gptq', 'gptaq'])" in " ".join(text.split())
+
+
+def test_a_full_disk_during_the_run_is_one_error_line_with_exit_status_1(tiny_setup, monkeypatch, capsys) -> None:
+    def full(config):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tiny_setup / "results" / "x.csv"))
+
+    monkeypatch.setattr(fq_main, "run", full)
+    assert fq_main.main(["--results_dir", str(tiny_setup / "results"), *BASE]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: No space left on device: {tiny_setup / 'results' / 'x.csv'}; the run stopped")
+    assert "Traceback" not in err and err.count("\n") == 1
