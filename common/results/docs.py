@@ -124,6 +124,21 @@ def bench_table(root: Path, names: Sequence[str]) -> list[str]:
     return [*lines, "", f"- `{name}.csv`: {', '.join(devices)}"]
 
 
+def solver_ratios_table(root: Path, names: Sequence[str]) -> list[str]:
+    """Each method's solve time as a ratio to GPTQ's, a column per shape (``docs/results/NAME.csv`` of
+    ``make bench-solver``)."""
+    (name,) = names
+    with _result_file(root, name).open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    shapes = list(dict.fromkeys(f"{row['rows']} × {row['columns']}" for row in rows))
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    ratio = {(row["method"], f"{row['rows']} × {row['columns']}"): row["over_gptq"] for row in rows}
+    lines = [table_line(["method", *shapes]), table_line(["---", *["---:"] * len(shapes)])]
+    lines += [table_line([method, *(ratio.get((method, shape), "—") for shape in shapes)]) for method in methods]
+    devices = sorted({row.get("device", "") for row in rows})
+    return [*lines, "", f"- `{name}.csv`: {', '.join(devices)}, {rows[0]['dtype'] if rows else ''}"]
+
+
 def memory_table(root: Path, names: Sequence[str]) -> list[str]:
     """The memory formula (:mod:`common.llama.memory`) for the paper's models, and beside the peaks measured
     by ``make bench-memory`` (``docs/results/NAME.csv``)."""
@@ -169,7 +184,7 @@ def _numeric(rows: list[dict[str, str]], column: str) -> bool:
 
 KINDS: dict[str, Callable[[Path, Sequence[str]], list[str]]] = {
     "runs": runs_table, "profile": profile_table, "readback": readback_table, "bench": bench_table,
-    "memory": memory_table,
+    "memory": memory_table, "solver_ratios": solver_ratios_table,
 }
 
 

@@ -60,3 +60,15 @@ def test_a_block_naming_a_missing_file_or_kind_is_an_error(tmp_path: Path, capsy
 def test_the_repository_documents_are_the_readme_and_the_docs_pages():
     found = docs.documents(REPO_ROOT)
     assert found[0] == REPO_ROOT / "README.md" and all(path.parent.name == "docs" for path in found[1:])
+
+
+def test_solver_ratios_are_a_method_by_shape_table(tmp_path: Path):
+    (tmp_path / docs.RESULTS).mkdir(parents=True)
+    (tmp_path / docs.RESULTS / "bench.csv").write_text(
+        "device,dtype,rows,columns,method,seconds,over_gptq\n"
+        "cpu (test),float32,8,8,gptq,1.0,1.0\ncpu (test),float32,8,8,foem,1.2,1.2\n"
+        "cpu (test),float32,16,8,gptq,2.0,1.0\n", encoding="utf-8")
+    lines = docs.solver_ratios_table(tmp_path, ["bench"])
+    assert lines[:4] == ["| method | 8 × 8 | 16 × 8 |", "| --- | ---: | ---: |", "| gptq | 1.0 | 1.0 |",
+                         "| foem | 1.2 | — |"]
+    assert lines[-1] == "- `bench.csv`: cpu (test), float32"
