@@ -113,8 +113,9 @@ class SolverConfig:
         (``alpha=0.5``), e.g. ``SolverConfig.of(bits=4, alpha=0.5)``."""
         names = {setting.name for setting in dataclasses.fields(cls)}
         fields = {name: value for name, value in settings.items() if name in names}
-        parameters = {name: value for name, value in settings.items() if name not in names}
-        return cls(**fields, parameters={**fields.pop("parameters", {}), **parameters})
+        parameters = {**fields.pop("parameters", {}),
+                      **{name: value for name, value in settings.items() if name not in names}}
+        return cls(**fields, parameters=parameters)
 
     def with_parameters(self, **values: float) -> SolverConfig:
         """This configuration with the method parameters ``values`` set (e.g. ``qep_alpha=0.0``)."""

@@ -115,3 +115,10 @@ NEEDS = {  # what a path setting needs beside it to be accepted at all
 def test_a_leading_tilde_in_a_path_setting_is_the_home_folder(cls, name):
     config = cls(**{name: "~/gptaq-somewhere", **NEEDS.get(name, {})})
     assert getattr(config, name) == os.path.expanduser("~/gptaq-somewhere") != "~/gptaq-somewhere"
+
+
+def test_solver_config_of_sorts_fields_from_parameters():
+    config = SolverConfig.of(bits=3, blocksize=8, alpha=0.5, parameters={"qep_alpha": 0.1})
+    assert (config.bits, config.blocksize) == (3, 8)
+    assert dict(config.parameters) == {"qep_alpha": 0.1, "alpha": 0.5}
+    assert dict(config.with_parameters(alpha=0.0).parameters) == {"qep_alpha": 0.1, "alpha": 0.0}
