@@ -632,8 +632,10 @@ class _BlockSolver:
             return errors, originals
         moved = originals - block.pairs[:count, 2]  # w_j − w₀_j
         scale = terms.shift / torch.diagonal(self.upper)[block.start : block.start + count]
-        shifted = errors - scale[:, None] * moved  # ẽ_j = e_j − shift (w_j − w₀_j) / U[j, j]
-        mixed = originals * terms.keep - moved * terms.mix  # v_j = keep w_j − mix (w_j − w₀_j)
+        shifted = (moved * scale[:, None]).neg_().add_(errors)  # ẽ_j = e_j − shift (w_j − w₀_j) / U[j, j]
+        if self.correction is None:  # no P term: v_j is not read
+            return shifted, originals
+        mixed = (originals * terms.keep).sub_(moved.mul_(terms.mix))  # v_j = keep w_j − mix (w_j − w₀_j)
         return shifted, mixed
 
     def _set_grid(self, scale: torch.Tensor, zero: torch.Tensor) -> None:
