@@ -119,9 +119,18 @@ def bench_table(root: Path, names: Sequence[str]) -> list[str]:
         rows = list(csv.DictReader(handle))
     columns = [key for key in rows[0] if key != "device"] if rows else []
     lines = [table_line(columns), table_line(["---:" if _numeric(rows, c) else "---" for c in columns])]
-    lines += [table_line([row[c] for c in columns]) for row in rows]
+    lines += [table_line([_short_number(row[c]) for c in columns]) for row in rows]
     devices = sorted({row.get("device", "") for row in rows})
     return [*lines, "", f"- `{name}.csv`: {', '.join(devices)}"]
+
+
+def _short_number(text: str) -> str:
+    """A number written with more than 4 decimals, to 5 significant digits (``90.08193951899739`` → ``90.082``);
+    any other cell as written."""
+    whole, _, decimals = text.partition(".")
+    if len(decimals) <= 4 or not decimals.isdigit() or not whole.lstrip("-").isdigit():
+        return text
+    return f"{float(text):.5g}"
 
 
 def solver_ratios_table(root: Path, names: Sequence[str]) -> list[str]:

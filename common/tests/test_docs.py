@@ -72,3 +72,9 @@ def test_solver_ratios_are_a_method_by_shape_table(tmp_path: Path):
     assert lines[:4] == ["| method | 8 × 8 | 16 × 8 |", "| --- | ---: | ---: |", "| gptq | 1.0 | 1.0 |",
                          "| foem | 1.2 | — |"]
     assert lines[-1] == "- `bench.csv`: cpu (test), float32"
+
+
+def test_long_numbers_in_bench_tables_are_cut_to_five_significant_digits():
+    assert [docs._short_number(text) for text in ("90.08193951899739", "0.0433", "217.2", "-1.234567", "a.b.c",
+                                                   "1e-05")] == ["90.082", "0.0433", "217.2", "-1.2346", "a.b.c",
+                                                                 "1e-05"]
