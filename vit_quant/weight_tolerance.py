@@ -6,7 +6,10 @@ Two probes on the run's evaluation data (full precision, no quantizer):
   every ``k``: how much of the accuracy the blocks carry;
 * **weight noise**: top-1 after adding Gaussian noise of ``level`` × each output row's standard deviation to
   the weight of every linear inside the blocks (the layers the runs quantize), for each of
-  :data:`NOISE_LEVELS`, seeded by the config's ``seed``: how sharply accuracy falls with weight error.
+  :data:`NOISE_LEVELS`, seeded by the config's ``seed``: how sharply accuracy falls with weight error;
+* **linear probe** (the embedded model): top-1 of a linear classifier on the mean of the patch embeddings
+  (position embeddings added), fitted on the training split: what the task asks beyond a linear read-out of
+  the patches, i.e. what the blocks must add.
 
 A model whose accuracy barely moves under 40 % weight noise cannot lose much to 4-bit (or even 2-bit)
 weights either, whatever the quantizer; pretrained DeiTs are far less tolerant.
@@ -87,6 +90,43 @@ def noise_profile(model: nn.Module, top1: Top1, levels: Sequence[float] = NOISE_
     return profile
 
 
+def patch_embedding_features(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """The mean over tokens of ``patch_embed(x)`` plus the patches' position embeddings: [N, D] for images
+    [N, C, H, W] (a timm ViT; no block, norm or head is used)."""
+    prefix = getattr(model, "num_prefix_tokens", 1 if getattr(model, "cls_token", None) is not None else 0)
+    position = model.pos_embed[:, prefix:] if getattr(model, "pos_embed", None) is not None else 0
+    device = next(model.parameters()).device
+    features = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            tokens = model.patch_embed(images[start:start + batch_size].to(device)) + position
+            features.append(tokens.mean(dim=1).cpu())
+    return torch.cat(features)
+
+
+def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                 test_labels: torch.Tensor, *, steps: int = 200) -> float:
+    """Top-1 (%) on the test features of a multinomial logistic regression fitted on the training features
+    ([N, D] each; standardized with the training statistics) by ``steps`` L-BFGS iterations from zero."""
+    mean, std = train_features.mean(0), train_features.std(0).clamp_min(1e-6)
+    train_x, test_x = (train_features - mean) / std, (test_features - mean) / std
+    classes = int(max(train_labels.max(), test_labels.max())) + 1
+    head = nn.Linear(train_x.shape[1], classes)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    optimizer = torch.optim.LBFGS(head.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+    def loss() -> torch.Tensor:
+        optimizer.zero_grad()
+        value = nn.functional.cross_entropy(head(train_x), train_labels)
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    with torch.no_grad():
+        return 100.0 * float((head(test_x).argmax(1) == test_labels).float().mean())
+
+
 def format_profiles(full: float, depth: Sequence[tuple[int, float]], noise: Sequence[tuple[float, float]]) -> str:
     """The two probes as a table, with each top-1's difference to the full model's."""
     lines = [f"full model: top-1 {full:.2f} %", "", f"{'blocks kept':<22} {'top-1 %':>8} {'- full':>8}"]
@@ -98,8 +138,9 @@ def format_profiles(full: float, depth: Sequence[tuple[int, float]], noise: Sequ
 
 def main(argv: list[str] | None = None) -> int:
     """Load the config's model and evaluation data, print both probes."""
+    from vit_quant.data import load_fashion_mnist
     from vit_quant.embedded_model import evaluate_top1
-    from vit_quant.main import load_probe
+    from vit_quant.main import EMBEDDED, load_probe
 
     probe = load_probe(argv, __doc__.splitlines()[0])
     if probe is None:
@@ -113,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     depth = depth_profile(model, top1)
     full = depth[-1][1]  # every block kept: the full model
     print(format_profiles(full, depth, noise_profile(model, top1, seed=probe.config.seed)))
+    if probe.config.model == EMBEDDED:
+        train = load_fashion_mnist("train", probe.config.data_path)
+        test = load_fashion_mnist("test", probe.config.data_path)
+        accuracy = linear_probe(patch_embedding_features(model, train.images), train.labels,
+                                patch_embedding_features(model, test.images), test.labels)
+        print(f"\nlinear probe on the mean patch embedding: top-1 {accuracy:.2f} % ({accuracy - full:+.2f})")
     return 0
 
 

@@ -10,8 +10,10 @@ from vit_quant.weight_tolerance import (
     depth_profile,
     first_blocks_only,
     format_profiles,
+    linear_probe,
     noise_profile,
     noisy_block_weights,
+    patch_embedding_features,
 )
 
 
@@ -79,3 +81,22 @@ def test_the_command_refuses_an_unknown_model_before_loading(capsys):
 
     assert main(["--model", "no_such_vit"]) == 2
     assert "unknown model 'no_such_vit'" in capsys.readouterr().err
+
+
+def test_patch_embedding_features_are_the_mean_embedded_patch_with_its_position():
+    model = _tiny_vit()
+    images = _images()[:5]
+    patches = images.unfold(2, 7, 7).unfold(3, 7, 7).permute(0, 2, 3, 1, 4, 5).reshape(5, 16, 49)
+    expected = (patches @ model.patch_embed.proj.weight.reshape(32, 49).T + model.patch_embed.proj.bias
+                + model.pos_embed[0, 1:]).mean(1)
+    torch.testing.assert_close(patch_embedding_features(model, images, batch_size=2), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_linear_probe_reads_a_linearly_separable_task_and_not_a_random_one():
+    g = torch.Generator().manual_seed(0)
+    centers = 3 * torch.randn(4, 8, generator=g)
+    labels = torch.arange(400) % 4
+    features = centers[labels] + torch.randn(400, 8, generator=g)
+    assert linear_probe(features[:300], labels[:300], features[300:], labels[300:]) > 95
+    noise = torch.randn(400, 8, generator=g)
+    assert linear_probe(noise[:300], labels[:300], noise[300:], labels[300:]) < 50
