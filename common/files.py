@@ -50,6 +50,10 @@ def temporary_dir(folder: Path) -> Path:
     return tmp
 
 
+HISTORY = "history"
+"""The folder, beside what it keeps, that earlier result files, exports and saved models are moved into."""
+
+
 def move_to_history(paths: Sequence[Path], history: Path) -> list[Path]:
     """Move the existing files or folders of ``paths`` into ``history`` as ``<stem>-<time><suffix>`` (the time
     of the newest one's last change; ``-<k>`` added if taken); returns where each went. Nothing is deleted."""

@@ -34,15 +34,13 @@ from common.export.formats import (
     StoredSettings,
     stored_settings,
 )
-from common.files import move_to_history, sweep_stale_temporaries, temporary_dir
+from common.files import HISTORY, move_to_history, sweep_stale_temporaries, temporary_dir
 from common.quant.qlinear import QuantLinear
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-HISTORY = "history"
-"""Where an existing folder goes when a checkpoint of the same name is written."""
 UNQUANTIZED = ["lm_head"]
 """The linears of a decoder no method quantizes (compressed-tensors' ``ignore``)."""
 

@@ -19,16 +19,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_model
 
 from common.config import ConfigError, given_settings
-from common.files import atomic_write, atomic_write_json, move_to_history
+from common.files import HISTORY, atomic_write, atomic_write_json, move_to_history
 from common.methods import METHODS
 
 logger = logging.getLogger(__name__)
 
 SETTINGS_FILE = "settings.json"
 Settings = TypeVar("Settings")
-
-
-HISTORY = "history"
 
 
 def prepare_save_folder(folder: Path) -> None:

@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from common import distributed
-from common.files import atomic_write_set, csv_text, json_text, move_to_history, sweep_stale_temporaries, write_text
+from common.files import (
+    HISTORY,
+    atomic_write_set,
+    csv_text,
+    json_text,
+    move_to_history,
+    sweep_stale_temporaries,
+    write_text,
+)
 from common.methods import BASELINE, METHOD_NAMES
 from common.results.intervals import comparisons
 from common.results.provenance import git_commit, package_versions
@@ -136,7 +144,7 @@ def write_run(
     }
     json_body = json_text(payload)
     sweep_stale_temporaries(results_dir)
-    move_to_history([csv_path, json_path], results_dir / "history")
+    move_to_history([csv_path, json_path], results_dir / HISTORY)
     atomic_write_set([(csv_path, lambda tmp: write_text(tmp, csv_body)),
                       (json_path, lambda tmp: write_text(tmp, json_body))])
     return csv_path, json_path
