@@ -60,29 +60,8 @@ def gptaq_official(weight: torch.Tensor, hessian: torch.Tensor, drift: torch.Ten
     """The official GPTAQ code's block loop: inside a block GPTAQ's update; across blocks the ``P`` term
     multiplies the *quantized* block (``W[:, later] −= E U[block, later] − W_block P[block, later]`` with the
     block's values after its in-block updates); groups take their grid from the values at the block's start."""
-    w = weight.clone().double()
-    n = w.shape[1]
-    h = hessian.double() + percdamp * torch.diagonal(hessian).mean() * torch.eye(n, dtype=torch.float64)
-    u = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
-    p = alpha * torch.triu(drift.double() @ u.T, diagonal=1) @ u
-    quantizer = WeightQuantizer(bits)
-    scale, zero = quantizer.params(w)
-    q_all = torch.zeros_like(w)
-    for i1 in range(0, n, blocksize):
-        i2 = min(i1 + blocksize, n)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        for i in range(i2 - i1):
-            if groupsize > 0 and (i1 + i) % groupsize == 0:
-                scale, zero = quantizer.params(w[:, i1 + i:i1 + i + groupsize])
-            col = w1[:, i].clone()
-            q = quantizer.quantize(col[:, None], scale, zero)[:, 0]
-            q_all[:, i1 + i] = q
-            err = (col - q) / u[i1 + i, i1 + i]
-            w1[:, i:] -= torch.outer(err, u[i1 + i, i1:i2][i:]) - torch.outer(col, p[i1 + i, i1:i2][i:])
-            err1[:, i] = err
-        w[:, i2:] -= err1 @ u[i1:i2, i2:] - w1 @ p[i1:i2, i2:]
-    return q_all
+    return _authors_block_loop(weight, hessian, drift, bits=bits, blocksize=blocksize, percdamp=percdamp,
+                               alpha=alpha, groupsize=groupsize)
 
 
 def foem_official(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, blocksize: int, beta: float = 0.2,
@@ -90,10 +69,23 @@ def foem_official(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, blo
     """FOEM's authors' code (GPTQModel's ``FOEMConfig`` with ``alpha = 0``), block by block: FOEM's shifted error
     inside and across blocks, the pull ``w_j ← w_j − β (w_j − w₀_j)`` on every column but each block's first,
     groups' grids from the values at the block's start."""
+    return _authors_block_loop(weight, hessian, None, bits=bits, blocksize=blocksize, percdamp=percdamp,
+                               beta=beta, groupsize=groupsize)
+
+
+def _authors_block_loop(weight: torch.Tensor, hessian: torch.Tensor, drift: torch.Tensor | None, *, bits: int,
+                        blocksize: int, percdamp: float, groupsize: int, alpha: float = 0.0,
+                        beta: float = 0.0) -> torch.Tensor:
+    """The block loop of the official GPTAQ code and of FOEM's authors' code (GPTQModel), which share it: per
+    column, the pull ``w_j ← w_j − β (w_j − w₀_j)`` (not on a block's first column), the error
+    ``((w_j − q_j) − β (w_j − w₀_j)) / U[j, j]`` and GPTAQ's ``P`` term (``drift`` given) inside the block; across
+    blocks the errors, and ``P`` times the block's values after its in-block updates; group grids from the
+    values at the block's start."""
     w = weight.clone().double()
     n = w.shape[1]
     h = hessian.double() + percdamp * torch.diagonal(hessian).mean() * torch.eye(n, dtype=torch.float64)
     u = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+    p = None if drift is None else alpha * torch.triu(drift.double() @ u.T, diagonal=1) @ u
     w0 = w.clone()
     quantizer = WeightQuantizer(bits)
     scale, zero = quantizer.params(w)
@@ -103,17 +95,22 @@ def foem_official(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, blo
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         for i in range(i2 - i1):
-            if groupsize > 0 and (i1 + i) % groupsize == 0:
-                scale, zero = quantizer.params(w[:, i1 + i:i1 + i + groupsize])
-            if i > 0:
-                w1[:, i] -= beta * (w1[:, i] - w0[:, i1 + i])
+            j = i1 + i
+            if groupsize > 0 and j % groupsize == 0:
+                scale, zero = quantizer.params(w[:, j:j + groupsize])
+            if beta and i > 0:
+                w1[:, i] -= beta * (w1[:, i] - w0[:, j])
             col = w1[:, i].clone()
             q = quantizer.quantize(col[:, None], scale, zero)[:, 0]
-            q_all[:, i1 + i] = q
-            err = ((col - q) - beta * (col - w0[:, i1 + i])) / u[i1 + i, i1 + i]
-            w1[:, i:] -= torch.outer(err, u[i1 + i, i1:i2][i:])
+            q_all[:, j] = q
+            err = ((col - q) - beta * (col - w0[:, j])) / u[j, j]
+            w1[:, i:] -= torch.outer(err, u[j, i1:i2][i:])
+            if p is not None:
+                w1[:, i:] += torch.outer(col, p[j, i1:i2][i:])
             err1[:, i] = err
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
+        if p is not None:
+            w[:, i2:] += w1 @ p[i1:i2, i2:]
     return q_all
 
 
