@@ -12,7 +12,7 @@ METHOD_ARGS := $(if $(METHODS),--methods $(METHODS))
 
 .PHONY: setup setup-export test-export bench-gptqmodel test test-fast test-numerics margins lint profile-llama-w4a4 profile-llama-w2a4 bench-solver bench-memory gpu-check bench-revision bench-official reproduce-llama-w4a4 reproduce-llama-w2a4 reproduce-llama-w4 reproduce-llama-w3 reproduce-vit \
 	reproduce-spinquant-w4a4 reproduce-spinquant-w2a4 reproduce-llama-w4a4-zeroshot reproduce-spinquant-w4a4-zeroshot \
-	data-fashion-mnist
+	data-fashion-mnist train-embedded-vit
 
 setup: $(STAMP)
 
@@ -146,6 +146,12 @@ report-ablations: setup
 # Any folder with the four IDX files works too: pass it as --data_path (or DATA=... to run_deit.sh).
 data-fashion-mnist:
 	bash vit_quant/get_fashion_mnist.sh
+
+# Retrain the shipped embedded ViT (vit_quant/weights/; the files there move to its history/ first): hours on
+# 2 CPU cores, minutes on a GPU. CANDIDATE=<name> trains another recipe of vit_quant/train_embedded.py,
+# OUTPUT=<file.safetensors> writes elsewhere.
+train-embedded-vit: setup data-fashion-mnist
+	$(PY) -m vit_quant.train_embedded --progress $(if $(CANDIDATE),--candidate $(CANDIDATE)) $(if $(OUTPUT),--output $(OUTPUT))
 
 reproduce-vit: setup
 	PYTHON=$(PY) bash vit_quant/run_deit.sh $(METHOD_ARGS)

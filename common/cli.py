@@ -65,8 +65,10 @@ def run_cli(
     distributed.finalize(wait_for_peers=True)
     if not main:
         return 0
-    print(f"wrote {csv_path} and {json_path}")
-    print(csv_path.read_text())
+    from common.results.report import run_table_markdown  # matplotlib's import only once a run is done
+
+    print(f"wrote {csv_path} and {json_path}\n")
+    print(run_table_markdown(csv_path))
     profile = json.loads(json_path.read_text(encoding="utf-8")).get("profile")
     if profile:
         print(format_profile(profile))

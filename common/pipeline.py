@@ -21,6 +21,7 @@ from common.engine.settings import CalibrationReport, CalibrationSettings
 from common.methods import METHOD_PARAMETERS, get_method
 from common.profile import StageProfile
 from common.quant.qlinear import clear_weight_grids, set_input_quantization
+from common.results.intervals import MEAN_SUFFIXES
 from common.results.runs import STDERR_SUFFIX, MetricRow
 from common.run_settings import RunSettings
 from common.solvers.column_loop import SolverConfig
@@ -123,10 +124,11 @@ def compare_methods(
 
 def metric_rows(results: dict[str, dict[str, float]], methods: Sequence[str]) -> list[MetricRow]:
     """One row per metric of ``results`` (``{method: {metric: value}}``), a value per method in ``methods``'
-    order; metrics ending in ``_ppl`` or ``_stderr`` are lower-is-better."""
+    order; perplexities, per-example means (:data:`MEAN_SUFFIXES`: NLL, KL) and standard errors are
+    lower-is-better."""
     names = list(dict.fromkeys(name for values in results.values() for name in values))
     return [
-        MetricRow(name, higher_is_better=not name.endswith(("_ppl", STDERR_SUFFIX)),
+        MetricRow(name, higher_is_better=not name.endswith(("_ppl", *MEAN_SUFFIXES, STDERR_SUFFIX)),
                   values={m: results[m][name] for m in methods if name in results.get(m, {})})
         for name in names
     ]

@@ -1,9 +1,12 @@
 """GPTQ/GPTAQ on vision transformers: ``python -m vit_quant.main --config vit_quant/configs/<x>.yaml``.
 
 One run quantizes the same model with RTN, GPTQ and GPTAQ (same calibration images) and evaluates it in
-full precision and quantized, writing ``results/<name>.csv`` (top-1 per method) and a sidecar JSON. With
-``model: embedded`` the model is a small ViT trained (once, then cached) on Fashion-MNIST; otherwise a
-timm model with pretrained weights (or ``--checkpoint``) on an ImageNet folder (``--data_path``).
+full precision and quantized, writing ``results/<name>.csv`` (per method: top-1, test cross-entropy, KL
+divergence from the FP model's predictions, each with its paired interval against GPTQ, and the number of
+images whose top-1 class differs from GPTQ's; see :mod:`vit_quant.predictions`) and a sidecar JSON. With
+``model: embedded`` the model is the ViT shipped in ``vit_quant/weights/`` (or ``--checkpoint``, a file written by
+:mod:`vit_quant.train_embedded`) on its Fashion-MNIST task; otherwise a timm model with pretrained weights (or
+``--checkpoint``) on an ImageNet folder (``--data_path``).
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from torch.utils.data import DataLoader
 
 from common.cli import run_cli
 from common.config import ConfigError, parse_config
+from common.methods import BASELINE
 from common.pipeline import compare_methods, quantize
 from common.profile import evaluation_flops_of
 from common.results.intervals import outcome_string
+from common.results.runs import COUNT_PREFIX, MetricRow
 from common.run import start_run, write_results
 from vit_quant.adapter import block_linear_input_sizes, prepare_vit
 from vit_quant.data import (
@@ -32,10 +37,21 @@ from vit_quant.data import (
     imagenet_loaders,
     load_fashion_mnist,
 )
-from vit_quant.embedded_model import EmbeddedRecipe, load_or_train_embedded_vit, top1_outcomes
+from vit_quant.embedded_model import TEST_CLUTTER_SEED, EmbeddedRecipe
+from vit_quant.embedded_weights import (
+    SHIPPED_WEIGHTS,
+    EmbeddedWeightsError,
+    checked_record,
+    load_embedded,
+    read_record,
+)
+from vit_quant.predictions import Predictions, disagreements, predict, rounded
 from vit_quant.settings import EMBEDDED, VitRunConfig
 
 logger = logging.getLogger("vit_quant")
+
+DISAGREEMENTS = f"{COUNT_PREFIX}disagreeing_with_{BASELINE}"
+"""The CSV row counting, per method, the test images whose top-1 class differs from the baseline's."""
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -48,9 +64,10 @@ def load_model_and_source(config: VitRunConfig) -> tuple[torch.nn.Module, dict]:
     """The full-precision model (eval mode, CPU) and a description of where it came from (the result JSON's
     ``model_source``)."""
     if config.model == EMBEDDED:
-        model, info = load_or_train_embedded_vit(config.data_path)
-        return model.cpu().eval(), {"source": "embedded", "fp_test_top1_at_training": info["test_top1"],
-                                    "recipe": info["recipe"]}
+        weights = embedded_weights_path(config)
+        model, record = load_embedded(weights)
+        return model, {"source": "embedded", "weights": str(weights), "weights_sha256": record["weights_sha256"],
+                       "fp_test_top1_at_training": record["test_top1"], "recipe": record["recipe"]}
     import timm
 
     pretrained = config.checkpoint is None
@@ -59,11 +76,29 @@ def load_model_and_source(config: VitRunConfig) -> tuple[torch.nn.Module, dict]:
     return model.eval(), {"source": config.checkpoint or "timm pretrained"}
 
 
+def embedded_weights_path(config: VitRunConfig) -> Path:
+    """The embedded model's weights file: ``checkpoint`` when given, else the shipped one."""
+    return Path(config.checkpoint) if config.checkpoint else SHIPPED_WEIGHTS
+
+
+def embedded_recipe(config: VitRunConfig, *, verify: bool = False) -> EmbeddedRecipe:
+    """The recipe recorded beside the embedded model's weights (its task and shape); with ``verify``, once the
+    weights file's SHA-256 matches the record."""
+    weights = embedded_weights_path(config)
+    return EmbeddedRecipe(**(checked_record(weights) if verify else read_record(weights))["recipe"])
+
+
 def load_data(config: VitRunConfig, model: torch.nn.Module):
-    """Calibration images [n, C, H, W] and the evaluation data (a dataset or a loader)."""
+    """Calibration images [n, C, H, W] and the evaluation data (a dataset or a loader).
+
+    The embedded model's come from its task (:meth:`EmbeddedRecipe.task_images`): calibration images from the
+    training split as its first epoch saw it, the test split as its record's test top-1 was measured on."""
     if config.model == EMBEDDED:
-        calibration = calibration_images(load_fashion_mnist("train", config.data_path), config.nsamples, config.seed)
-        test = load_fashion_mnist("test", config.data_path)
+        recipe = embedded_recipe(config)
+        train = recipe.task_images(load_fashion_mnist("train", config.data_path),
+                                   clutter_seed=recipe.train_clutter_seed(0))
+        calibration = calibration_images(train, config.nsamples, config.seed)
+        test = recipe.task_images(load_fashion_mnist("test", config.data_path), clutter_seed=TEST_CLUTTER_SEED)
         if config.eval_max_images is not None:
             test = torch.utils.data.Subset(test, range(min(config.eval_max_images, len(test))))
         return calibration, test
@@ -111,7 +146,12 @@ def preflight(config: VitRunConfig) -> None:
     """What can be checked before the model is loaded (or trained): its name, its weights file, the data."""
     if config.model == EMBEDDED:
         check_fashion_mnist(config.data_path)
-        config.check_model_linears(block_linear_input_sizes(EmbeddedRecipe().build_model()))
+        try:
+            recipe = embedded_recipe(config, verify=True)
+        except EmbeddedWeightsError as error:
+            raise ConfigError(f"checkpoint: {error}" if config.checkpoint else str(error)) from None
+        with torch.device("meta"):
+            config.check_model_linears(block_linear_input_sizes(recipe.build_model()))
         return
     import timm
 
@@ -145,14 +185,24 @@ def run(config: VitRunConfig) -> tuple[Path, Path]:
         model.to(device)
         return quantize(model, adapter, method, config, [calibration], device=device)
 
-    per_example: dict[str, dict[str, str]] = {}
+    per_example: dict[str, dict[str, object]] = {}
+    full_precision: list[Predictions] = []  # the FP model's, once evaluated: the reference of every KL
+    predicted: dict[str, torch.Tensor] = {}
 
     def evaluate(method: str) -> dict[str, float]:
-        outcomes = top1_outcomes(model, evaluation, batch_size=config.eval_batch_size, device=device)
-        top1 = 100.0 * int(outcomes.sum()) / len(outcomes)
-        per_example[method] = {"top1": outcome_string(outcomes.tolist())}
-        logger.info("%s top-1 %.2f%%", method, top1)
-        return {"top1": top1}
+        found = predict(model, evaluation, batch_size=config.eval_batch_size, device=device)
+        outcomes, nll = found.correct, rounded(found.nll())
+        predicted[method] = found.predicted
+        per_example[method] = {"top1": outcome_string(outcomes.tolist()), "test_nll": nll}
+        result = {"top1": 100.0 * int(outcomes.sum()) / len(outcomes), "test_nll": sum(nll) / len(nll)}
+        if method == "fp":
+            full_precision.append(found)
+        elif full_precision:
+            kl = rounded(found.kl_from(full_precision[0]))
+            per_example[method]["fp_kl"] = kl
+            result["fp_kl"] = sum(kl) / len(kl)
+        logger.info("%s top-1 %.2f%%, NLL %.4f", method, result["top1"], result["test_nll"])
+        return result
 
     def evaluation_flops() -> float:
         """One image's forward (a calibration image: the evaluation's shape), counted, times the images."""
@@ -161,6 +211,9 @@ def run(config: VitRunConfig) -> tuple[Path, Path]:
 
     rows, layers = compare_methods(model, config.methods, prepare=prepare, evaluate=evaluate, timer=timer,
                                    evaluation_flops=evaluation_flops)
+    if BASELINE in predicted:
+        rows.append(MetricRow(DISAGREEMENTS, False, {method: disagreements(classes, predicted[BASELINE])
+                                                     for method, classes in predicted.items()}))
     return write_results(started, rows, layers=layers, data_identity=data_identity(config),
                          metadata={"model_source": source, "linear_groups": adapter.groups},
                          per_example={config.setting: per_example})

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import ClassVar
 
-from common.cache import CACHE_ENV_VAR
 from common.config import ConfigError
 from common.rules import check_positive
 from common.run_settings import RunSettings, describe
-from vit_quant.embedded_model import default_cache_dir, is_cached
 
 EMBEDDED = "embedded"
 
@@ -27,7 +24,8 @@ class VitRunConfig(RunSettings):
     model: str = field(default=EMBEDDED, metadata=describe(
         "timm model name, or 'embedded' (Fashion-MNIST ViT)", kind="model"))
     checkpoint: str | None = field(default=None, metadata=describe(
-        "local weights file instead of timm's", path=True, kind="existing"))
+        "local weights file instead of timm's (embedded: a vit_quant.train_embedded file)", path=True,
+        kind="existing"))
     data_path: str | None = field(default=None, metadata=describe(
         "Fashion-MNIST IDX folder, or ImageNet root", path=True, kind="existing"))
     eval_batch_size: int = field(default=500, metadata=describe("images per evaluation forward", low=1))
@@ -46,15 +44,6 @@ class VitRunConfig(RunSettings):
             raise ConfigError(f"workers must be 0 (load in the main process) or a positive integer, got {self.workers}")
         if not self.model:
             raise ConfigError("model must be 'embedded' or a timm model name, got ''")
-        if self.model == EMBEDDED and self.checkpoint is not None:
-            raise ConfigError("checkpoint is for timm models; the embedded model is trained and cached by this repo")
-
-    def output_folders(self) -> dict[str, Path]:
-        """The run's folders, and the cache when the embedded model has not been trained yet."""
-        folders = super().output_folders()
-        if self.model == EMBEDDED and not is_cached():
-            folders[f"{CACHE_ENV_VAR} (the embedded ViT cache)"] = default_cache_dir()
-        return folders
 
     @property
     def run_name(self) -> str:

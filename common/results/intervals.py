@@ -14,7 +14,9 @@ per-example differences (paired), never from two separate standard errors:
   so ``p = min(1, 2 · P[Binomial(b + c, 1/2) ≤ min(b, c)])``.
 * :func:`accuracy_difference` (0/1 outcomes, in points), :func:`perplexity_ratio` (each window's mean
   per-token NLL: the interval of the mean difference, exponentiated into an interval of the perplexity
-  ratio ``ppl_a / ppl_b``; windows are equally long, so the perplexity is ``exp`` of the windows' mean).
+  ratio ``ppl_a / ppl_b``; windows are equally long, so the perplexity is ``exp`` of the windows' mean), and
+  :func:`paired_bootstrap` itself for per-example means (metrics ending in :data:`MEAN_SUFFIXES`: an image's
+  cross-entropy or its KL divergence from the full-precision model's prediction, in nats).
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ SEED = 0
 
 CONFIDENCE = 0.95
 """Coverage of every interval."""
+
+MEAN_SUFFIXES = ("_nll", "_kl")
+"""Metrics whose value is the mean of per-example real numbers (nats), compared by the paired difference of
+means; lower is better."""
 
 _DISTINCT_LIMIT = 16
 _CHUNK_ELEMENTS = 4_000_000
@@ -145,19 +151,26 @@ def _outcomes(data: Sequence[float] | str) -> list[int]:
 def paired_interval(metric: str, a: Sequence[float] | str, b: Sequence[float] | str) -> PairedInterval:
     """The paired interval of two methods' per-example data of ``metric`` as run JSONs store it: a
     perplexity (``*_ppl``: per-window mean NLLs) gives :func:`perplexity_ratio`, anything else 0/1 outcomes
-    (a ``"0110..."`` string or a sequence) and :func:`accuracy_difference`."""
+    (a ``"0110..."`` string or a sequence) and :func:`accuracy_difference`; a per-example mean
+    (:data:`MEAN_SUFFIXES`) :func:`paired_bootstrap`."""
     if metric.endswith("_ppl"):
         return perplexity_ratio(a, b)
+    if metric.endswith(MEAN_SUFFIXES):
+        return paired_bootstrap(a, b)
     return accuracy_difference(_outcomes(a), _outcomes(b))
 
 
 def reproduces(metric: str, data: Sequence[float] | str, value: float, rel: float = 1e-4) -> bool:
     """Whether per-example ``data`` give ``value`` (as the CSV prints it, 6 significant digits): the
-    ``exp`` of the mean NLL for a perplexity, the percentage of 1s for an accuracy."""
+    ``exp`` of the mean NLL for a perplexity, the mean for a per-example mean, the percentage of 1s for an
+    accuracy."""
     try:
         if metric.endswith("_ppl"):
             values = np.asarray(data, dtype=np.float64)
             recomputed = math.exp(values.mean()) if values.size and values.mean() < 700 else math.inf
+        elif metric.endswith(MEAN_SUFFIXES):
+            values = np.asarray(data, dtype=np.float64)
+            recomputed = float(values.mean()) if values.size else math.nan
         else:
             outcomes = _outcomes(data)
             recomputed = 100.0 * sum(outcomes) / len(outcomes) if outcomes else math.nan

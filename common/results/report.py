@@ -39,7 +39,7 @@ from common.config import ConfigError
 from common.files import atomic_write_set, check_output_file, write_text
 from common.methods import BASELINE, DEFAULT_METHODS, METHOD_NAMES, METHODS
 from common.results.ablations import ABLATIONS_DIR, ablation_markdown
-from common.results.intervals import PairedInterval, comparisons, reproduces
+from common.results.intervals import MEAN_SUFFIXES, PairedInterval, comparisons, reproduces
 from common.results.reading import (
     MISSING,
     TREES,
@@ -48,8 +48,9 @@ from common.results.reading import (
     Run,
     differing_keys,
     load_runs,
+    read_run,
 )
-from common.results.runs import STDERR_SUFFIX, is_auxiliary
+from common.results.runs import STDERR_SUFFIX, is_auxiliary, is_count
 from common.results.style import (
     cell_text,
     decimals_for,
@@ -178,19 +179,20 @@ def compared_methods(methods: Sequence[str], baseline: str) -> list[str]:
     return [m for m in methods if METHODS[m].calibrated and m != baseline]
 
 
-def interval_text(interval: PairedInterval) -> str:
-    """``[low, high]`` of a difference in points, ``×ratio [low, high]`` of a perplexity ratio; `` *`` when
-    significant."""
+def interval_text(interval: PairedInterval, decimals: int = 2) -> str:
+    """``[low, high]`` of a difference (``decimals`` digits), ``×ratio [low, high]`` of a perplexity ratio;
+    `` *`` when significant."""
     mark = " \\*" if interval.significant else ""
     if interval.null == 1.0:
         return f"(×{interval.estimate:.3f} [{interval.low:.3f}, {interval.high:.3f}]){mark}"
-    return f"[{interval.low:+.2f}, {interval.high:+.2f}]{mark}"
+    return f"[{interval.low:+.{decimals}f}, {interval.high:+.{decimals}f}]{mark}"
 
 
 def _row_cells(row: TableRow, methods: Sequence[str], baseline: str) -> list[str]:
     record = row.record
-    decimals = decimals_for(record.values.values())
-    best = best_methods(record)
+    count = is_count(record.metric)  # a count of images: integers, no best, no difference
+    decimals = 0 if count else decimals_for(record.values.values())
+    best = set() if count else best_methods(record)
 
     def value(method: str) -> str:
         text = number_text(record.values.get(method), decimals)
@@ -200,9 +202,12 @@ def _row_cells(row: TableRow, methods: Sequence[str], baseline: str) -> list[str
 
     def difference(method: str) -> str:
         own, base = record.values.get(method), record.values.get(baseline)
+        if count:
+            return MISSING
         text = number_text(None if own is None or base is None else own - base, decimals, signed=True)
         interval = row.intervals.get(method)
-        return text if interval is None or own is None or base is None else f"{text} {interval_text(interval)}"
+        return (text if interval is None or own is None or base is None
+                else f"{text} {interval_text(interval, decimals)}")
 
     marks = " ⚠" + ",".join(map(str, row.notes)) if row.notes else ""
     return [
@@ -211,6 +216,13 @@ def _row_cells(row: TableRow, methods: Sequence[str], baseline: str) -> list[str
         *map(value, methods), *map(difference, compared_methods(methods, baseline)),
         f"`{cell_text(row.run.name)}`{marks}",
     ]
+
+
+def run_table_markdown(csv_path: Path) -> str:
+    """The table of one run's result files (``csv_path`` and its JSON), as the report shows it: every metric, each
+    method's value and its difference to the baseline with the paired interval."""
+    run = read_run(csv_path)
+    return "\n".join(table_markdown(build_table(run.tree, [run])))
 
 
 def table_markdown(table: TreeTable) -> list[str]:
@@ -304,8 +316,9 @@ def report_markdown(tables: Sequence[TreeTable], figures: dict[str, str]) -> str
 
 
 def is_main_metric(metric: str) -> bool:
-    """Perplexities (``*_ppl``) and top-1 accuracies are plotted."""
-    return metric.endswith("_ppl") or metric == "ppl" or "top1" in metric
+    """Perplexities (``*_ppl``), top-1 accuracies and per-example means (NLL, KL: :data:`MEAN_SUFFIXES`) are
+    plotted."""
+    return metric.endswith(("_ppl", *MEAN_SUFFIXES)) or metric == "ppl" or "top1" in metric
 
 
 def _group_label(row: TableRow, duplicated: bool) -> str:
@@ -355,7 +368,7 @@ def _plot_panel(ax: Axes, metric: str, rows: Sequence[TableRow], baseline: str) 
         ax.errorbar(xs, values, yerr=[low, high], fmt="o", capsize=3, color=METHODS[method].color,
                     label=METHODS[method].label, markersize=5)
         for x, value in zip(xs, values, strict=True):
-            text = f"×{value:.3g}" if ratio else f"{value:+.2f}"
+            text = f"×{value:.3g}" if ratio else f"{value:+.3g}" if metric.endswith(MEAN_SUFFIXES) else f"{value:+.2f}"
             ax.annotate(text, (x, value), textcoords="offset points", xytext=(4, 0), fontsize=6, va="center")
     ax.axhline(1.0 if ratio else 0.0, color="black", linestyle="--", linewidth=1.0,
                label=f"{METHODS[baseline].label} (baseline)")
@@ -369,6 +382,9 @@ def _plot_panel(ax: Axes, metric: str, rows: Sequence[TableRow], baseline: str) 
         dataset = metric.removesuffix("_ppl") or "evaluation"
         ax.set_title(f"{dataset} perplexity ÷ {base}'s (< 1 is better)")
         ax.set_ylabel(f"ratio to {base} (log scale)")
+    elif metric.endswith(MEAN_SUFFIXES):
+        ax.set_title(f"{metric} − {base}'s (< 0 is better)")
+        ax.set_ylabel(f"difference to {base} (nats)")
     else:
         ax.set_title(f"{metric} − {base}'s (> 0 is better)")
         ax.set_ylabel(f"difference to {base} (points)")

@@ -53,6 +53,17 @@ def interval_metric(metric: str, baseline: str, bound: str) -> str:
     return f"{metric}_vs_{baseline}_{bound}"
 
 
+COUNT_PREFIX = "images_"
+"""A metric named ``images_<what>`` counts evaluation images (e.g. those whose top-1 class differs from the
+baseline's): a description of the run, not a score; tables show it as an integer, with no best and no
+difference."""
+
+
+def is_count(metric: str) -> bool:
+    """Whether a row counts images (:data:`COUNT_PREFIX`)."""
+    return metric.startswith(COUNT_PREFIX)
+
+
 def is_auxiliary(metric: str) -> bool:
     """Whether a row describes another row's uncertainty (a standard error or an interval bound)."""
     return metric.endswith(STDERR_SUFFIX) or _INTERVAL_ROW.search(metric) is not None

@@ -17,7 +17,9 @@ from common.results.intervals import (
     outcome_string,
     outcomes_of,
     paired_bootstrap,
+    paired_interval,
     perplexity_ratio,
+    reproduces,
 )
 
 
@@ -141,3 +143,16 @@ def test_outcome_strings_round_trip() -> None:
     outcomes = [1, 0, 0, 1, True, False]
     assert outcome_string(outcomes) == "100110"
     assert outcomes_of(outcome_string(outcomes)) == [1, 0, 0, 1, 1, 0]
+
+
+def test_per_example_means_compare_by_their_paired_difference() -> None:
+    rng = np.random.default_rng(3)
+    base = rng.exponential(0.5, size=400)
+    shifted = base + 0.1 + rng.normal(0.0, 0.01, size=400)
+    for metric in ("test_nll", "fp_kl"):
+        interval = paired_interval(metric, list(shifted), list(base))
+        assert interval.estimate == pytest.approx(float((shifted - base).mean()), rel=1e-12)
+        assert interval.low < interval.estimate < interval.high and interval.low > 0.09 and interval.significant
+        assert interval.p_value is None and interval.null == 0.0
+        assert reproduces(metric, list(shifted), float(f"{shifted.mean():.6g}"))
+        assert not reproduces(metric, list(shifted), float(shifted.mean()) * 1.01)

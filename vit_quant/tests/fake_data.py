@@ -1,12 +1,17 @@
-"""Writers of small fake datasets (IDX files) for the vit_quant tests."""
+"""Writers of small fake datasets (IDX files) and embedded-model weights for the vit_quant tests."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import struct
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from vit_quant.embedded_model import EmbeddedRecipe
+from vit_quant.embedded_weights import write_embedded
 
 _TYPE_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D}
 
@@ -41,3 +46,16 @@ def write_fashion_folder(
         write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels, gz=gz)
         written[prefix] = (pixels, labels)
     return written["train"]
+
+
+TINY_RECIPE = EmbeddedRecipe(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, epochs=1, batch_size=16)
+"""A tiny embedded ViT (block linears of 32 and 64 inputs) for tests that run the pipeline."""
+
+
+def write_tiny_embedded(weights: Path, recipe: EmbeddedRecipe = TINY_RECIPE, seed: int = 0) -> Path:
+    """A randomly initialized ``recipe`` model written as :mod:`vit_quant.train_embedded` writes one (float16
+    weights + record); returns ``weights``."""
+    torch.manual_seed(seed)
+    record = {"recipe": dataclasses.asdict(recipe), "test_top1": 10.0}
+    write_embedded(recipe.build_model(), record, weights)
+    return weights

@@ -1,5 +1,5 @@
-"""Bad inputs of ``python -m vit_quant.main``: one clear line naming the setting, before a model is loaded
-or trained (the settings shared with the Llama trees are covered by ``fake_quant/tests/test_bad_inputs.py``)."""
+"""Bad inputs of ``python -m vit_quant.main``: one clear line naming the setting, before a model is loaded (the
+settings shared with the Llama trees are covered by ``fake_quant/tests/test_bad_inputs.py``)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,27 @@ import pytest
 
 from common.tests.bad_inputs import BadInput, expect_refusal
 from vit_quant import main as vq_main
-from vit_quant.tests.fake_data import write_fashion_folder
+from vit_quant.embedded_weights import record_path
+from vit_quant.tests.fake_data import write_fashion_folder, write_tiny_embedded
 
 
-def _fashion(missing: str | None = None):
+def _fashion(missing: str | None = None, weights: str = "intact"):
+    """Fake Fashion-MNIST and a tiny embedded model's weights (``intact``, ``changed``: a byte flipped after
+    its record was written, ``unrecorded``: without its record, ``missing``: a path with no file)."""
     def setup(folder: Path) -> list[str]:
         data = folder / "fmnist"
         write_fashion_folder(data, n_train=16, n_test=8)
         if missing:
             (data / f"{missing}.gz").unlink()
-        return ["--data_path", str(data)]
+        tiny = write_tiny_embedded(folder / "tiny.safetensors")
+        if weights == "changed":
+            content = tiny.read_bytes()
+            tiny.write_bytes(content[:-1] + bytes([content[-1] ^ 1]))
+        elif weights == "unrecorded":
+            record_path(tiny).unlink()
+        elif weights == "missing":
+            tiny = folder / "nonexistent.safetensors"
+        return ["--data_path", str(data), "--checkpoint", str(tiny)]
 
     return setup
 
@@ -47,12 +58,14 @@ CASES = [
     BadInput("activation bits 32", ["--a_bits", "32"], "a_bits must be an integer in 1..16", _fashion()),
     BadInput("unknown method", ["--methods", "fp,smoothquant"], "methods must be one of", _fashion()),
     BadInput("weight group not dividing the ViT", ["--w_groupsize", "48"], "w_groupsize must be -1 or a positive "
-             "divisor of every quantized linear's input size; 48 does not divide 128", _fashion()),
+             "divisor of every quantized linear's input size; 48 does not divide 32", _fashion()),
     BadInput("zero evaluation batch", ["--eval_batch_size", "0"], "eval_batch_size", _fashion()),
     BadInput("zero evaluation images", ["--eval_max_images", "0"], "eval_max_images must be a positive", _fashion()),
     BadInput("negative workers", ["--workers", "-1"], "workers must be 0", _fashion()),
-    BadInput("checkpoint for the embedded model", ["--checkpoint", "w.pth"], "checkpoint is for timm models",
-             _fashion()),
+    BadInput("embedded weights without their record", [], "checkpoint: ", _fashion(weights="unrecorded")),
+    BadInput("embedded weights changed after training", [], "tiny.safetensors: SHA-256 differs from the one in "
+             "tiny.json", _fashion(weights="changed")),
+    BadInput("embedded checkpoint missing", [], "checkpoint", _fashion(weights="missing")),
     BadInput("Fashion-MNIST folder missing", ["--data_path", "/nonexistent/fmnist"], "data_path: Fashion-MNIST folder "
              "/nonexistent/fmnist does not exist"),
     BadInput("Fashion-MNIST file missing", [], "data_path: Fashion-MNIST file",
@@ -77,7 +90,6 @@ def watched(tmp_path, monkeypatch):
         events.append("load")
         raise AssertionError("a model was loaded or trained before the bad input was refused")
 
-    monkeypatch.setattr(vq_main, "load_or_train_embedded_vit", refuse)
     monkeypatch.setattr(vq_main, "load_model_and_source", refuse)
     return tmp_path, events
 
@@ -90,11 +102,3 @@ def test_refused_before_a_model_is_loaded(case: BadInput, watched, capsys) -> No
     assert case.names in line
     assert events == []
     assert not (folder / "results").exists()
-
-
-def test_unwritable_cache_is_refused_when_the_model_must_be_trained(watched, unwritable_dir, capsys, monkeypatch):
-    folder, events = watched
-    monkeypatch.setenv("GPTAQ_CACHE_DIR", str(unwritable_dir / "cache"))
-    argv = ["--results_dir", str(folder / "results"), *_fashion()(folder)]
-    line = expect_refusal(vq_main.main, argv, capsys)
-    assert "GPTAQ_CACHE_DIR (the embedded ViT cache): cannot write to folder" in line and events == []

@@ -4,26 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from common.cache import CACHE_ENV_VAR
 from vit_quant import embedded_model as em
 from vit_quant.data import FASHION_MNIST_CLASSES, LabeledImages
 from vit_quant.embedded_model import (
     EmbeddedRecipe,
     augment,
     evaluate_top1,
-    load_or_train_embedded_vit,
     lr_at,
     train,
 )
-from vit_quant.tests.fake_data import write_fashion_folder
+from vit_quant.train_embedded import CANDIDATES, DEFAULT_CANDIDATE
 
 TINY = EmbeddedRecipe(embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0, epochs=1, batch_size=32, warmup_epochs=0.5)
 
@@ -41,20 +37,27 @@ def learnable_images(n: int, seed: int = 0) -> LabeledImages:
     return LabeledImages(images, labels, FASHION_MNIST_CLASSES)
 
 
-def test_default_recipe_matches_the_brief() -> None:
-    r = EmbeddedRecipe()
-    model = r.build_model()
-    assert r.depth == 6 and r.embed_dim // r.num_heads == 32 and 128 <= r.embed_dim <= 192
-    assert model.cls_token is not None and model.patch_embed.num_patches == (28 // r.patch_size) ** 2
-    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+def test_candidates_have_the_shapes_they_name() -> None:
+    for name, recipe in CANDIDATES.items():
+        model = recipe.build_model()
+        tokens = (recipe.img_size // recipe.patch_size) ** 2
+        assert model.patch_embed.num_patches == tokens and recipe.img_size % recipe.patch_size == 0, name
+        assert ("deit-tiny" in name) == ((recipe.embed_dim, recipe.depth, recipe.num_heads) == (192, 12, 3)), name
+        assert recipe.cluttered == name.startswith("cluttered"), name
+    assert DEFAULT_CANDIDATE in CANDIDATES
 
 
-def test_cache_key_changes_with_any_field() -> None:
-    base = EmbeddedRecipe()
-    assert base.cache_key() == EmbeddedRecipe().cache_key()
-    assert len(base.cache_key()) == 16
-    for change in ({"epochs": base.epochs + 1}, {"lr": base.lr * 2}, {"hflip": not base.hflip}, {"seed": 1}):
-        assert dataclasses.replace(base, **change).cache_key() != base.cache_key()
+def test_task_images_clutter_a_split_by_seed() -> None:
+    items = learnable_images(12)
+    plain = EmbeddedRecipe()
+    assert plain.task_images(items, clutter_seed=3) is items
+    recipe = EmbeddedRecipe(img_size=42, patch_size=7, clutter_pieces=2)
+    first = recipe.task_images(items, clutter_seed=recipe.train_clutter_seed(0))
+    again = recipe.task_images(items, clutter_seed=recipe.train_clutter_seed(0))
+    second = recipe.task_images(items, clutter_seed=recipe.train_clutter_seed(1))
+    assert first.images.shape == (12, 1, 42, 42) and torch.equal(first.labels, items.labels)
+    assert torch.equal(first.images, again.images) and not torch.equal(first.images, second.images)
+    assert recipe.train_clutter_seed(0) != em.TEST_CLUTTER_SEED
 
 
 def test_lr_schedule_warmup_then_cosine() -> None:
@@ -103,46 +106,3 @@ def test_training_is_seeded() -> None:
     assert a.epoch_losses == b.epoch_losses
     for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
-
-
-def test_cache_round_trip(tmp_path: Path) -> None:
-    data_dir, cache = tmp_path / "fmnist", tmp_path / "cache"
-    write_fashion_folder(data_dir, n_train=64, n_test=32)
-    model, info = load_or_train_embedded_vit(data_dir, cache_dir=cache, progress=False, recipe=TINY)
-    assert not info["cache_hit"] and 0.0 <= info["test_top1"] <= 100.0
-    key = TINY.cache_key()
-    assert sorted(p.name for p in cache.iterdir()) == [f"embedded_vit-{key}.json", f"embedded_vit-{key}.safetensors"]
-    saved = json.loads((cache / f"embedded_vit-{key}.json").read_text())
-    assert saved["recipe"] == dataclasses.asdict(TINY) and saved["test_top1"] == info["test_top1"]
-
-    again, info2 = load_or_train_embedded_vit(data_dir, cache_dir=cache, progress=False, recipe=TINY)
-    assert info2["cache_hit"] and info2["test_top1"] == info["test_top1"]
-    x = torch.randn(5, 1, 28, 28)
-    with torch.no_grad():
-        torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
-
-    other = dataclasses.replace(TINY, seed=1)
-    _, info3 = load_or_train_embedded_vit(data_dir, cache_dir=cache, progress=False, recipe=other)
-    assert not info3["cache_hit"] and other.cache_key() != key
-    assert len(list(cache.glob("*.safetensors"))) == 2
-
-
-def test_corrupt_cache_is_retrained(tmp_path: Path) -> None:
-    data_dir = tmp_path / "fmnist"
-    write_fashion_folder(data_dir, n_train=32, n_test=16)
-    weights, info_path = em.cache_paths(TINY, tmp_path / "cache")
-    weights.parent.mkdir()
-    weights.write_bytes(b"garbage")
-    info_path.write_text(json.dumps({"recipe": dataclasses.asdict(TINY)}))
-    _, info = load_or_train_embedded_vit(data_dir, cache_dir=weights.parent, progress=False, recipe=TINY)
-    assert not info["cache_hit"]
-    _, info = load_or_train_embedded_vit(data_dir, cache_dir=weights.parent, progress=False, recipe=TINY)
-    assert info["cache_hit"]
-
-
-def test_cache_dir_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path))
-    assert em.default_cache_dir() == tmp_path / "vit"
-    assert em.cache_paths(TINY)[0].parent == tmp_path / "vit"
-    monkeypatch.delenv(CACHE_ENV_VAR)
-    assert em.default_cache_dir() == Path(em.__file__).resolve().parents[1] / ".cache" / "vit"

@@ -20,7 +20,7 @@ from common.solvers.column_loop import SolverConfig
 from vit_quant import main as vq_main
 from vit_quant.adapter import discover_linear_groups, prepare_vit
 from vit_quant.settings import VitRunConfig
-from vit_quant.tests.fake_data import write_fashion_folder
+from vit_quant.tests.fake_data import write_fashion_folder, write_tiny_embedded
 
 
 def _tiny_vit(depth: int = 2) -> VisionTransformer:
@@ -30,33 +30,41 @@ def _tiny_vit(depth: int = 2) -> VisionTransformer:
 
 
 @pytest.fixture
-def fake_folder(tmp_path, monkeypatch):
+def fake_folder(tmp_path):
     folder = tmp_path / "fmnist"
     write_fashion_folder(folder, n_train=64, n_test=40)
-    monkeypatch.setattr(vq_main, "load_or_train_embedded_vit",
-                        lambda data_path: (_tiny_vit(), {"test_top1": 10.0, "recipe": {"tiny": True}}))
     return folder
 
 
 def _config(folder, results, **overrides) -> VitRunConfig:
+    weights = write_tiny_embedded(folder.parent / "tiny.safetensors")
     settings = {"name": "tiny", "data_path": str(folder), "nsamples": 32, "calib_batch_size": 8, "device": "cpu",
-                "results_dir": str(results), "w_clip": False}
+                "results_dir": str(results), "w_clip": False, "checkpoint": str(weights)}
     return VitRunConfig(**{**settings, **overrides})
 
 
-def test_run_writes_top1_for_every_method(fake_folder, tmp_path):
+def test_run_writes_every_metric_with_its_interval(fake_folder, tmp_path):
     csv_path, json_path = vq_main.run(_config(fake_folder, tmp_path / "results"))
     with open(csv_path, newline="") as handle:
         rows = {row["metric"]: row for row in csv.DictReader(handle)}
-    assert set(rows) == {"top1", "top1_vs_gptq_low", "top1_vs_gptq_high", "top1_vs_gptq_p"}
+    intervals = {f"{metric}_vs_gptq_{bound}" for metric in ("top1", "test_nll", "fp_kl") for bound in ("low", "high")}
+    assert set(rows) == {"top1", "test_nll", "fp_kl", vq_main.DISAGREEMENTS, "top1_vs_gptq_p", *intervals}
     row = rows["top1"]
     assert row["higher_is_better"] == "True" and row["setting"] == "W4A4"
+    assert rows["test_nll"]["higher_is_better"] == rows["fp_kl"]["higher_is_better"] == "False"
     assert all(0 <= float(row[m]) <= 100 for m in ("fp", "rtn", "gptq", "gptaq"))
     meta = json.loads(json_path.read_text())
-    for method in ("fp", "rtn", "gptq", "gptaq"):  # each image's outcome: the number, recomputed
-        outcomes = meta["per_example"]["W4A4"][method]["top1"]
+    per_example = meta["per_example"]["W4A4"]
+    for method in ("fp", "rtn", "gptq", "gptaq"):  # each image's numbers: the table's, recomputed
+        outcomes, nll = per_example[method]["top1"], per_example[method]["test_nll"]
         assert float(row[method]) == pytest.approx(100 * outcomes.count("1") / len(outcomes), rel=1e-5)
+        assert float(rows["test_nll"][method]) == pytest.approx(sum(nll) / len(nll), rel=1e-5) and len(nll) == 40
+    assert "fp_kl" not in per_example["fp"] and rows["fp_kl"]["fp"] == ""
+    assert min(per_example["rtn"]["fp_kl"]) >= 0 and float(rows["fp_kl"]["rtn"]) > 0
+    disagreeing = rows[vq_main.DISAGREEMENTS]
+    assert disagreeing["gptq"] == "0" and all(0 <= int(disagreeing[m]) <= 40 for m in ("fp", "rtn", "gptaq"))
     assert rows["top1_vs_gptq_low"]["gptq"] == "" and float(rows["top1_vs_gptq_p"]["gptaq"]) <= 1.0
+    assert float(rows["test_nll_vs_gptq_low"]["rtn"]) <= float(rows["test_nll_vs_gptq_high"]["rtn"])
     assert meta["tree"] == "vit_quant"
     assert meta["linear_groups"] == [["attn.qkv"], ["attn.proj"], ["mlp.fc1"], ["mlp.fc2"]]
     assert len(meta["layers"]["gptaq"]) == 8
