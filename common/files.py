@@ -140,9 +140,14 @@ def csv_text(rows: Iterable[Mapping[str, Any]], fieldnames: list[str]) -> str:
     return buffer.getvalue()
 
 
+_NUMBER_LIST = re.compile(r"\[\s+(-?[0-9][-+0-9.eE]*(?:,\s+-?[0-9][-+0-9.eE]*)*)\s+\]")
+
+
 def json_text(payload: Any) -> str:
-    """``payload`` as indented, key-sorted JSON text."""
-    return json.dumps(payload, indent=2, sort_keys=True) + "\n"
+    """``payload`` as indented, key-sorted JSON text; a list of numbers stays on one line (per-example data:
+    ten thousand numbers are ten thousand lines otherwise)."""
+    text = json.dumps(payload, indent=2, sort_keys=True)
+    return _NUMBER_LIST.sub(lambda match: "[" + re.sub(r",\s+", ", ", match.group(1)) + "]", text) + "\n"
 
 
 def atomic_write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]], fieldnames: list[str]) -> Path:

@@ -37,10 +37,11 @@ TEST_CLUTTER_SEED = 999_983
 
 @dataclass(frozen=True)
 class EmbeddedRecipe:
-    """Architecture and training recipe of the embedded ViT (every field enters the cache key).
+    """Architecture, task and training of an embedded ViT (recorded with its weights). The defaults are a small
+    plain model; the shipped recipe is ``vit_quant.train_embedded.CANDIDATES[DEFAULT_CANDIDATE]``.
 
-    Architecture: 28x28x1 input, ``patch_size`` patches -> (28 / patch_size)^2 tokens + class
-    token, ``depth`` blocks of width ``embed_dim`` with ``num_heads`` heads (head dim =
+    Architecture: ``img_size`` x ``img_size`` x 1 input, ``patch_size`` patches -> (img_size / patch_size)^2
+    tokens + class token, ``depth`` blocks of width ``embed_dim`` with ``num_heads`` heads (head dim =
     embed_dim / num_heads) and an MLP of ``mlp_ratio * embed_dim`` hidden units.
 
     Training: AdamW (``lr`` for batch ``batch_size``, decoupled ``weight_decay`` on weight
@@ -97,6 +98,14 @@ class EmbeddedRecipe:
             return split
         return clutter(split, ClutterRecipe(canvas=self.img_size, pieces=self.clutter_pieces,
                                             piece=self.clutter_piece, seed=clutter_seed))
+
+    def split_images(self, items: LabeledImages, split: str) -> LabeledImages:
+        """The ``"train"`` or ``"test"`` split's ``items`` as the task shows them to a trained model: the training
+        split as the first epoch saw it, the test split as the record's test top-1 was measured on."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        seed = self.train_clutter_seed(0) if split == "train" else TEST_CLUTTER_SEED
+        return self.task_images(items, clutter_seed=seed)
 
     def build_model(self) -> VisionTransformer:
         """A freshly initialized model of this architecture (uses the global torch RNG)."""

@@ -41,7 +41,7 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def data_identity(data_path: str | Path | None) -> dict[str, str]:
+def fashion_mnist_identity(data_path: str | Path | None) -> dict[str, str]:
     """SHA-256 of each Fashion-MNIST file in ``data_path`` (default: the Debian package's folder)."""
     folder = Path(data_path) if data_path else DEFAULT_FASHION_MNIST_DIR
     return {path.name: sha256_of(path) for path in sorted(folder.glob("*-ubyte*"))}

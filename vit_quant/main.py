@@ -12,7 +12,6 @@ images whose top-1 class differs from GPTQ's; see :mod:`vit_quant.predictions`) 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import sys
 from pathlib import Path
@@ -30,18 +29,19 @@ from common.results.runs import COUNT_PREFIX, MetricRow
 from common.run import start_run, write_results
 from vit_quant.adapter import block_linear_input_sizes, prepare_vit
 from vit_quant.data import (
-    DEFAULT_FASHION_MNIST_DIR,
+    LabeledImages,
     calibration_images,
     check_fashion_mnist,
     check_imagenet,
     imagenet_loaders,
     load_fashion_mnist,
 )
-from vit_quant.embedded_model import TEST_CLUTTER_SEED, EmbeddedRecipe
+from vit_quant.embedded_model import EmbeddedRecipe
 from vit_quant.embedded_weights import (
     SHIPPED_WEIGHTS,
     EmbeddedWeightsError,
     checked_record,
+    fashion_mnist_identity,
     load_embedded,
     read_record,
 )
@@ -88,17 +88,17 @@ def embedded_recipe(config: VitRunConfig, *, verify: bool = False) -> EmbeddedRe
     return EmbeddedRecipe(**(checked_record(weights) if verify else read_record(weights))["recipe"])
 
 
-def load_data(config: VitRunConfig, model: torch.nn.Module):
-    """Calibration images [n, C, H, W] and the evaluation data (a dataset or a loader).
+def embedded_split(config: VitRunConfig, split: str) -> LabeledImages:
+    """A Fashion-MNIST split as the embedded model's task shows it (:meth:`EmbeddedRecipe.split_images`)."""
+    return embedded_recipe(config).split_images(load_fashion_mnist(split, config.data_path), split)
 
-    The embedded model's come from its task (:meth:`EmbeddedRecipe.task_images`): calibration images from the
-    training split as its first epoch saw it, the test split as its record's test top-1 was measured on."""
+
+def load_data(config: VitRunConfig, model: torch.nn.Module):
+    """Calibration images [n, C, H, W] and the evaluation data (a dataset or a loader); the embedded model's
+    from its task (:func:`embedded_split`)."""
     if config.model == EMBEDDED:
-        recipe = embedded_recipe(config)
-        train = recipe.task_images(load_fashion_mnist("train", config.data_path),
-                                   clutter_seed=recipe.train_clutter_seed(0))
-        calibration = calibration_images(train, config.nsamples, config.seed)
-        test = recipe.task_images(load_fashion_mnist("test", config.data_path), clutter_seed=TEST_CLUTTER_SEED)
+        calibration = calibration_images(embedded_split(config, "train"), config.nsamples, config.seed)
+        test = embedded_split(config, "test")
         if config.eval_max_images is not None:
             test = torch.utils.data.Subset(test, range(min(config.eval_max_images, len(test))))
         return calibration, test
@@ -111,8 +111,7 @@ def data_identity(config: VitRunConfig) -> dict[str, str]:
     """SHA-256 of each Fashion-MNIST file (embedded default); the folder path for ImageNet (too large)."""
     if config.model != EMBEDDED:
         return {"imagenet": str(config.data_path)}
-    folder = Path(config.data_path) if config.data_path else DEFAULT_FASHION_MNIST_DIR
-    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.glob("*-ubyte*"))}
+    return fashion_mnist_identity(config.data_path)
 
 
 @dataclasses.dataclass

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPTQ vs GPTAQ on vision transformers at W4A4 and W2A4 (FP and RTN rows included).
-#   bash vit_quant/run_deit.sh                                  embedded Fashion-MNIST ViT (offline, CPU)
+#   bash vit_quant/run_deit.sh                                  the shipped embedded ViT on cluttered Fashion-MNIST
+#                                                               (offline, CPU; never trains: make train-embedded-vit)
 #   DATA=/my/fashion-mnist bash vit_quant/run_deit.sh           same, with the four IDX files from a folder
 #   DATA_PATH=/data/imagenet bash vit_quant/run_deit.sh         DeiT-S and DeiT-B on ImageNet (GPU)
 #   DATA_PATH=... MODELS="deit_small_patch16_224" bash vit_quant/run_deit.sh --nsamples 256

@@ -23,9 +23,8 @@ from pathlib import Path
 import timm
 import torch
 
-from vit_quant.data import load_fashion_mnist
+from vit_quant.data import FASHION_MNIST_BACKGROUND, load_fashion_mnist
 from vit_quant.embedded_model import (
-    TEST_CLUTTER_SEED,
     TRAINING_CODE_VERSION,
     EmbeddedRecipe,
     augment,
@@ -33,7 +32,7 @@ from vit_quant.embedded_model import (
     evaluate_top1,
     train,
 )
-from vit_quant.embedded_weights import SHIPPED_WEIGHTS, data_identity, write_embedded
+from vit_quant.embedded_weights import SHIPPED_WEIGHTS, fashion_mnist_identity, write_embedded
 from vit_quant.weight_tolerance import depth_profile, linear_probe, noise_profile, patch_embedding_features
 
 DEIT_TINY = {"embed_dim": 192, "depth": 12, "num_heads": 3, "mlp_ratio": 4.0}
@@ -66,7 +65,7 @@ def fit_epochs(recipe: EmbeddedRecipe, items: torch.Tensor, seconds: float, devi
     generator = torch.Generator().manual_seed(0)
 
     def step() -> None:
-        batch = augment(x, padding=recipe.crop_padding, hflip=recipe.hflip, fill=float(x.min()),
+        batch = augment(x, padding=recipe.crop_padding, hflip=recipe.hflip, fill=FASHION_MNIST_BACKGROUND,
                         generator=generator)
         loss = torch.nn.functional.cross_entropy(model(batch), y)
         optimizer.zero_grad(set_to_none=True)
@@ -88,9 +87,7 @@ def fit_epochs(recipe: EmbeddedRecipe, items: torch.Tensor, seconds: float, devi
 
 def probes(model: torch.nn.Module, recipe: EmbeddedRecipe, data_path: str | None) -> dict:
     """The record's probes of ``model`` on the recipe's test images (see the module's docstring)."""
-    train_items, test_items = load_fashion_mnist("train", data_path), load_fashion_mnist("test", data_path)
-    test = recipe.task_images(test_items, clutter_seed=TEST_CLUTTER_SEED)
-    train_view = recipe.task_images(train_items, clutter_seed=recipe.train_clutter_seed(0))
+    train_view, test = (recipe.split_images(load_fashion_mnist(split, data_path), split) for split in ("train", "test"))
 
     def top1(candidate: torch.nn.Module) -> float:
         return evaluate_top1(candidate, test, batch_size=1000, progress=False)
@@ -139,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         "candidate": args.candidate,
         "recipe": dataclasses.asdict(recipe),
         "training_code_version": TRAINING_CODE_VERSION,
-        "data": data_identity(args.data_path),
+        "data": fashion_mnist_identity(args.data_path),
         "train_seconds": round(result.seconds, 1),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "torch_version": torch.__version__,

@@ -138,9 +138,8 @@ def format_profiles(full: float, depth: Sequence[tuple[int, float]], noise: Sequ
 
 def main(argv: list[str] | None = None) -> int:
     """Load the config's model and evaluation data, print both probes."""
-    from vit_quant.data import load_fashion_mnist
     from vit_quant.embedded_model import evaluate_top1
-    from vit_quant.main import EMBEDDED, load_probe
+    from vit_quant.main import EMBEDDED, embedded_split, load_probe
 
     probe = load_probe(argv, __doc__.splitlines()[0])
     if probe is None:
@@ -155,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     full = depth[-1][1]  # every block kept: the full model
     print(format_profiles(full, depth, noise_profile(model, top1, seed=probe.config.seed)))
     if probe.config.model == EMBEDDED:
-        train = load_fashion_mnist("train", probe.config.data_path)
-        test = load_fashion_mnist("test", probe.config.data_path)
+        train, test = embedded_split(probe.config, "train"), embedded_split(probe.config, "test")
         accuracy = linear_probe(patch_embedding_features(model, train.images), train.labels,
                                 patch_embedding_features(model, test.images), test.labels)
         print(f"\nlinear probe on the mean patch embedding: top-1 {accuracy:.2f} % ({accuracy - full:+.2f})")

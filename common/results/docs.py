@@ -20,7 +20,13 @@ sidecar JSON, written by the command the surrounding text names). Kinds:
   read back (run ``FROM``);
 * ``bench NAME``: a benchmark CSV (``docs/results/NAME.csv``) as a table;
 * ``memory NAME``: the memory formula for the paper's models, and beside the peaks of ``make bench-memory``
-  (``docs/results/NAME.csv``).
+  (``docs/results/NAME.csv``);
+* ``vit_candidates NAME ...``: the embedded-ViT recipes compared, one line each: its training record
+  (``docs/results/vit_candidates/NAME.json``, written by ``vit_quant.train_embedded``: task, shape, epochs,
+  training time, FP top-1, no-block and linear-probe references, top-1 under 40 % weight noise) and its W4A4
+  and W2A4 runs (``NAME-w4a4``, ``NAME-w2a4`` there: RTN's drop from FP, GPTAQ − GPTQ in top-1 with the
+  paired interval, and the share of test images on which GPTQ and GPTAQ predict different classes); the name
+  ``shipped`` takes the shipped model's record and the documented runs.
 
 ``--check`` rewrites nothing and exits 1 naming every block that differs from what the files give (the test
 suite runs it), so a table in the docs cannot drift from its result file.
@@ -30,15 +36,19 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from common.files import atomic_write_text
+from common.methods import BASELINE
+from common.results.intervals import paired_interval
 from common.results.provenance import REPO_ROOT
 from common.results.reading import ReportError, Run, read_run
-from common.results.report import build_table, table_markdown
+from common.results.report import build_table, interval_text, table_markdown
+from common.results.runs import COUNT_PREFIX
 from common.results.style import table_line
 
 RESULTS = Path("docs") / "results"
@@ -182,6 +192,60 @@ def memory_table(root: Path, names: Sequence[str]) -> list[str]:
     return [*lines, "", f"- `{name}.csv`: {', '.join(devices)}"]
 
 
+CANDIDATES = "vit_candidates"
+"""The folder of ``docs/results`` holding the embedded-ViT recipes' training records and runs."""
+
+
+SHIPPED = "shipped"
+"""In a ``vit_candidates`` block: the shipped model (its record in ``vit_quant/weights/``, its runs the
+documented ``vit_quant-fmnist-vit-w4a4`` and ``-w2a4``)."""
+
+
+def _candidate_files(root: Path, name: str) -> tuple[Path, list[str], str]:
+    """(training record, W4A4 and W2A4 run names, label) of a ``vit_candidates`` entry."""
+    if name == SHIPPED:
+        return (root / "vit_quant" / "weights" / "embedded_vit.json",
+                ["vit_quant-fmnist-vit-w4a4", "vit_quant-fmnist-vit-w2a4"], "shipped")
+    return root / RESULTS / CANDIDATES / f"{name}.json", [f"{CANDIDATES}/{name}-{s}" for s in ("w4a4", "w2a4")], name
+
+
+def _candidate_line(root: Path, name: str) -> str:
+    path, run_names, label = _candidate_files(root, name)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise DocsError(f"{path}: not a training record ({error})") from None
+    recipe = record["recipe"]
+    task = (f"cluttered {recipe['img_size']}² ({recipe['clutter_pieces']} pieces)" if recipe["img_size"] != 28
+            else "plain 28²")
+    shape = f"{recipe['depth']} × {recipe['embed_dim']}, patch {recipe['patch_size']}"
+    tokens = (recipe["img_size"] // recipe["patch_size"]) ** 2
+    title = f"`{record.get('candidate', label)}`" + (" (shipped)" if name == SHIPPED else "")
+    cells = [title, task, shape, str(tokens), str(recipe["epochs"]), _minutes(record["train_seconds"]),
+             f"{record['test_top1']:.2f}", f"{record['no_blocks_top1']:.2f}", f"{record['linear_probe_top1']:.2f}",
+             f"{record['weight_noise_top1']['0.4'] - record['test_top1']:+.2f}"]
+    gaps, disagreeing = [], []
+    for run_name in run_names:
+        run = _run(root, run_name)
+        rows = {row.metric: row for row in run.records}
+        top1, counts = rows["top1"].values, rows[f"{COUNT_PREFIX}disagreeing_with_{BASELINE}"].values
+        outcomes = {method: data["top1"] for method, data in run.meta["per_example"][rows["top1"].setting].items()}
+        interval = paired_interval("top1", outcomes["gptaq"], outcomes[BASELINE])
+        images = len(outcomes[BASELINE])
+        cells.append(f"{top1['rtn'] - top1['fp']:+.2f}")
+        gaps.append(f"{top1['gptaq'] - top1[BASELINE]:+.2f} {interval_text(interval)}")
+        disagreeing.append(f"{100 * counts['gptaq'] / images:.1f}")
+    return table_line([*cells, *gaps, *disagreeing])
+
+
+def vit_candidates_table(root: Path, names: Sequence[str]) -> list[str]:
+    header = ["recipe", "task", "blocks × width", "tokens", "epochs", "training", "FP top-1", "no blocks",
+              "linear probe", "noise 40 %", "RTN − FP W4A4", "RTN − FP W2A4", "GPTAQ − GPTQ W4A4",
+              "GPTAQ − GPTQ W2A4", "disagree % W4A4", "disagree % W2A4"]
+    lines = [table_line(header), table_line(["---"] * 3 + ["---:"] * (len(header) - 3))]
+    return lines + [_candidate_line(root, name) for name in names]
+
+
 def _numeric(rows: list[dict[str, str]], column: str) -> bool:
     try:
         for row in rows:
@@ -193,7 +257,7 @@ def _numeric(rows: list[dict[str, str]], column: str) -> bool:
 
 KINDS: dict[str, Callable[[Path, Sequence[str]], list[str]]] = {
     "runs": runs_table, "profile": profile_table, "readback": readback_table, "bench": bench_table,
-    "memory": memory_table, "solver_ratios": solver_ratios_table,
+    "memory": memory_table, "solver_ratios": solver_ratios_table, "vit_candidates": vit_candidates_table,
 }
 
 

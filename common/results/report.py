@@ -212,7 +212,7 @@ def _row_cells(row: TableRow, methods: Sequence[str], baseline: str) -> list[str
     marks = " ⚠" + ",".join(map(str, row.notes)) if row.notes else ""
     return [
         cell_text(record.model), cell_text(record.setting),
-        cell_text(f"{record.metric} {'↑' if record.higher_is_better else '↓'}"),
+        cell_text(record.metric if count else f"{record.metric} {'↑' if record.higher_is_better else '↓'}"),
         *map(value, methods), *map(difference, compared_methods(methods, baseline)),
         f"`{cell_text(row.run.name)}`{marks}",
     ]

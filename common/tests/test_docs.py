@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,26 @@ def test_long_numbers_in_bench_tables_are_cut_to_five_significant_digits():
     assert [docs._short_number(text) for text in ("90.08193951899739", "0.0433", "217.2", "-1.234567", "a.b.c",
                                                    "1e-05")] == ["90.082", "0.0433", "217.2", "-1.2346", "a.b.c",
                                                                  "1e-05"]
+
+
+def test_vit_candidates_are_a_line_per_recipe_from_its_record_and_runs(tmp_path: Path):
+    folder = tmp_path / docs.RESULTS / docs.CANDIDATES
+    folder.mkdir(parents=True)
+    recipe = {"img_size": 42, "patch_size": 7, "clutter_pieces": 4, "depth": 12, "embed_dim": 192, "epochs": 3}
+    (folder / "c.json").write_text(json.dumps({"recipe": recipe, "train_seconds": 600.0, "test_top1": 80.0,
+                                               "no_blocks_top1": 10.0, "linear_probe_top1": 20.0,
+                                               "weight_noise_top1": {"0.4": 79.5}}))
+    outcomes = {"fp": "1111", "rtn": "1100", "gptq": "1110", "gptaq": "1111"}
+    for setting, drop in (("w4a4", 25.0), ("w2a4", 50.0)):
+        top1 = {"fp": 100.0, "rtn": 100.0 - drop, "gptq": 75.0, "gptaq": 100.0}
+        write_run(folder, f"c-{setting}", model="embedded", setting=setting.upper(),
+                  rows=[MetricRow("top1", True, top1),
+                        MetricRow("images_disagreeing_with_gptq", False, {"fp": 1, "rtn": 1, "gptq": 0, "gptaq": 1})],
+                  settings={}, metadata={"tree": "vit_quant"},
+                  per_example={setting.upper(): {m: {"top1": o} for m, o in outcomes.items()}})
+    header, rule, line = docs.vit_candidates_table(tmp_path, ["c"])
+    assert header.startswith("| recipe | task |") and rule.startswith("| --- | --- | --- | ---: |")
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    assert cells[:12] == ["`c`", "cluttered 42² (4 pieces)", "12 × 192, patch 7", "36", "3", "10.0 min", "80.00",
+                          "10.00", "20.00", "-0.50", "-25.00", "-50.00"]
+    assert cells[12].startswith("+25.00 [") and cells[14:] == ["25.0", "25.0"]

@@ -18,6 +18,7 @@ from common.files import (
     check_output_file,
     check_plain_name,
     check_writable_dir,
+    json_text,
     sweep_stale_temporaries,
     temporary_dir,
 )
@@ -148,3 +149,12 @@ def test_plain_names(name: str) -> None:
     with pytest.raises(ConfigError, match="name must be a plain file name"):
         check_plain_name(name, "name")
     assert check_plain_name("fake_quant-smollm2-135m-w4a4", "name") == "fake_quant-smollm2-135m-w4a4"
+
+
+def test_json_text_keeps_lists_of_numbers_on_one_line_and_round_trips() -> None:
+    payload = {"nll": [0.5, 1e-07, -2.25, 3], "nested": {"empty": [], "text": "[1, 2]", "mixed": [1, "a"]},
+               "lists": [[1, 2], [3.5]], "big": [1e+20, -0.0]}
+    text = json_text(payload)
+    assert json.loads(text) == payload
+    assert '"nll": [0.5, 1e-07, -2.25, 3]' in text and '"big": [1e+20, -0.0]' in text
+    assert '"text": "[1, 2]"' in text and '"mixed": [\n' in text

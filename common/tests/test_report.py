@@ -439,3 +439,17 @@ def test_interval_rows_of_ablation_runs_are_not_ablations(tmp_path: Path) -> Non
     ], settings={**SETTINGS, "alpha": 1.0})
     ablation = report_of(tmp_path).split("## Ablations\n", 1)[1]
     assert "_vs_gptq" not in ablation and "_stderr" not in ablation
+
+
+def test_a_run_table_shows_means_with_intervals_and_counts_as_plain_integers(tmp_path: Path) -> None:
+    nll = {"fp": [0.5, 0.25, 1.0, 0.75], "gptq": [0.75, 0.5, 1.25, 1.0], "gptaq": [0.5, 0.5, 1.0, 1.0]}
+    csv_path, _ = write_run(
+        tmp_path, "vit", model="embedded", setting="W4A4", settings={}, metadata={"tree": "vit_quant"},
+        rows=[MetricRow("test_nll", False, {m: sum(v) / 4 for m, v in nll.items()}),
+              MetricRow("images_disagreeing_with_gptq", False, {"fp": 3, "gptq": 0, "gptaq": 2})],
+        per_example={"W4A4": {m: {"test_nll": v} for m, v in nll.items()}})
+    lines = {line.split(" | ")[2]: line for line in report_module.run_table_markdown(csv_path).splitlines()[2:]}
+    assert lines["test_nll ↓"].startswith(
+        "| embedded | W4A4 | test_nll ↓ | 0.6250 | — | 0.8750 | **0.7500** | -0.1250 [")
+    assert lines["images_disagreeing_with_gptq"].startswith(
+        "| embedded | W4A4 | images_disagreeing_with_gptq | 3 | — | 0 | 2 | — |")

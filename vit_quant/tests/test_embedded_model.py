@@ -58,6 +58,11 @@ def test_task_images_clutter_a_split_by_seed() -> None:
     assert first.images.shape == (12, 1, 42, 42) and torch.equal(first.labels, items.labels)
     assert torch.equal(first.images, again.images) and not torch.equal(first.images, second.images)
     assert recipe.train_clutter_seed(0) != em.TEST_CLUTTER_SEED
+    assert torch.equal(recipe.split_images(items, "train").images, first.images)
+    test = recipe.split_images(items, "test").images
+    assert torch.equal(test, recipe.task_images(items, clutter_seed=em.TEST_CLUTTER_SEED).images)
+    with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
+        recipe.split_images(items, "val")
 
 
 def test_lr_schedule_warmup_then_cosine() -> None:

@@ -7,8 +7,10 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from vit_quant import train_embedded
+from vit_quant.data import load_fashion_mnist
 from vit_quant.embedded_weights import load_embedded, record_path, sha256_of
 from vit_quant.tests.fake_data import TINY_RECIPE, write_fashion_folder
 
@@ -56,3 +58,11 @@ def test_bad_arguments_name_the_option(argv, names, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         train_embedded.main(argv)
     assert exit_info.value.code == 2 and names in capsys.readouterr().err
+
+
+def test_fit_epochs_scales_with_the_time_given(tmp_path) -> None:
+    write_fashion_folder(tmp_path, n_train=32, n_test=4)
+    items = load_fashion_mnist("train", tmp_path)
+    device = torch.device("cpu")
+    assert train_embedded.fit_epochs(TINY_RECIPE, items, 1e-6, device, steps=2) == 1
+    assert train_embedded.fit_epochs(TINY_RECIPE, items, 1e4, device, steps=2) > 10
