@@ -208,7 +208,8 @@ def run(config: VitRunConfig) -> tuple[Path, Path]:
         images = len(evaluation.dataset) if isinstance(evaluation, DataLoader) else len(evaluation)
         return evaluation_flops_of(lambda: model.to(device)(calibration[:1].to(device)), images)
 
-    rows, layers = compare_methods(model, config.methods, prepare=prepare, evaluate=evaluate, timer=timer,
+    fp_first = sorted(config.methods, key=lambda method: method != "fp")  # FP is every KL's reference
+    rows, layers = compare_methods(model, fp_first, prepare=prepare, evaluate=evaluate, timer=timer,
                                    evaluation_flops=evaluation_flops)
     if BASELINE in predicted:
         rows.append(MetricRow(DISAGREEMENTS, False, {method: disagreements(classes, predicted[BASELINE])

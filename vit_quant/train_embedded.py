@@ -23,7 +23,9 @@ from pathlib import Path
 import timm
 import torch
 
-from vit_quant.data import FASHION_MNIST_BACKGROUND, load_fashion_mnist
+from common.config import ConfigError
+from common.files import check_output_file
+from vit_quant.data import FASHION_MNIST_BACKGROUND, LabeledImages, check_fashion_mnist, load_fashion_mnist
 from vit_quant.embedded_model import (
     TRAINING_CODE_VERSION,
     EmbeddedRecipe,
@@ -32,7 +34,7 @@ from vit_quant.embedded_model import (
     evaluate_top1,
     train,
 )
-from vit_quant.embedded_weights import SHIPPED_WEIGHTS, fashion_mnist_identity, write_embedded
+from vit_quant.embedded_weights import SHIPPED_WEIGHTS, fashion_mnist_identity, record_path, write_embedded
 from vit_quant.weight_tolerance import depth_profile, linear_probe, noise_profile, patch_embedding_features
 
 DEIT_TINY = {"embed_dim": 192, "depth": 12, "num_heads": 3, "mlp_ratio": 4.0}
@@ -48,13 +50,14 @@ CANDIDATES: dict[str, EmbeddedRecipe] = {
     "fmnist28-p7-deit-tiny": EmbeddedRecipe(img_size=28, patch_size=7, epochs=4, **DEIT_TINY, **_LONG),
     "fmnist28-p7-small-long": EmbeddedRecipe(epochs=20, **_LONG),
 }
-"""Recipes compared for the embedded model (task x shape x training length); docs/vit.md has their numbers."""
+"""Recipes compared for the embedded model (task x shape x training length); docs/vit_quant.md has their
+numbers."""
 
 DEFAULT_CANDIDATE = "cluttered42-p7-deit-tiny"
 """The recipe of the shipped weights."""
 
 
-def fit_epochs(recipe: EmbeddedRecipe, items: torch.Tensor, seconds: float, device: torch.device,
+def fit_epochs(recipe: EmbeddedRecipe, items: LabeledImages, seconds: float, device: torch.device,
                steps: int = 30) -> int:
     """Epochs of ``recipe`` that fit in ``seconds`` here: the time of ``steps`` training steps on a throw-away
     model (after 5 warm-up steps) times the steps per epoch, with 10 % to spare; at least 1."""
@@ -117,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
     if args.fit_seconds is not None and not args.fit_seconds > 0:
         parser.error(f"--fit_seconds must be > 0, got {args.fit_seconds}")
+    try:  # before hours of training: where the files go, and the data
+        check_output_file(args.output, "--output")
+        check_output_file(record_path(args.output), "--output")
+        check_fashion_mnist(args.data_path)
+    except (ConfigError, FileNotFoundError) as error:
+        parser.error(str(error))
     items = load_fashion_mnist("train", args.data_path)
     device = default_device()
     recipe = CANDIDATES[args.candidate]

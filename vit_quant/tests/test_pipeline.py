@@ -139,3 +139,11 @@ def test_alpha_zero_gptaq_equals_gptq_through_the_whole_model():
 @pytest.mark.parametrize("path", sorted(vq_main.CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
     assert make_config(VitRunConfig, yaml_path=path).run_name.startswith("vit_quant-")
+
+
+def test_kl_is_measured_for_every_method_whatever_the_order_of_methods(fake_folder, tmp_path):
+    csv_path, _ = vq_main.run(_config(fake_folder, tmp_path / "results", methods=["gptq", "fp", "gptaq"]))
+    with open(csv_path, newline="") as handle:
+        rows = {row["metric"]: row for row in csv.DictReader(handle)}
+    assert float(rows["fp_kl"]["gptq"]) > 0 and float(rows["fp_kl"]["gptaq"]) > 0
+    assert rows["fp_kl_vs_gptq_low"]["gptaq"] != ""

@@ -60,6 +60,23 @@ def test_bad_arguments_name_the_option(argv, names, capsys) -> None:
     assert exit_info.value.code == 2 and names in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("where", "names"), [("output under a file", "--output: "),
+                                              ("data missing", "data_path: ")])
+def test_unusable_paths_are_refused_before_training(where, names, tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(train_embedded, "train", lambda *args, **kwargs: pytest.fail("training started"))
+    data = tmp_path / "fmnist"
+    write_fashion_folder(data, n_train=8, n_test=4)
+    output = tmp_path / "vit.safetensors"
+    if where == "output under a file":
+        (tmp_path / "file").write_text("")
+        output = tmp_path / "file" / "vit.safetensors"
+    else:
+        data = tmp_path / "absent"
+    with pytest.raises(SystemExit) as exit_info:
+        train_embedded.main(["--data_path", str(data), "--output", str(output)])
+    assert exit_info.value.code == 2 and names in capsys.readouterr().err
+
+
 def test_fit_epochs_scales_with_the_time_given(tmp_path) -> None:
     write_fashion_folder(tmp_path, n_train=32, n_test=4)
     items = load_fashion_mnist("train", tmp_path)
